@@ -1,0 +1,108 @@
+"""Pretrained weights: official `.npz`, the paper's asyml `.pth`, HuggingFace and timm.
+
+`load_pretrained(path, target)` returns parameters shaped like `target` (a real
+or `jax.eval_shape` tree) after three documented fix-ups, and otherwise fails
+on the first key or shape that does not match:
+
+1. `pre_logits` is dropped when the target model has no representation layer;
+2. the classifier `head` is taken from the target (re-initialised) when its
+   shape differs (e.g. the zeroed 21843-class ImageNet21K head) or when asked;
+3. the position embedding grid is resized as the official code does
+   (bilinear `scipy.ndimage.zoom(order=1)` on the grid, class token kept).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from sparse_vit_jax.checkpoints.io import read_checkpoint, save_npz
+from sparse_vit_jax.errors import UserError
+
+POSEMB = 'Transformer/posembed_input/pos_embedding'
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+    return {'/'.join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def unflatten(flat: dict[str, Any]) -> Any:
+    return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+
+
+def resize_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
+    """(1, 1 + g*g, D) -> (1, num_tokens, D): bilinear zoom of the grid, class token kept."""
+    from scipy import ndimage
+
+    tok, grid = posemb[:, :1], posemb[0, 1:]
+    gs_old, gs_new = math.isqrt(len(grid)), math.isqrt(num_tokens - 1)
+    if gs_old * gs_old != len(grid) or gs_new * gs_new != num_tokens - 1:
+        raise UserError(f'cannot resize position embeddings from {posemb.shape[1]} to '
+                        f'{num_tokens} tokens: only square patch grids are supported')
+    grid = grid.reshape(gs_old, gs_old, -1)
+    grid = ndimage.zoom(grid, (gs_new / gs_old, gs_new / gs_old, 1), order=1)
+    return np.concatenate([tok, grid.reshape(1, gs_new * gs_new, -1)], axis=1).astype(posemb.dtype)
+
+
+def num_heads_of(flat_target: dict[str, Any]) -> int:
+    key = 'Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel'
+    return flat_target[key].shape[1] if key in flat_target else 1
+
+
+def load_pretrained(path: str | os.PathLike, target: Any, *,
+                    reinit_head: bool = False) -> tuple[Any, str]:
+    """Loads a checkpoint onto `target`'s structure; returns (params, source).
+
+    source ('jax', 'asyml', 'hf', 'timm') says which numerics the weights were
+    trained with (see `sparse_vit_jax.models.NUMERICS`). Leaves of `target` that
+    are taken fresh (the head) keep their value, or zeros for an abstract target.
+    """
+    want = flatten(target)
+    got, source = read_checkpoint(path, num_heads_of(want))
+    if not any(k.startswith('pre_logits/') for k in want):
+        got = {k: v for k, v in got.items() if not k.startswith('pre_logits/')}
+    head_differs = any(k in got and tuple(got[k].shape) != tuple(want[k].shape)
+                       for k in ('head/kernel', 'head/bias'))
+    if reinit_head or head_differs or 'head/kernel' not in got:
+        got = {k: v for k, v in got.items() if not k.startswith('head/')}
+        got.update({k: _fresh(v) for k, v in want.items() if k.startswith('head/')})
+    if POSEMB in got and POSEMB in want and got[POSEMB].shape != tuple(want[POSEMB].shape):
+        if got[POSEMB].shape[2] == want[POSEMB].shape[2]:
+            got[POSEMB] = resize_posemb(got[POSEMB], want[POSEMB].shape[1])
+    check_tree(got, want, str(path))
+    out = {k: np.asarray(got[k], dtype=want[k].dtype) for k in want}
+    return unflatten(out), source
+
+
+def _fresh(leaf: Any) -> np.ndarray:
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return np.zeros(leaf.shape, leaf.dtype)
+    return np.asarray(leaf)
+
+
+def check_tree(got: dict[str, Any], want: dict[str, Any], what: str) -> None:
+    """Raises UserError naming the first key (sorted) that is missing, extra or misshapen."""
+    for k in sorted(set(got) | set(want)):
+        if k not in got:
+            raise UserError(f'{what}: missing parameter {k} (expected shape '
+                            f'{tuple(want[k].shape)}); is it a checkpoint of another model?')
+        if k not in want:
+            raise UserError(f'{what}: unexpected parameter {k} (shape {tuple(got[k].shape)}) '
+                            'that the model does not have; is it a checkpoint of another model?')
+        if tuple(got[k].shape) != tuple(want[k].shape):
+            raise UserError(f'{what}: {k} has shape {tuple(got[k].shape)}, the model expects '
+                            f'{tuple(want[k].shape)}; is it a checkpoint of another variant?')
+
+
+def save_params(path: str | os.PathLike, params: Any) -> None:
+    """Writes params as an `.npz` with the official flat '/'-joined names, atomically."""
+    save_npz(path, {k: np.asarray(v) for k, v in flatten(params).items()})
+
+
+__all__ = ['load_pretrained', 'read_checkpoint', 'resize_posemb', 'save_params', 'check_tree',
+           'flatten', 'unflatten']

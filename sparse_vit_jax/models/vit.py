@@ -1,0 +1,208 @@
+"""Vision Transformer in Flax linen, with the official checkpoints' parameter names.
+
+The module tree mirrors google-research/vision_transformer (after
+`flax.training.checkpoints.convert_pre_linen`), so loading the published `.npz`
+files is a key/shape check. Two additions serve sparsity work:
+
+* the post-softmax attention probabilities of chosen blocks are sown into the
+  `intermediates` collection (``capture_attention``), so a loss can penalise
+  them from the same forward pass; blocks not asked for keep nothing;
+* ``num_heads`` and ``mlp_dim`` may differ per block, so a structurally pruned
+  parameter tree runs through the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+IntOrPerBlock = int | Sequence[int]
+
+
+def per_block(value: IntOrPerBlock, depth: int, name: str) -> tuple[int, ...]:
+    """Expands an int to one value per block; checks a sequence's length."""
+    if isinstance(value, int):
+        return (value,) * depth
+    value = tuple(int(v) for v in value)
+    if len(value) != depth:
+        raise ValueError(f'{name} has {len(value)} entries but the model has {depth} blocks')
+    return value
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Self-attention with the official (D, H, Dh) / (H, Dh, D) kernel layout."""
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
+    sow_probs: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        features = x.shape[-1]
+        dense = lambda name: nn.DenseGeneral(  # noqa: E731
+            (self.num_heads, self.head_dim), dtype=self.dtype, name=name,
+            kernel_init=nn.initializers.xavier_uniform())
+        q = dense('query')(x) * (self.head_dim ** -0.5)
+        k = dense('key')(x)
+        v = dense('value')(x)
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+        # Softmax in float32 whatever the compute dtype: the probabilities are
+        # also what the attention penalty reads.
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        if self.sow_probs:
+            self.sow('intermediates', 'attention_probs', probs)
+        if not deterministic and self.dropout_rate > 0:
+            probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+        out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), v)
+        return nn.DenseGeneral(features, axis=(-2, -1), dtype=self.dtype, name='out',
+                               kernel_init=nn.initializers.xavier_uniform())(out)
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.1
+    gelu_approximate: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        init = dict(kernel_init=nn.initializers.xavier_uniform(),
+                    bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
+        y = nn.Dense(self.mlp_dim, **init)(x)
+        y = nn.gelu(y, approximate=self.gelu_approximate)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        y = nn.Dense(x.shape[-1], **init)(y)
+        return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    sow_probs: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
+        y = MultiHeadDotProductAttention(
+            self.num_heads, self.head_dim, dtype=self.dtype,
+            dropout_rate=self.attention_dropout_rate, sow_probs=self.sow_probs,
+            name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
+        x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
+        y = MlpBlock(self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
+                     gelu_approximate=self.gelu_approximate, name='MlpBlock_0')(
+                         y, deterministic=deterministic)
+        return x + y
+
+
+class AddPositionEmbs(nn.Module):
+    """Learned position embedding, stored as posembed_input/pos_embedding (1, N, D)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                         (1,) + x.shape[1:])
+        return x + pos.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+    num_layers: int
+    num_heads: IntOrPerBlock
+    head_dim: int
+    mlp_dim: IntOrPerBlock
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool,
+                 capture_attention: Sequence[int] = ()) -> jax.Array:
+        x = AddPositionEmbs(name='posembed_input')(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        heads = per_block(self.num_heads, self.num_layers, 'num_heads')
+        mlps = per_block(self.mlp_dim, self.num_layers, 'mlp_dim')
+        for i in range(self.num_layers):
+            x = Encoder1DBlock(
+                heads[i], self.head_dim, mlps[i], dtype=self.dtype,
+                dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate,
+                layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
+                sow_probs=i in capture_attention, name=f'encoderblock_{i}')(
+                    x, deterministic=deterministic)
+        return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                            name='encoder_norm')(x)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a class token; `head` is zero-initialised as in the official code."""
+
+    num_classes: int
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: IntOrPerBlock
+    mlp_dim: IntOrPerBlock
+    head_dim: int | None = None
+    representation_size: int | None = None
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    dtype: Dtype = jnp.float32
+
+    @property
+    def resolved_head_dim(self) -> int:
+        if self.head_dim is not None:
+            return self.head_dim
+        heads = per_block(self.num_heads, self.num_layers, 'num_heads')
+        if self.hidden_size % heads[0]:
+            raise ValueError(f'hidden_size {self.hidden_size} is not divisible by '
+                             f'num_heads {heads[0]}')
+        return self.hidden_size // heads[0]
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False,
+                 capture_attention: Sequence[int] = ()) -> jax.Array:
+        """images: (B, H, W, C) float; returns logits (B, num_classes) in float32.
+
+        capture_attention: block indices whose post-softmax attention
+        probabilities (B, heads, N, N) are sown into `intermediates`; apply
+        with ``mutable=['intermediates']`` to read them.
+        """
+        p = self.patch_size
+        if images.shape[1] % p or images.shape[2] % p:
+            raise ValueError(f'image size {images.shape[1:3]} is not divisible by patch {p}')
+        x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
+                    dtype=self.dtype, name='embedding')(images.astype(self.dtype))
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)
+        cls = self.param('cls', nn.initializers.zeros, (1, 1, c))
+        x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
+        x = Encoder(self.num_layers, self.num_heads, self.resolved_head_dim, self.mlp_dim,
+                    dtype=self.dtype, dropout_rate=self.dropout_rate,
+                    attention_dropout_rate=self.attention_dropout_rate,
+                    layer_norm_eps=self.layer_norm_eps,
+                    gelu_approximate=self.gelu_approximate, name='Transformer')(
+                        x, deterministic=not train, capture_attention=capture_attention)
+        x = x[:, 0]
+        if self.representation_size is not None:
+            x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
+                                 name='pre_logits')(x))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
+                     kernel_init=nn.initializers.zeros)(x)
+        return x.astype(jnp.float32)
