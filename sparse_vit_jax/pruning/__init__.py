@@ -1,0 +1,29 @@
+"""Pruning: pure mask functions, mask-keeping optimizers, and structured removal."""
+
+from sparse_vit_jax.pruning.keep import (
+                                         GradualPruningState,
+                                         KeepMasksState,
+                                         gradual_pruning,
+                                         keep_masks,
+                                         polynomial_sparsity,
+)
+from sparse_vit_jax.pruning.masks import (
+                                         apply_masks,
+                                         check_masks,
+                                         format_report,
+                                         magnitude_masks,
+                                         nm_masks,
+                                         sparsity_report,
+)
+from sparse_vit_jax.pruning.structured import (
+                                         matmul_flops,
+                                         prune_structured,
+                                         prune_zero_units,
+                                         remove_units,
+                                         unit_scores,
+)
+
+__all__ = ['magnitude_masks', 'nm_masks', 'apply_masks', 'check_masks', 'sparsity_report',
+           'format_report', 'keep_masks', 'gradual_pruning', 'polynomial_sparsity',
+           'KeepMasksState', 'GradualPruningState', 'prune_structured', 'prune_zero_units',
+           'remove_units', 'unit_scores', 'matmul_flops']

@@ -1,0 +1,212 @@
+"""Magnitude and N:M pruning masks as pure, jit-able functions over the parameter pytree.
+
+A mask tree has the parameters' structure: a bool array (True = kept) for every
+selected leaf and None elsewhere.
+
+Global magnitude pruning reproduces `torch.nn.utils.prune.global_unstructured(
+..., pruning_method=L1Unstructured, amount=ratio)`: one threshold over the
+pooled tensors, exactly k = round(ratio * pool_size) weights pruned (Python's
+round, half to even, as torch), no per-tensor normalisation. Weights tied at the
+threshold are pruned in pool order (pytree order, then row-major index), which
+makes the result deterministic; torch's `topk` leaves that order unspecified.
+
+The k-th smallest |w| is found without sorting: |w| as float32 bits is an
+order-preserving uint32, so two 65536-bin histograms (high then low 16 bits)
+give the exact threshold in two passes over the weights. A sweep over ratios
+shares the first pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.selection import PAPER_POOL, Patterns, path_str
+from sparse_vit_jax.selection import select as select_params
+
+_BINS = 1 << 16
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _bits(w: jax.Array) -> jax.Array:
+    """|w| as order-preserving uint32 (float32 bit pattern without the sign)."""
+    return jax.lax.bitcast_convert_type(jnp.abs(w.astype(jnp.float32)), jnp.uint32)
+
+
+def _hist(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    ones = jnp.ones((), jnp.int32) if weights is None else weights.astype(jnp.int32)
+    return jnp.zeros(_BINS, jnp.int32).at[values.astype(jnp.int32)].add(
+        ones, mode='promise_in_bounds')
+
+
+def _num_pruned(sparsity: float | jax.Array, size: int) -> int | jax.Array:
+    if isinstance(sparsity, (int, float)):
+        if not 0.0 <= sparsity < 1.0:
+            raise UserError(f'pruning ratio must be in [0, 1), got {sparsity}')
+        return round(sparsity * size)  # as torch.nn.utils.prune
+    return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+
+
+def _prune_lowest(bits: list[jax.Array], k: int | jax.Array,
+                  hist_hi: jax.Array) -> list[jax.Array]:
+    """Keep-masks that prune exactly the k smallest `bits` across the list (ties in order)."""
+    if isinstance(k, int) and k == 0:
+        return [jnp.ones(b.shape, bool) for b in bits]
+    cum = jnp.cumsum(hist_hi)
+    hi = jnp.searchsorted(cum, k, side='left').astype(jnp.uint32)
+    below_hi = cum[hi] - hist_hi[hi]
+    hist_lo = sum(_hist(b & 0xFFFF, (b >> 16) == hi) for b in bits)
+    cum_lo = jnp.cumsum(hist_lo)
+    lo = jnp.searchsorted(cum_lo, k - below_hi, side='left').astype(jnp.uint32)
+    threshold = (hi << 16) | lo
+    ties_needed = k - (below_hi + cum_lo[lo] - hist_lo[lo])  # >= 1 of hist_lo[lo] ties
+
+    def all_ties(_: None) -> list[jax.Array]:
+        return [b > threshold for b in bits]
+
+    def some_ties(_: None) -> list[jax.Array]:
+        out, offset = [], jnp.zeros((), jnp.int32)
+        for b in bits:
+            eq = (b == threshold).reshape(-1)
+            rank = offset + jnp.cumsum(eq.astype(jnp.int32)) - 1
+            pruned_tie = eq & (rank < ties_needed)
+            out.append((b > threshold) | (eq & ~pruned_tie).reshape(b.shape))
+            offset = offset + jnp.sum(eq, dtype=jnp.int32)
+        return out
+
+    return jax.lax.cond(hist_lo[lo] == ties_needed, all_ties, some_ties, None)
+
+
+def _selection(params: Any, select: Any, default: Patterns = PAPER_POOL) -> Any:
+    """A bool tree from a bool tree, regex pattern(s), or None (= `default`)."""
+    if select is None or isinstance(select, (str, list, tuple)):
+        return select_params(params, default if select is None else select)
+    return select
+
+
+def _selected(params: Any, select: Any) -> tuple[list[Any], list[jax.Array], Any]:
+    sel = _selection(params, select)
+    leaves, treedef = jax.tree.flatten(params)
+    flags = treedef.flatten_up_to(sel)
+    chosen = [w for w, f in zip(leaves, flags) if f]
+    if not chosen:
+        raise UserError('the pruning pool is empty: the selection matches no parameter')
+    return flags, chosen, treedef
+
+
+def _assemble(flags: list[bool], kept: list[jax.Array], treedef: Any) -> Any:
+    it = iter(kept)
+    return treedef.unflatten([next(it) if f else None for f in flags])
+
+
+def magnitude_masks(params: Any, sparsity: float | jax.Array | Sequence[float], *,
+                    scope: str = 'global', select: Any = None) -> Any:
+    """Keep-masks pruning the smallest-|w| fraction `sparsity` of the selected weights.
+
+    scope 'global': one threshold over the pool (torch global_unstructured);
+    'layerwise': each tensor pruned by the same fraction (torch L1Unstructured).
+    select: a bool tree, regex pattern(s), or None for the paper's pool.
+    A sequence of sparsities returns a list of mask trees, sharing the first pass.
+    """
+    flags, chosen, treedef = _selected(params, select)
+    bits = [_bits(w) for w in chosen]
+    many = isinstance(sparsity, (list, tuple))
+    ratios = list(sparsity) if many else [sparsity]
+    if scope == 'global':
+        size = sum(int(np.prod(b.shape)) for b in bits)
+        hist_hi = sum(_hist(b >> 16) for b in bits)
+        results = [_prune_lowest(bits, _num_pruned(r, size), hist_hi) for r in ratios]
+    elif scope == 'layerwise':
+        hists = [_hist(b >> 16) for b in bits]
+        results = [[_prune_lowest([b], _num_pruned(r, int(np.prod(b.shape))), h)[0]
+                    for b, h in zip(bits, hists)] for r in ratios]
+    else:
+        raise UserError(f"pruning scope must be 'global' or 'layerwise', got {scope!r}")
+    trees = [_assemble(flags, kept, treedef) for kept in results]
+    return trees if many else trees[0]
+
+
+def _input_dims(path: str, ndim: int) -> int:
+    """How many leading axes of a kernel are its input: 1 for q/k/v (D, H, Dh)."""
+    return 1 if path.rsplit('/', 2)[-2] in ('query', 'key', 'value') else ndim - 1
+
+
+def nm_masks(params: Any, n: int = 2, m: int = 4, *, select: Any = None) -> Any:
+    """N:M keep-masks: in every group of m consecutive inputs of each output, keep the n largest.
+
+    Groups run along each kernel's input dimension (q/k/v: D; out: H*Dh;
+    Dense: in; conv: kh*kw*in). Ties keep the lower input index. Default
+    selection: the kernels of the paper's pool (LayerNorm scales excluded).
+    """
+    if not 0 < n <= m:
+        raise UserError(f'N:M pruning needs 0 < n <= m, got {n}:{m}')
+    sel = _selection(params, select, default=[p for p in PAPER_POOL if 'scale' not in p])
+
+    def one(path: tuple[Any, ...], w: jax.Array, chosen: bool) -> jax.Array | None:
+        if not chosen:
+            return None
+        name = path_str(path)
+        k = _input_dims(name, w.ndim)
+        fan_in = int(np.prod(w.shape[:k]))
+        if w.ndim < 2 or fan_in % m:
+            raise UserError(f'{name}: input size {fan_in} is not divisible by m={m} '
+                            'for N:M pruning')
+        g = jnp.abs(w.reshape(fan_in // m, m, -1))
+        order = jnp.argsort(-g, axis=1, stable=True)
+        rank = jnp.argsort(order, axis=1, stable=True)
+        return (rank < n).reshape(w.shape)
+
+    return jax.tree_util.tree_map_with_path(one, params, sel)
+
+
+def check_masks(params: Any, masks: Any) -> None:
+    """UserError unless `masks` has params' structure (None allowed) and matching shapes."""
+    try:
+        pairs = jax.tree.map(lambda m, p: (m, p), masks, params, is_leaf=_is_none)
+    except ValueError as e:
+        raise UserError(f'pruning masks do not match the parameters\' structure: {e}') from None
+    for path, (m, p) in jax.tree_util.tree_flatten_with_path(
+            pairs, is_leaf=lambda x: isinstance(x, tuple))[0]:
+        if m is not None and tuple(m.shape) != tuple(p.shape):
+            raise UserError(f'pruning mask for {path_str(path)} has shape {tuple(m.shape)}, '
+                            f'the parameter {tuple(p.shape)}')
+
+
+def apply_masks(params: Any, masks: Any) -> Any:
+    """Zeroes pruned weights; leaves without a mask (None) are returned unchanged."""
+    check_masks(params, masks)
+    return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
+                        masks, params, is_leaf=_is_none)
+
+
+def sparsity_report(params: Any, select: Any = None) -> dict[str, Any]:
+    """Per-tensor and total size, zeros and zero fraction over the selection (default: pool)."""
+    sel = _selection(params, select)
+    rows = []
+    for path, (w, s) in jax.tree_util.tree_flatten_with_path(
+            jax.tree.map(lambda a, b: (a, b), params, sel),
+            is_leaf=lambda x: isinstance(x, tuple))[0]:
+        if s:
+            size, zeros = int(np.prod(w.shape)), int(jnp.sum(w == 0))
+            rows.append(dict(name=path_str(path), size=size, zeros=zeros,
+                             fraction=zeros / size))
+    size = sum(r['size'] for r in rows)
+    zeros = sum(r['zeros'] for r in rows)
+    return dict(tensors=rows, size=size, zeros=zeros, fraction=zeros / max(size, 1))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f'{"tensor":<72} {"size":>10} {"zeros":>10} {"fraction":>8}']
+    for r in report['tensors']:
+        lines.append(f'{r["name"]:<72} {r["size"]:>10} {r["zeros"]:>10} {r["fraction"]:>8.4f}')
+    lines.append(f'{"total":<72} {report["size"]:>10} {report["zeros"]:>10} '
+                 f'{report["fraction"]:>8.4f}')
+    return '\n'.join(lines)
