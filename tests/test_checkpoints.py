@@ -1,0 +1,283 @@
+"""Checkpoint loading against independent references: PyTorch models and scipy."""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from transformers import ViTConfig, ViTForImageClassification
+
+from sparse_vit_jax import convert
+from sparse_vit_jax.checkpoints import flatten, load_pretrained, unflatten
+from sparse_vit_jax.checkpoints.io import save_npz
+from sparse_vit_jax.models import NUMERICS, VARIANTS, abstract_params, create_model, init_params
+
+# (variant, image sizes): two variants, two image sizes each.
+PARITY = [('testing', (16, 32)), ('ViT-Ti_16', (224, 160))]
+
+
+def hf_model(variant, image_size, eps, num_labels=5, seed=0):
+    v = VARIANTS[variant]
+    torch.manual_seed(seed)
+    cfg = ViTConfig(hidden_size=v['hidden_size'], num_hidden_layers=v['num_layers'],
+                    num_attention_heads=v['num_heads'], intermediate_size=v['mlp_dim'],
+                    image_size=image_size, patch_size=v['patch_size'], num_labels=num_labels,
+                    layer_norm_eps=eps, hidden_act='gelu')
+    m = ViTForImageClassification(cfg).eval()
+    with torch.no_grad():  # HF initialises biases and LayerNorms trivially; randomise all.
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return m
+
+
+def torch_logits(m, x):
+    with torch.no_grad():
+        return m(torch.from_numpy(x.transpose(0, 3, 1, 2))).logits.numpy()
+
+
+def ours(path, variant, image_size, numerics, num_classes=5):
+    model = create_model(variant, num_classes=num_classes, image_size=image_size,
+                         **NUMERICS[numerics])
+    params, source = load_pretrained(path, init_params(model, image_size))
+    return model, params, source
+
+
+def images(size, n=2, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def v4_names(sd):
+    """The hub's (transformers 4) names, written out here independently of our converter."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace('vit.layers.', 'vit.encoder.layer.')
+        for a, b in (('attention.q_proj', 'attention.attention.query'),
+                     ('attention.k_proj', 'attention.attention.key'),
+                     ('attention.v_proj', 'attention.attention.value'),
+                     ('attention.o_proj', 'attention.output.dense'),
+                     ('mlp.fc1', 'intermediate.dense'), ('mlp.fc2', 'output.dense')):
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize('variant,sizes', PARITY)
+def test_hf_parity(tmp_path, variant, sizes):
+    for size in sizes:
+        m = hf_model(variant, size, eps=1e-12)
+        sd = m.state_dict()
+        torch.save(sd, tmp_path / 'v5.pth')
+        torch.save(v4_names(sd), tmp_path / 'v4.bin')
+        x = images(size)
+        ref = torch_logits(m, x)
+        for f in ('v5.pth', 'v4.bin'):
+            model, params, source = ours(tmp_path / f, variant, size, 'hf')
+            assert source == 'hf'
+            np.testing.assert_allclose(model.apply({'params': params}, x), ref, atol=1e-4)
+
+
+def hf_to_timm(sd, d):
+    """timm's vit_* state-dict layout, built from an HF model's weights."""
+    g = lambda k: sd[k].clone()
+    out = {'cls_token': g('vit.embeddings.cls_token'),
+           'pos_embed': g('vit.embeddings.position_embeddings'),
+           'patch_embed.proj.weight': g('vit.embeddings.patch_embeddings.projection.weight'),
+           'patch_embed.proj.bias': g('vit.embeddings.patch_embeddings.projection.bias'),
+           'norm.weight': g('vit.layernorm.weight'), 'norm.bias': g('vit.layernorm.bias'),
+           'head.weight': g('classifier.weight'), 'head.bias': g('classifier.bias')}
+    for i in range(d):
+        s, t = f'vit.layers.{i}.', f'blocks.{i}.'
+        out[t + 'attn.qkv.weight'] = torch.cat([g(s + f'attention.{n}_proj.weight') for n in 'qkv'])
+        out[t + 'attn.qkv.bias'] = torch.cat([g(s + f'attention.{n}_proj.bias') for n in 'qkv'])
+        for a, b in (('attention.o_proj', 'attn.proj'), ('layernorm_before', 'norm1'),
+                     ('layernorm_after', 'norm2'), ('mlp.fc1', 'mlp.fc1'), ('mlp.fc2', 'mlp.fc2')):
+            out[t + b + '.weight'], out[t + b + '.bias'] = g(s + a + '.weight'), g(s + a + '.bias')
+    return out
+
+
+def hf_to_asyml(sd, d, heads):
+    """The asyml/vision-transformer-pytorch layout (the paper's .pth), from HF weights."""
+    g = lambda k: sd[k].clone()
+    out = {'embedding.weight': g('vit.embeddings.patch_embeddings.projection.weight'),
+           'embedding.bias': g('vit.embeddings.patch_embeddings.projection.bias'),
+           'cls_token': g('vit.embeddings.cls_token'),
+           'transformer.pos_embedding.pos_embedding': g('vit.embeddings.position_embeddings'),
+           'transformer.norm.weight': g('vit.layernorm.weight'),
+           'transformer.norm.bias': g('vit.layernorm.bias'),
+           'classifier.weight': g('classifier.weight'), 'classifier.bias': g('classifier.bias')}
+    for i in range(d):
+        s, t = f'vit.layers.{i}.', f'transformer.encoder_layers.{i}.'
+        for n, name in (('q', 'query'), ('k', 'key'), ('v', 'value')):
+            w = g(s + f'attention.{n}_proj.weight')  # (H*Dh, D): tensordot weight is (D, H, Dh)
+            out[t + f'attn.{name}.weight'] = w.T.reshape(w.shape[1], heads, -1).contiguous()
+            out[t + f'attn.{name}.bias'] = g(s + f'attention.{n}_proj.bias').reshape(heads, -1)
+        w = g(s + 'attention.o_proj.weight')  # (D, H*Dh) -> (H, Dh, D)
+        out[t + 'attn.out.weight'] = w.T.reshape(heads, -1, w.shape[0]).contiguous()
+        out[t + 'attn.out.bias'] = g(s + 'attention.o_proj.bias')
+        for a, b in (('layernorm_before', 'norm1'), ('layernorm_after', 'norm2'),
+                     ('mlp.fc1', 'mlp.fc1'), ('mlp.fc2', 'mlp.fc2')):
+            out[t + b + '.weight'], out[t + b + '.bias'] = g(s + a + '.weight'), g(s + a + '.bias')
+    return out
+
+
+@pytest.mark.parametrize('layout,eps', [('timm', 1e-6), ('asyml', 1e-5)])
+def test_timm_and_asyml_parity(tmp_path, layout, eps):
+    v = VARIANTS['testing']
+    m = hf_model('testing', 32, eps=eps)
+    sd = m.state_dict()
+    if layout == 'timm':
+        converted = hf_to_timm(sd, v['num_layers'])
+    else:
+        converted = {'state_dict': hf_to_asyml(sd, v['num_layers'], v['num_heads'])}
+    torch.save(converted, tmp_path / 'w.pth')
+    model, params, source = ours(tmp_path / 'w.pth', 'testing', 32, layout)
+    assert source == layout
+    x = images(32)
+    np.testing.assert_allclose(model.apply({'params': params}, x), torch_logits(m, x), atol=1e-4)
+
+
+def test_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    m = hf_model('testing', 16, eps=1e-12)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / 'm.safetensors')
+    model, params, _ = ours(tmp_path / 'm.safetensors', 'testing', 16, 'hf')
+    x = images(16)
+    np.testing.assert_allclose(model.apply({'params': params}, x), torch_logits(m, x), atol=1e-4)
+
+
+def pre_linen(flat):
+    """Rename our Linen names to the official pre-Linen ones (as in the published .npz)."""
+    out = {}
+    for k, v in flat.items():
+        for a, b in (('/LayerNorm_1/', '/LayerNorm_2/'),
+                     ('/MultiHeadDotProductAttention_0/', '/MultiHeadDotProductAttention_1/'),
+                     ('/MlpBlock_0/', '/MlpBlock_3/')):
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+def random_flat(abstract, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(v.shape, np.float32) * 0.02
+            for k, v in flatten(abstract).items()}
+
+
+def test_official_npz_vit_b16_imagenet21k(tmp_path):
+    """ViT-B/16 ImageNet21K file: pre-Linen names, pre_logits, zeroed 21843 head, 224 px."""
+    src_model = create_model('ViT-B_16', num_classes=21843, representation_size=768)
+    flat = random_flat(abstract_params(src_model, 224))
+    flat['head/kernel'][:] = 0
+    flat['head/bias'][:] = 0
+    path = tmp_path / 'imagenet21k_ViT-B_16.npz'
+    save_npz(path, pre_linen(flat))
+    assert 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel' in np.load(path).files
+
+    model = create_model('ViT-B_16', num_classes=10, image_size=384)
+    target = abstract_params(model, 384)
+    params, source = load_pretrained(path, target)
+    got = flatten(params)
+    assert source == 'jax' and 'pre_logits/kernel' not in got
+    assert got['head/kernel'].shape == (768, 10) and not got['head/kernel'].any()
+    for k in ('Transformer/encoderblock_5/MlpBlock_0/Dense_1/kernel',
+              'Transformer/encoderblock_0/LayerNorm_1/scale', 'embedding/kernel', 'cls'):
+        np.testing.assert_array_equal(got[k], flat[k])
+    # Position embeddings: independent scipy bilinear zoom of the 14x14 grid to 24x24.
+    pos = flat['Transformer/posembed_input/pos_embedding']
+    grid = ndimage.zoom(pos[0, 1:].reshape(14, 14, 768), (24 / 14, 24 / 14, 1), order=1)
+    ref = np.concatenate([pos[:, :1], grid.reshape(1, 576, 768)], axis=1)
+    np.testing.assert_allclose(got['Transformer/posembed_input/pos_embedding'], ref, atol=1e-7)
+
+
+def test_official_npz_testing_variant_roundtrip(tmp_path):
+    model = create_model('testing', num_classes=4)
+    params = init_params(model, 16, jax.random.key(1))
+    params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero head
+    save_npz(tmp_path / 't.npz', pre_linen({k: np.asarray(v) for k, v in flatten(params).items()}))
+    loaded, _ = load_pretrained(tmp_path / 't.npz', init_params(model, 16))
+    x = images(16)
+    np.testing.assert_array_equal(model.apply({'params': loaded}, x),
+                                  model.apply({'params': params}, x))
+    again, _ = load_pretrained(tmp_path / 't.npz', init_params(model, 16), reinit_head=True)
+    assert not np.asarray(again['head']['kernel']).any()
+
+
+def test_convert_cli_is_lossless(tmp_path):
+    m = hf_model('testing', 16, eps=1e-12)
+    torch.save(m.state_dict(), tmp_path / 'hf.pth')
+    out = tmp_path / 'hf.npz'
+    r = subprocess.run([sys.executable, '-m', 'sparse_vit_jax.convert', str(tmp_path / 'hf.pth'),
+                        str(out), '--model', 'testing'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "source numerics 'hf'" in r.stdout
+    _, direct, _ = ours(tmp_path / 'hf.pth', 'testing', 16, 'hf')
+    via_npz, _ = load_pretrained(out, init_params(create_model('testing', num_classes=5), 16))
+    for k, v in flatten(direct).items():
+        np.testing.assert_array_equal(flatten(via_npz)[k], v)
+    assert not list(tmp_path.glob('.*.tmp'))
+
+
+def run_convert(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_inputs_one_line_errors(tmp_path, capsys):
+    model = create_model('testing', num_classes=4)
+    params = init_params(model, 16)
+    good = tmp_path / 'good.npz'
+    save_npz(good, {k: np.asarray(v) for k, v in flatten(params).items()})
+    dst = tmp_path / 'out.npz'
+
+    assert 'not found' in run_convert(capsys, tmp_path / 'missing.npz', dst, '--model', 'testing')
+
+    truncated = tmp_path / 'truncated.npz'
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert 'truncated' in run_convert(capsys, truncated, dst, '--model', 'testing')
+
+    pickled = tmp_path / 'pickled.npz'
+    np.savez(pickled, **{'cls': np.array([object()], dtype=object)})
+    assert 'pickled' in run_convert(capsys, pickled, dst, '--model', 'testing')
+
+    err = run_convert(capsys, good, dst, '--model', 'ViT-Ti_16')
+    assert 'has shape (32,), the model expects (192,)' in err
+
+    assert 'unknown model' in run_convert(capsys, good, dst, '--model', 'ViT-Z_9')
+
+    txt = tmp_path / 'weights.txt'
+    txt.write_text('hello')
+    assert 'unsupported checkpoint format' in run_convert(capsys, txt, dst, '--model', 'testing')
+    assert not dst.exists()
+    assert zipfile.is_zipfile(good)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f'touch {_Evil.marker}',))
+
+
+def test_malicious_pickle_is_refused(tmp_path, capsys):
+    _Evil.marker = tmp_path / 'pwned'
+    torch.save({'state_dict': {'x': _Evil()}}, tmp_path / 'evil.pth')
+    err = run_convert(capsys, tmp_path / 'evil.pth', tmp_path / 'o.npz', '--model', 'testing')
+    assert 'weights_only' in err
+    assert not _Evil.marker.exists()
+
+
+def test_missing_block_named(tmp_path):
+    model = create_model('testing', num_classes=4)
+    flat = {k: np.asarray(v) for k, v in flatten(init_params(model, 16)).items()
+            if 'encoderblock_1/' not in k}
+    save_npz(tmp_path / 'short.npz', flat)
+    with pytest.raises(Exception, match='missing parameter Transformer/encoderblock_1/'):
+        load_pretrained(tmp_path / 'short.npz', init_params(model, 16))
+    assert unflatten(flat)['Transformer']['encoderblock_0']

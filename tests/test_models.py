@@ -1,0 +1,84 @@
+"""The model: official names and shapes, variants, options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_vit_jax.checkpoints import flatten
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.models import VARIANTS, abstract_params, create_model, init_params
+
+OFFICIAL_PARAM_COUNTS = {  # from the ViT paper, Table 1 (ImageNet-1k heads, 224 px)
+    'ViT-B_16': 86.6e6, 'ViT-L_16': 304.3e6, 'ViT-H_14': 632.0e6}
+
+
+def test_official_tree_names_and_shapes():
+    flat = flatten(abstract_params(create_model('ViT-B_16', num_classes=10), 384))
+    blk = 'Transformer/encoderblock_11/'
+    expect = {
+        'embedding/kernel': (16, 16, 3, 768), 'cls': (1, 1, 768),
+        'Transformer/posembed_input/pos_embedding': (1, 577, 768),
+        blk + 'LayerNorm_0/scale': (768,), blk + 'LayerNorm_1/bias': (768,),
+        blk + 'MultiHeadDotProductAttention_0/query/kernel': (768, 12, 64),
+        blk + 'MultiHeadDotProductAttention_0/value/bias': (12, 64),
+        blk + 'MultiHeadDotProductAttention_0/out/kernel': (12, 64, 768),
+        blk + 'MlpBlock_0/Dense_0/kernel': (768, 3072),
+        blk + 'MlpBlock_0/Dense_1/kernel': (3072, 768),
+        'Transformer/encoder_norm/scale': (768,), 'head/kernel': (768, 10),
+    }
+    for k, shape in expect.items():
+        assert flat[k].shape == shape, k
+    assert len(flat) == 2 + 1 + 1 + 2 + 2 + 12 * 16  # emb cls pos encoder_norm head, blocks
+
+
+@pytest.mark.parametrize('name', list(OFFICIAL_PARAM_COUNTS))
+def test_param_counts_match_paper(name):
+    flat = flatten(abstract_params(create_model(name, num_classes=1000), 224))
+    n = sum(int(np.prod(v.shape)) for v in flat.values())
+    assert abs(n - OFFICIAL_PARAM_COUNTS[name]) / OFFICIAL_PARAM_COUNTS[name] < 0.005
+
+
+def test_every_variant_builds_and_pre_logits():
+    for name in VARIANTS:
+        m = create_model(name, num_classes=7, representation_size=16)
+        p = abstract_params(m, 2 * VARIANTS[name]['patch_size'])
+        assert p['pre_logits']['kernel'].shape[1] == 16
+        assert p['head']['kernel'].shape == (16, 7)
+
+
+def test_attention_probs_only_when_asked():
+    m = create_model('testing', num_classes=3)
+    p = init_params(m, 16)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    logits, state = m.apply({'params': p}, x, capture_attention=(1,), mutable=['intermediates'])
+    probs = state['intermediates']['Transformer']['encoderblock_1'][
+        'MultiHeadDotProductAttention_0']['attention_probs'][0]
+    assert probs.shape == (2, 2, 17, 17)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    assert 'encoderblock_0' not in state['intermediates']['Transformer']
+    _, state = m.apply({'params': p}, x, mutable=['intermediates'])
+    assert state == {} or not jax.tree.leaves(state)
+    np.testing.assert_array_equal(logits, m.apply({'params': p}, x))
+
+
+def test_dropout_and_bf16():
+    m = create_model('testing', num_classes=3, dropout_rate=0.5)
+    p = init_params(m, 16)
+    p['head']['kernel'] = jax.random.normal(jax.random.key(3), p['head']['kernel'].shape)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    a = m.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.key(1)})
+    b = m.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.key(2)})
+    assert not np.allclose(a, b)
+    e = m.apply({'params': p}, x)
+    bf = create_model('testing', num_classes=3, dropout_rate=0.5, dtype=jnp.bfloat16)
+    e16 = bf.apply({'params': p}, x)
+    assert e16.dtype == jnp.float32
+    np.testing.assert_allclose(e16, e, atol=0.05 * float(jnp.abs(e).max()))
+
+
+def test_bad_names_and_sizes():
+    with pytest.raises(UserError, match='unknown model'):
+        create_model('ViT-Q_16', num_classes=10)
+    with pytest.raises(UserError, match='not divisible'):
+        create_model('ViT-B_16', num_classes=10, image_size=100)
