@@ -1,0 +1,1 @@
+"""Training: objective, optimizer, sharded steps, the trainer and its checkpoints."""
