@@ -12,8 +12,7 @@ from jax.sharding import PartitionSpec as P
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import create_model, init_params
 from sparse_vit_jax.selection import PAPER_POOL, select, selected_paths
-from sparse_vit_jax.sparsity import (add_l1_penalty, attention_penalty, l1_proximal,
-                                     resolve_layers)
+from sparse_vit_jax.sparsity import add_l1_penalty, attention_penalty, l1_proximal, resolve_layers
 from sparse_vit_jax.train.loss import make_loss_fn
 
 

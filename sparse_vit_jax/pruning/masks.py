@@ -18,6 +18,7 @@ shares the first pass.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,12 +42,6 @@ def _bits(w: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.abs(w.astype(jnp.float32)), jnp.uint32)
 
 
-def _hist(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    ones = jnp.ones((), jnp.int32) if weights is None else weights.astype(jnp.int32)
-    return jnp.zeros(_BINS, jnp.int32).at[values.astype(jnp.int32)].add(
-        ones, mode='promise_in_bounds')
-
-
 def _num_pruned(sparsity: float | jax.Array, size: int) -> int | jax.Array:
     if isinstance(sparsity, (int, float)):
         if not 0.0 <= sparsity < 1.0:
@@ -55,34 +50,66 @@ def _num_pruned(sparsity: float | jax.Array, size: int) -> int | jax.Array:
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
 
 
-def _prune_lowest(bits: list[jax.Array], k: int | jax.Array,
-                  hist_hi: jax.Array) -> list[jax.Array]:
-    """Keep-masks that prune exactly the k smallest `bits` across the list (ties in order)."""
-    if isinstance(k, int) and k == 0:
-        return [jnp.ones(b.shape, bool) for b in bits]
-    cum = jnp.cumsum(hist_hi)
-    hi = jnp.searchsorted(cum, k, side='left').astype(jnp.uint32)
-    below_hi = cum[hi] - hist_hi[hi]
-    hist_lo = sum(_hist(b & 0xFFFF, (b >> 16) == hi) for b in bits)
-    cum_lo = jnp.cumsum(hist_lo)
-    lo = jnp.searchsorted(cum_lo, k - below_hi, side='left').astype(jnp.uint32)
-    threshold = (hi << 16) | lo
-    ties_needed = k - (below_hi + cum_lo[lo] - hist_lo[lo])  # >= 1 of hist_lo[lo] ties
+def _hist(seg: jax.Array | None, num_seg: int, values: jax.Array,
+          weights: jax.Array | None = None) -> jax.Array:
+    """(num_seg, 65536) counts of `values` per segment (seg None: one segment)."""
+    ones = jnp.ones((), jnp.int32) if weights is None else weights.astype(jnp.int32)
+    h = jnp.zeros((num_seg, _BINS), jnp.int32)
+    rows = 0 if seg is None else seg
+    return h.at[rows, values.astype(jnp.int32)].add(ones, mode='promise_in_bounds')
 
-    def all_ties(_: None) -> list[jax.Array]:
-        return [b > threshold for b in bits]
 
-    def some_ties(_: None) -> list[jax.Array]:
-        out, offset = [], jnp.zeros((), jnp.int32)
-        for b in bits:
-            eq = (b == threshold).reshape(-1)
-            rank = offset + jnp.cumsum(eq.astype(jnp.int32)) - 1
-            pruned_tie = eq & (rank < ties_needed)
-            out.append((b > threshold) | (eq & ~pruned_tie).reshape(b.shape))
-            offset = offset + jnp.sum(eq, dtype=jnp.int32)
-        return out
+def _row_search(cum: jax.Array, k: jax.Array) -> jax.Array:
+    return jax.vmap(lambda c, v: jnp.searchsorted(c, v, side='left'))(cum, k)
 
-    return jax.lax.cond(hist_lo[lo] == ties_needed, all_ties, some_ties, None)
+
+def _take(rows: jax.Array, idx: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(rows, idx[:, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=('sizes', 'layerwise'))
+def _keep_lowest(leaves: list[jax.Array], ks: jax.Array, ids: jax.Array,
+                 sizes: tuple[int, ...], layerwise: bool) -> list[list[jax.Array]]:
+    """Keep-masks pruning the ks[r, s] smallest |w| of each segment s, for every ratio r.
+
+    The leaves are viewed as one flat vector; a segment is the whole pool
+    (global) or one leaf (layerwise). Ties at the threshold are pruned in flat order.
+    """
+    bits = jnp.concatenate([_bits(w).reshape(-1) for w in leaves])
+    starts = np.cumsum((0,) + sizes)
+    num_seg = len(sizes) if layerwise else 1
+    # Segment id per element, built from the traced `ids` so XLA does not constant-fold it.
+    seg = (jnp.concatenate([jnp.broadcast_to(ids[i], (n,)) for i, n in enumerate(sizes)])
+           if layerwise else None)
+    at = (lambda x: x[0]) if seg is None else (lambda x: x[seg])
+    hi, lo = bits >> 16, bits & 0xFFFF
+    hist_hi = _hist(seg, num_seg, hi)
+    cum_hi = jnp.cumsum(hist_hi, axis=1)
+    results = []
+    for r in range(ks.shape[0]):
+        k = ks[r]
+        b_hi = _row_search(cum_hi, k)
+        below = _take(cum_hi, b_hi) - _take(hist_hi, b_hi)
+        hist_lo = _hist(seg, num_seg, lo, hi == at(b_hi))
+        cum_lo = jnp.cumsum(hist_lo, axis=1)
+        b_lo = _row_search(cum_lo, k - below)
+        threshold = at((b_hi.astype(jnp.uint32) << 16) | b_lo.astype(jnp.uint32))
+        ties = _take(hist_lo, b_lo)
+        ties_needed = k - (below + _take(cum_lo, b_lo) - ties)
+
+        def split_ties(_: None, threshold: jax.Array = threshold,
+                       ties_needed: jax.Array = ties_needed) -> jax.Array:
+            eq = bits == threshold
+            eq_cum = jnp.cumsum(eq, dtype=jnp.int32)
+            before = jnp.concatenate([jnp.zeros(1, jnp.int32), eq_cum[starts[1:-1] - 1]])
+            rank = eq_cum - 1 - (before[seg] if layerwise else 0)
+            return (bits > threshold) | (eq & (rank >= at(ties_needed)))
+
+        keep = jax.lax.cond(jnp.all(ties == ties_needed),
+                            lambda _, t=threshold: bits > t, split_ties, None)
+        results.append([keep[s:e].reshape(w.shape)
+                        for s, e, w in zip(starts[:-1], starts[1:], leaves)])
+    return results
 
 
 def _selection(params: Any, select: Any, default: Patterns = PAPER_POOL) -> Any:
@@ -116,21 +143,21 @@ def magnitude_masks(params: Any, sparsity: float | jax.Array | Sequence[float], 
     select: a bool tree, regex pattern(s), or None for the paper's pool.
     A sequence of sparsities returns a list of mask trees, sharing the first pass.
     """
+    if scope not in ('global', 'layerwise'):
+        raise UserError(f"pruning scope must be 'global' or 'layerwise', got {scope!r}")
     flags, chosen, treedef = _selected(params, select)
-    bits = [_bits(w) for w in chosen]
     many = isinstance(sparsity, (list, tuple))
     ratios = list(sparsity) if many else [sparsity]
-    if scope == 'global':
-        size = sum(int(np.prod(b.shape)) for b in bits)
-        hist_hi = sum(_hist(b >> 16) for b in bits)
-        results = [_prune_lowest(bits, _num_pruned(r, size), hist_hi) for r in ratios]
-    elif scope == 'layerwise':
-        hists = [_hist(b >> 16) for b in bits]
-        results = [[_prune_lowest([b], _num_pruned(r, int(np.prod(b.shape))), h)[0]
-                    for b, h in zip(bits, hists)] for r in ratios]
+    sizes = tuple(int(np.prod(w.shape)) for w in chosen)
+    segments = sizes if scope == 'layerwise' else (sum(sizes),)
+    if all(isinstance(r, (int, float)) for r in ratios):
+        ks = np.array([[_num_pruned(r, n) for n in segments] for r in ratios], np.int32)
     else:
-        raise UserError(f"pruning scope must be 'global' or 'layerwise', got {scope!r}")
-    trees = [_assemble(flags, kept, treedef) for kept in results]
+        ks = jnp.stack([jnp.stack([jnp.asarray(_num_pruned(r, n), jnp.int32)
+                                   for n in segments]) for r in ratios])
+    ids = np.arange(len(sizes), dtype=np.int32)
+    kept = _keep_lowest(chosen, ks, ids, sizes, scope == 'layerwise')
+    trees = [_assemble(flags, k, treedef) for k in kept]
     return trees if many else trees[0]
 
 

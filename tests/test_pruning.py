@@ -1,0 +1,205 @@
+"""Pruning against torch.nn.utils.prune and numpy references, plus properties."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.utils.prune as tprune
+
+from sparse_vit_jax.checkpoints import flatten
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.models import create_model, init_params
+from sparse_vit_jax.pruning import (
+    apply_masks,
+    gradual_pruning,
+    keep_masks,
+    magnitude_masks,
+    nm_masks,
+    polynomial_sparsity,
+    prune_structured,
+    prune_zero_units,
+    sparsity_report,
+)
+from sparse_vit_jax.selection import select
+
+
+def random_vit(name='ViT-Ti_16', seed=0, size=32):
+    model = create_model(name, num_classes=10)
+    params = init_params(model, size)
+    rng = np.random.default_rng(seed)
+    return model, jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape, np.float32) * 0.05), params)
+
+
+def pool_of(params, masks):
+    fm, fp = flatten(masks), flatten(params)
+    return {k: (np.asarray(fp[k]), np.asarray(v)) for k, v in fm.items() if v is not None}
+
+
+def torch_masks(pool, ratio, scope):
+    mods = {}
+    for k, (w, _) in pool.items():
+        m = torch.nn.Module()
+        m.weight = torch.nn.Parameter(torch.from_numpy(w.copy()))
+        mods[k] = m
+    if scope == 'global':
+        tprune.global_unstructured([(m, 'weight') for m in mods.values()],
+                                   pruning_method=tprune.L1Unstructured, amount=ratio)
+    else:
+        for m in mods.values():
+            tprune.l1_unstructured(m, 'weight', amount=ratio)
+    return {k: m.weight_mask.numpy().astype(bool) for k, m in mods.items()}
+
+
+@pytest.mark.parametrize('scope', ['global', 'layerwise'])
+def test_identical_to_torch_prune(scope):
+    _, params = random_vit()
+    ratios = [0.1, 0.3, 0.5, 0.7, 0.9]
+    sweep = magnitude_masks(params, ratios, scope=scope)
+    for ratio, masks in zip(ratios, sweep):
+        pool = pool_of(params, masks)
+        ref = torch_masks(pool, ratio, scope)
+        for k, (w, ours) in pool.items():
+            diff = ours != ref[k]
+            if diff.any():  # only weights tied at the threshold may be ordered differently
+                thr = np.abs(w[~ours]).max()
+                assert (np.abs(w[diff]) == thr).all(), k
+            assert (~ours).sum() == (~ref[k]).sum() or scope == 'global'
+        assert sum((~m).sum() for _, m in pool.values()) == sum((~m).sum() for m in ref.values())
+
+
+def test_exact_counts_with_ties_and_determinism():
+    params = {'a': {'kernel': jnp.ones((7, 9))}, 'b': {'kernel': jnp.ones((5, 3))},
+              'c': {'bias': jnp.ones(4)}}
+    for ratio in (0.1, 0.25, 0.5, 0.77):
+        masks = magnitude_masks(params, ratio, select=r'.*/kernel')
+        k = round(ratio * 78)
+        pruned = np.concatenate([~np.asarray(masks['a']['kernel']).ravel(),
+                                 ~np.asarray(masks['b']['kernel']).ravel()])
+        assert pruned.sum() == k
+        assert pruned[:k].all() and not pruned[k:].any()  # ties pruned in pool order
+        assert masks['c']['bias'] is None
+
+
+def test_jit_traced_sparsity_and_idempotence():
+    _, params = random_vit('testing')
+    f = jax.jit(lambda p, s: magnitude_masks(p, s))
+    for ratio in (0.0, 0.2, 0.6):
+        eager = magnitude_masks(params, ratio)
+        traced = f(params, jnp.float32(ratio))
+        for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced)):
+            np.testing.assert_array_equal(a, b)
+        pruned = apply_masks(params, eager)
+        again = magnitude_masks(pruned, ratio)
+        for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(again)):
+            np.testing.assert_array_equal(a, b)
+        report = sparsity_report(pruned)
+        assert report['zeros'] == round(ratio * report['size'])
+
+
+def test_keep_masks_through_optimizer_steps():
+    _, params = random_vit('testing')
+    masks = magnitude_masks(params, 0.5)
+    tx = keep_masks(optax.chain(optax.add_decayed_weights(1e-2), optax.adamw(1e-2)), masks)
+    state = tx.init(params)  # params not pruned yet: the first update zeroes them
+    for i in range(3):
+        grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        for w, m in pool_of(params, masks).values():
+            assert (w[~m] == 0).all() and (w[m] != 0).mean() > 0.99
+
+
+def test_gradual_pruning_schedule():
+    for t in (0, 3, 5, 9, 10, 12):
+        p = min(max((t - 2) / 8, 0), 1)
+        np.testing.assert_allclose(polynomial_sparsity(t, 0.8, 2, 10), 0.8 * (1 - (1 - p) ** 3),
+                                   rtol=1e-6)
+    _, params = random_vit('testing')
+    tx = gradual_pruning(optax.sgd(1e-3), 0.8, start_step=2, end_step=10, frequency=2)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    fractions = []
+    for _ in range(12):
+        grads = jax.tree.map(jnp.ones_like, params)
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        fractions.append(sparsity_report(params)['fraction'])
+    assert fractions[0] == 0 and all(a <= b for a, b in zip(fractions, fractions[1:]))
+    np.testing.assert_allclose(fractions[-1], 0.8, atol=1e-4)
+
+
+def test_nm_masks_against_numpy():
+    _, params = random_vit('testing')
+    masks = nm_masks(params, 2, 4)
+    fp = flatten(params)
+    for k, m in flatten(masks).items():
+        if m is None:
+            continue
+        w = np.abs(np.asarray(fp[k]))
+        ndim_in = 1 if k.split('/')[-2] in ('query', 'key', 'value') else w.ndim - 1
+        g = w.reshape(-1, 4, int(np.prod(w.shape[ndim_in:])))
+        mm = np.asarray(m).reshape(g.shape)
+        assert (mm.sum(axis=1) == 2).all(), k
+        kept_min = np.where(mm, g, np.inf).min(axis=1)
+        pruned_max = np.where(mm, -np.inf, g).max(axis=1)
+        assert (kept_min >= pruned_max).all(), k
+    assert flatten(masks)['Transformer/encoderblock_0/LayerNorm_0/scale'] is None
+
+
+def test_structured_equals_masked_dense():
+    model, params = random_vit('testing')
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    flat = {k: np.array(v) for k, v in flatten(params).items()}
+    att = 'Transformer/encoderblock_{}/MultiHeadDotProductAttention_0/'
+    mlp = 'Transformer/encoderblock_{}/MlpBlock_0/'
+    for n in ('query', 'key', 'value'):
+        flat[att.format(0) + n + '/kernel'][:, 1] = 0        # head 1 of block 0
+    flat[att.format(0) + 'out/kernel'][1] = 0
+    flat[mlp.format(1) + 'Dense_0/kernel'][:, ::3] = 0        # a third of block 1's units
+    flat[mlp.format(1) + 'Dense_1/kernel'][::3] = 0
+    from sparse_vit_jax.checkpoints import unflatten
+    dense = unflatten(flat)
+    small_model, small = prune_zero_units(model, dense)
+    assert small_model.num_heads == (1, 2) and small_model.mlp_dim == (64, 64 - 22)
+    np.testing.assert_allclose(small_model.apply({'params': small}, x),
+                               model.apply({'params': dense}, x), atol=1e-5)
+
+
+def test_prune_structured_counts_and_scores():
+    model, params = random_vit('ViT-Ti_16')
+    m2, p2 = prune_structured(model, params, head_ratio=1 / 3, mlp_ratio=0.5)
+    assert m2.num_heads == (2,) * 12 and m2.mlp_dim == (384,) * 12
+    out = m2.apply({'params': p2}, jnp.zeros((1, 32, 32, 3)))
+    assert out.shape == (1, 10)
+    mg, pg = prune_structured(model, params, head_ratio=0.25, mlp_ratio=0.5, scope='global')
+    assert sum(mg.num_heads) == 36 - 9 and sum(mg.mlp_dim) == 12 * 768 // 2
+    # the kept MLP units of block 0 are the largest by independent numpy norm
+    d0 = np.asarray(params['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['kernel'])
+    d1 = np.asarray(params['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_1']['kernel'])
+    norms = np.linalg.norm(np.concatenate([d0, d1.T], axis=0), axis=0)
+    kept = np.asarray(p2['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['kernel'])
+    assert np.isclose(np.linalg.norm(np.concatenate(
+        [kept, np.asarray(p2['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_1']['kernel']).T]),
+        axis=0).min(), np.sort(norms)[384], rtol=1e-5)
+
+
+def test_errors():
+    _, params = random_vit('testing')
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(UserError, match=r'\[0, 1\)'):
+            magnitude_masks(params, bad)
+    with pytest.raises(UserError, match='matches no parameter'):
+        magnitude_masks(params, 0.5, select=r'nothing')
+    with pytest.raises(UserError, match='empty'):
+        magnitude_masks(params, 0.5, select=jax.tree.map(lambda _: False, params))
+    masks = magnitude_masks(params, 0.5)
+    with pytest.raises(UserError, match='do not match'):
+        apply_masks({'head': params['head']}, masks)
+    bad = jax.tree.map(lambda m: m, masks, is_leaf=lambda x: x is None)
+    bad['head']['kernel'] = jnp.ones((3, 3), bool)
+    with pytest.raises(UserError, match='head/kernel has shape'):
+        apply_masks(params, bad)
+    assert select(params)
