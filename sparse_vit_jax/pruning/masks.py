@@ -50,13 +50,11 @@ def _num_pruned(sparsity: float | jax.Array, size: int) -> int | jax.Array:
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
 
 
-def _hist(seg: jax.Array | None, num_seg: int, values: jax.Array,
-          weights: jax.Array | None = None) -> jax.Array:
-    """(num_seg, 65536) counts of `values` per segment (seg None: one segment)."""
+def _hist(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """65536-bin histogram of uint16-range `values` (optionally weighted by 0/1 flags)."""
     ones = jnp.ones((), jnp.int32) if weights is None else weights.astype(jnp.int32)
-    h = jnp.zeros((num_seg, _BINS), jnp.int32)
-    rows = 0 if seg is None else seg
-    return h.at[rows, values.astype(jnp.int32)].add(ones, mode='promise_in_bounds')
+    return jnp.zeros(_BINS, jnp.int32).at[values.astype(jnp.int32)].add(
+        ones, mode='promise_in_bounds')
 
 
 def _row_search(cum: jax.Array, k: jax.Array) -> jax.Array:
@@ -67,48 +65,54 @@ def _take(rows: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(rows, idx[:, None], axis=1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=('sizes', 'layerwise'))
-def _keep_lowest(leaves: list[jax.Array], ks: jax.Array, ids: jax.Array,
-                 sizes: tuple[int, ...], layerwise: bool) -> list[list[jax.Array]]:
+def _per_segment(hists: list[jax.Array], layerwise: bool) -> jax.Array:
+    return jnp.stack(hists) if layerwise else sum(hists)[None]
+
+
+@functools.partial(jax.jit, static_argnames=('layerwise',))
+def _keep_lowest(leaves: list[jax.Array], ks: jax.Array, layerwise: bool
+                 ) -> list[list[jax.Array]]:
     """Keep-masks pruning the ks[r, s] smallest |w| of each segment s, for every ratio r.
 
-    The leaves are viewed as one flat vector; a segment is the whole pool
-    (global) or one leaf (layerwise). Ties at the threshold are pruned in flat order.
+    A segment is the whole pool (global) or one leaf (layerwise). Every pass is
+    one independent op per leaf (XLA runs them concurrently); weights tied at
+    the threshold are pruned in pool order.
     """
-    bits = jnp.concatenate([_bits(w).reshape(-1) for w in leaves])
-    starts = np.cumsum((0,) + sizes)
-    num_seg = len(sizes) if layerwise else 1
-    # Segment id per element, built from the traced `ids` so XLA does not constant-fold it.
-    seg = (jnp.concatenate([jnp.broadcast_to(ids[i], (n,)) for i, n in enumerate(sizes)])
-           if layerwise else None)
-    at = (lambda x: x[0]) if seg is None else (lambda x: x[seg])
-    hi, lo = bits >> 16, bits & 0xFFFF
-    hist_hi = _hist(seg, num_seg, hi)
+    bits = [_bits(w) for w in leaves]
+    seg = list(range(len(bits))) if layerwise else [0] * len(bits)
+    hist_hi = _per_segment([_hist(b >> 16) for b in bits], layerwise)
     cum_hi = jnp.cumsum(hist_hi, axis=1)
     results = []
     for r in range(ks.shape[0]):
         k = ks[r]
         b_hi = _row_search(cum_hi, k)
         below = _take(cum_hi, b_hi) - _take(hist_hi, b_hi)
-        hist_lo = _hist(seg, num_seg, lo, hi == at(b_hi))
+        hist_lo = _per_segment([_hist(b & 0xFFFF, (b >> 16) == b_hi[s])
+                                for b, s in zip(bits, seg)], layerwise)
         cum_lo = jnp.cumsum(hist_lo, axis=1)
         b_lo = _row_search(cum_lo, k - below)
-        threshold = at((b_hi.astype(jnp.uint32) << 16) | b_lo.astype(jnp.uint32))
+        threshold = (b_hi.astype(jnp.uint32) << 16) | b_lo.astype(jnp.uint32)
         ties = _take(hist_lo, b_lo)
         ties_needed = k - (below + _take(cum_lo, b_lo) - ties)
 
-        def split_ties(_: None, threshold: jax.Array = threshold,
-                       ties_needed: jax.Array = ties_needed) -> jax.Array:
-            eq = bits == threshold
-            eq_cum = jnp.cumsum(eq, dtype=jnp.int32)
-            before = jnp.concatenate([jnp.zeros(1, jnp.int32), eq_cum[starts[1:-1] - 1]])
-            rank = eq_cum - 1 - (before[seg] if layerwise else 0)
-            return (bits > threshold) | (eq & (rank >= at(ties_needed)))
+        def prune_all_ties(_: None, threshold: jax.Array = threshold) -> list[jax.Array]:
+            return [b > threshold[s] for b, s in zip(bits, seg)]
 
-        keep = jax.lax.cond(jnp.all(ties == ties_needed),
-                            lambda _, t=threshold: bits > t, split_ties, None)
-        results.append([keep[s:e].reshape(w.shape)
-                        for s, e, w in zip(starts[:-1], starts[1:], leaves)])
+        def split_ties(_: None, threshold: jax.Array = threshold,
+                       ties_needed: jax.Array = ties_needed) -> list[jax.Array]:
+            eq = [b == threshold[s] for b, s in zip(bits, seg)]
+            rank = jnp.cumsum(jnp.concatenate([e.reshape(-1) for e in eq]), dtype=jnp.int32) - 1
+            out, start = [], 0
+            for b, e, s in zip(bits, eq, seg):
+                r_leaf = rank[start:start + b.size].reshape(b.shape)
+                if layerwise and start:  # rank within this leaf only
+                    r_leaf = r_leaf - rank[start - 1] - 1
+                out.append((b > threshold[s]) | (e & (r_leaf >= ties_needed[s])))
+                start += b.size
+            return out
+
+        results.append(jax.lax.cond(jnp.all(ties == ties_needed), prune_all_ties, split_ties,
+                                    None))
     return results
 
 
@@ -155,8 +159,7 @@ def magnitude_masks(params: Any, sparsity: float | jax.Array | Sequence[float], 
     else:
         ks = jnp.stack([jnp.stack([jnp.asarray(_num_pruned(r, n), jnp.int32)
                                    for n in segments]) for r in ratios])
-    ids = np.arange(len(sizes), dtype=np.int32)
-    kept = _keep_lowest(chosen, ks, ids, sizes, scope == 'layerwise')
+    kept = _keep_lowest(chosen, ks, scope == 'layerwise')
     trees = [_assemble(flags, k, treedef) for k in kept]
     return trees if many else trees[0]
 
