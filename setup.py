@@ -25,6 +25,8 @@ setup(
         'absl-py>=2.1,<3',
         'scikit-learn>=1.5,<2',   # ships the embedded digits dataset
         'matplotlib>=3.9,<4',
+        'tensorboardX>=2.6,<3',
+        'importlib_resources>=6',  # tensorflow-datasets needs it but does not declare it
     ],
     extras_require={
         'torch': ['torch>=2.13,<2.15', 'transformers>=5.0,<6', 'safetensors>=0.4,<1'],

@@ -1,0 +1,30 @@
+"""ImageNet-100: the paper's recipe, ViT-B/16 at 384 px from ImageNet21K(+1k) weights.
+
+    python -m sparse_vit_jax.main --config=configs/imagenet100.py --workdir=runs/in100 \
+        --config.pretrained=/path/to/imagenet21k+imagenet2012_ViT-B_16.pth \
+        --config.data.root=/path/to/imagenet100 \
+        --config.data.class_list=/path/to/imagenet100_classes.txt
+
+Data: a folder tree root/{train,val}/<wnid>/*.JPEG (prepared once into TFRecords
+in data_dir), or --config.data.source=imagenet2012 to filter a prepared TFDS
+imagenet2012 by the class list. Labels are the class list's order. Nothing is
+downloaded. Note: ImageNet-1k fine-tuned weights have seen these classes' images.
+Produces checkpoints, results.json/.csv and TensorBoard logs.
+"""
+
+from sparse_vit_jax.configs import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.name, c.model.image_size = 'ViT-B_16', 384
+    c.model.numerics = 'auto'
+    c.data.name = 'imagenet100'
+    c.data.source = 'folder'
+    c.data.shuffle_buffer = 50_000
+    c.batch_size, c.num_epochs = 16, 20.0
+    c.optimizer.name, c.optimizer.lr, c.optimizer.momentum = 'sgd', 1e-3, 0.9
+    c.optimizer.weight_decay, c.optimizer.weight_decay_mode = 1e-4, 'coupled'
+    c.schedule.name, c.schedule.warmup_steps = 'onecycle', 500
+    c.sparsity.attention.weight, c.sparsity.attention.layers = 0.01, 'last'
+    return c

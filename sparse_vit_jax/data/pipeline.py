@@ -1,0 +1,248 @@
+"""tf.data input pipelines producing globally sharded `jax.Array` batches.
+
+* Each process reads its own shard (`tfds.split_for_jax_process`); its local
+  batches are assembled into one global array sharded over the mesh's 'data'
+  axis (`jax.make_array_from_process_local_data`).
+* Training order is a pure function of (seed, step): epoch e is shuffled with
+  a seed derived from (seed, e), and augmentation is seeded per example. The
+  iterator position is therefore just the step: a run resumed at step s skips
+  s mod steps_per_epoch batches of epoch s // steps_per_epoch (before decoding)
+  and sees exactly the batches an uninterrupted run would have seen.
+* Evaluation visits every example exactly once: the last batch is padded and a
+  `mask` marks real examples.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sparse_vit_jax.errors import UserError
+
+Batch = dict[str, jax.Array]
+DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet100')
+
+
+@dataclass
+class Source:
+    """A prepared TFDS builder, its splits, and an optional label filter."""
+
+    builder: Any
+    train_split: str
+    eval_split: str
+    num_classes: int
+    keep_labels: np.ndarray | None = None  # imagenet2012 label -> new label, or -1
+
+
+def data_dir_of(cfg: Any) -> str:
+    return os.path.expanduser(cfg.get('data_dir') or os.environ.get('TFDS_DATA_DIR')
+                              or '~/tensorflow_datasets')
+
+
+def get_source(cfg: Any) -> Source:
+    """Resolves config.data into a TFDS builder. Nothing is downloaded."""
+    import tensorflow_datasets as tfds
+
+    from sparse_vit_jax.data.builders import Digits, Imagenet100Folder, read_class_list
+
+    name, data_dir = cfg.name, data_dir_of(cfg)
+    if name == 'digits':
+        builder = Digits(data_dir=data_dir)
+        if not builder.is_prepared():
+            builder.download_and_prepare()  # generated from scikit-learn, offline
+        return Source(builder, 'train', 'test', 10)
+    if name in ('cifar10', 'cifar100'):
+        return Source(tfds.builder(name, data_dir=data_dir), 'train', 'test',
+                      10 if name == 'cifar10' else 100)
+    if name == 'imagenet100':
+        ids = read_class_list(cfg.class_list)
+        if cfg.source == 'folder':
+            builder = Imagenet100Folder(class_ids=ids, data_dir=data_dir)
+            if not builder.is_prepared():
+                if not cfg.root or not os.path.isdir(cfg.root):
+                    raise UserError(f'imagenet100 is not prepared in {data_dir} and '
+                                    f'config.data.root={cfg.root!r} is not a folder; point it '
+                                    'at root/{train,val}/<wnid>/*.JPEG')
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(manual_dir=cfg.root))
+            return Source(builder, 'train', 'validation', len(ids))
+        if cfg.source == 'imagenet2012':
+            builder = tfds.builder('imagenet2012', data_dir=data_dir)
+            names = builder.info.features['label'].names
+            unknown = [i for i in ids if i not in names]
+            if unknown:
+                raise UserError(f'{cfg.class_list}: {len(unknown)} IDs are not ImageNet-1k '
+                                f'classes (first: {unknown[0]})')
+            keep = np.full(len(names), -1, np.int64)
+            keep[[names.index(i) for i in ids]] = np.arange(len(ids))
+            return Source(builder, 'train', 'validation', len(ids), keep)
+        raise UserError(f"config.data.source must be 'folder' or 'imagenet2012', "
+                        f'got {cfg.source!r}')
+    raise UserError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
+
+
+def _open(source: Source, split: str, *, shuffle_seed: int | None = None) -> Any:
+    """The split's tf.data.Dataset with undecoded images (decoded after shuffling)."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    b = source.builder
+    try:
+        ds = b.as_dataset(
+            split=split, shuffle_files=shuffle_seed is not None,
+            decoders={'image': tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False))
+    except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
+        raise UserError(
+            f'{b.name} is not prepared in {b.data_dir_root} ({str(e).splitlines()[0][:120]}); '
+            f'on a machine with internet run python -c "import tensorflow_datasets as tfds; '
+            f"tfds.builder('{b.name}', data_dir='DIR').download_and_prepare()\" and copy "
+            f'DIR/{b.name} into {b.data_dir_root} (or set config.data.data_dir / '
+            '$TFDS_DATA_DIR)') from None
+    ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+    if source.keep_labels is not None:
+        table = tf.constant(source.keep_labels)
+        ds = ds.map(lambda ex: {'image': ex['image'], 'label': tf.gather(table, ex['label'])})
+        ds = ds.filter(lambda ex: ex['label'] >= 0)
+    return ds
+
+
+def _count(ds: Any) -> int:
+    import tensorflow as tf
+
+    n = int(ds.cardinality())
+    if n >= 0:
+        return n
+    return int(ds.map(lambda ex: 0).reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
+
+
+def _across_processes(value: int, op: str) -> int:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    values = multihost_utils.process_allgather(np.array(value, np.int64))
+    return int(values.min() if op == 'min' else values.max())
+
+
+def local_batch_size(global_batch: int, mesh: Mesh) -> int:
+    n_data = mesh.shape['data']
+    if global_batch % n_data or global_batch % jax.process_count():
+        raise UserError(f'global batch {global_batch} is not divisible by the {n_data} devices '
+                        f'of the data axis ({jax.process_count()} processes); choose a multiple')
+    return global_batch // jax.process_count()
+
+
+def _to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
+    sharding = NamedSharding(mesh, P('data'))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
+    """Runs `iterator` in a background thread, `size` items ahead (device puts included)."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=size)
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in iterator:
+                q.put(item)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+@dataclass
+class TrainData:
+    """A deterministic, resumable training stream; `steps_per_epoch` in global batches."""
+
+    source: Source
+    split: str
+    local_batch: int
+    steps_per_epoch: int
+    num_classes: int
+
+    @classmethod
+    def create(cls, cfg: Any, global_batch: int, mesh: Mesh) -> TrainData:
+        import tensorflow_datasets as tfds
+        source = get_source(cfg)
+        split = tfds.split_for_jax_process(source.train_split, drop_remainder=True)
+        local = local_batch_size(global_batch, mesh)
+        n = _count(_open(source, split))
+        steps = _across_processes(n // local, 'min')
+        if steps == 0:
+            raise UserError(f'{cfg.name} train split has {n} examples per process, fewer than '
+                            f'the per-process batch {local}; lower config.batch_size')
+        return cls(source, split, local, steps, source.num_classes)
+
+    def batches(self, cfg: Any, image_size: int, seed: int, start_step: int, mesh: Mesh
+                ) -> Iterator[Batch]:
+        """Global batches from `start_step` on, forever, prefetched onto the mesh."""
+        return prefetch(_to_global(b, mesh) for b in self._numpy_batches(
+            cfg, image_size, seed, start_step))
+
+    def _numpy_batches(self, cfg: Any, image_size: int, seed: int, start_step: int
+                       ) -> Iterator[dict[str, np.ndarray]]:
+        import tensorflow as tf
+
+        from sparse_vit_jax.data.preprocess import train_image
+
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
+        per_epoch = self.steps_per_epoch * self.local_batch
+        while True:
+            epoch_seed = int(np.random.default_rng([seed, epoch]).integers(2 ** 31))
+            ds = _open(self.source, self.split, shuffle_seed=epoch_seed).enumerate()
+            ds = ds.shuffle(cfg.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+            ds = ds.take(per_epoch).skip(skip * self.local_batch)
+
+            def prep(i: tf.Tensor, ex: dict[str, tf.Tensor], e: int = epoch) -> dict:
+                s = tf.stack([tf.constant(seed, tf.int64), e * (1 << 32) + i])
+                return {'image': train_image(ex['image'], s, mode=cfg.preprocess,
+                                             size=image_size, flip=cfg.flip),
+                        'label': tf.cast(ex['label'], tf.int32)}
+
+            ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            ds = ds.batch(self.local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+            yield from ds.as_numpy_iterator()
+            epoch, skip = epoch + 1, 0
+
+
+def eval_batches(cfg: Any, image_size: int, global_batch: int, mesh: Mesh,
+                 source: Source | None = None) -> tuple[Iterator[Batch], int]:
+    """(batches with a 0/1 'mask', number of real examples in this process's shard)."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from sparse_vit_jax.data.preprocess import eval_image
+
+    source = source or get_source(cfg)
+    local = local_batch_size(global_batch, mesh)
+    split = tfds.split_for_jax_process(source.eval_split, drop_remainder=False)
+    ds = _open(source, split)
+    n = _count(ds)
+    num_batches = _across_processes(math.ceil(n / local), 'max')
+    ds = ds.map(lambda ex: {'image': eval_image(ex['image'], size=image_size),
+                            'label': tf.cast(ex['label'], tf.int32),
+                            'mask': tf.constant(1.0, tf.float32)},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    pad = tf.data.Dataset.from_tensors({
+        'image': tf.zeros((image_size, image_size, 3), tf.float32),
+        'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0, tf.float32)})
+    ds = ds.concatenate(pad.repeat(num_batches * local - n)).batch(local)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    return prefetch(_to_global(b, mesh) for b in ds.as_numpy_iterator()), n

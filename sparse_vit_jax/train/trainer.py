@@ -1,0 +1,358 @@
+"""One readable trainer: fine-tune, evaluate, prune at every ratio, write results.
+
+Everything runs as `jax.jit` steps over a device mesh ('data' axis): batches
+are sharded over it, parameters replicated (or FSDP-sharded). State shapes come
+from `jax.eval_shape` before anything is allocated. Checkpoints are orbax
+CheckpointManager steps holding the TrainState (params, optimizer state with
+any masks, step, rng) and the config as JSON; the data position is the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from sparse_vit_jax.checkpoints import load_pretrained, save_params
+from sparse_vit_jax.configs import STAGES, parse_layers, parse_ratios, validate
+from sparse_vit_jax.data import TrainData, eval_batches, get_source
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.models import NUMERICS, VisionTransformer, create_model
+from sparse_vit_jax.pruning import magnitude_masks, sparsity_report
+from sparse_vit_jax.train import results as results_io
+from sparse_vit_jax.train.loss import make_loss_fn
+from sparse_vit_jax.train.optim import build_optimizer, current_hparams, steps_for
+from sparse_vit_jax.train.sharding import batch_sharding, make_mesh, replicated, state_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array       # micro-steps taken; also the data position
+    params: Any
+    opt_state: Any
+    rng: jax.Array        # raw uint32 key data, so orbax stores it as a plain array
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def build_model(c: Any, num_classes: int, numerics: str = 'jax') -> VisionTransformer:
+    m = c.model
+    overrides = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
+                                   'patch_size') if m[k] > 0}
+    return create_model(m.name, num_classes=num_classes, image_size=m.image_size,
+                        dropout_rate=m.dropout_rate,
+                        attention_dropout_rate=m.attention_dropout_rate,
+                        dtype=jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32,
+                        **NUMERICS[numerics], **overrides)
+
+
+def _prune_select(c: Any) -> Any:
+    return c.prune.include.split(',') if c.prune.include else None
+
+
+@dataclass
+class Job:
+    """What every stage needs: config, mesh, model, data, optimizer, jitted steps."""
+
+    config: Any
+    workdir: Path
+    mesh: Any
+    model: VisionTransformer
+    data: TrainData
+    total_steps: int
+    tx: optax.GradientTransformation
+    abstract_state: TrainState
+    shardings: TrainState
+    numerics: str
+
+    @classmethod
+    def create(cls, c: Any, workdir: Path) -> Job:
+        mesh = make_mesh()
+        data = TrainData.create(c.data, c.batch_size, mesh)
+        numerics = c.model.numerics
+        if numerics == 'auto':
+            numerics = 'jax'
+            if c.pretrained:
+                from sparse_vit_jax.checkpoints.io import read_checkpoint
+                numerics = read_checkpoint(c.pretrained, 1)[1] if not c.pretrained.endswith(
+                    '.npz') else 'jax'
+        model = build_model(c, data.num_classes, numerics)
+        total = steps_for(c, data.steps_per_epoch)
+        tx = build_optimizer(c, total // c.optimizer.accumulate)
+        abstract = jax.eval_shape(lambda: _init_state(model, tx, c, jax.random.PRNGKey(0)))
+        shardings = state_shardings(abstract, mesh, c.mesh.fsdp)
+        return cls(c, workdir, mesh, model, data, total, tx, abstract, shardings, numerics)
+
+    # ---- state ---------------------------------------------------------------------------
+    def initial_state(self) -> TrainState:
+        c = self.config
+        rng = jax.random.PRNGKey(c.seed)
+        init = jax.jit(lambda r: _init_state(self.model, self.tx, c, r),
+                       out_shardings=self.shardings)
+        state = init(rng)
+        source = c.pretrained or c.init_from
+        if source:
+            params = self._params_from(source)
+            params = jax.device_put(params, self.shardings.params)
+            state = state.replace(params=params,
+                                  opt_state=jax.jit(self.tx.init, out_shardings=self.shardings
+                                                    .opt_state)(params))
+        return state
+
+    def _params_from(self, source: str) -> Any:
+        c = self.config
+        path = Path(source)
+        if path.is_dir():
+            return restore_params(path, self.abstract_state.params, self.shardings.params)
+        params, fmt = load_pretrained(path, self.abstract_state.params,
+                                      reinit_head=c.reinit_head and bool(c.pretrained))
+        log(f'loaded {path} ({fmt} format, model numerics {self.numerics!r})')
+        return params
+
+    def checkpoint_manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            (self.workdir / 'checkpoints').absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=self.config.keep_checkpoints,
+                                                 create=True))
+
+    def restore(self, mngr: ocp.CheckpointManager, step: int) -> TrainState:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              self.abstract_state, self.shardings)
+        return mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))['state']
+
+    def save(self, mngr: ocp.CheckpointManager, state: TrainState) -> None:
+        meta = {'config': json.loads(self.config.to_json()), 'step': int(state.step),
+                'numerics': self.numerics, 'num_classes': self.data.num_classes}
+        mngr.save(int(state.step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    # ---- steps ---------------------------------------------------------------------------
+    def train_step_fn(self) -> Any:
+        c = self.config
+        loss_fn = make_loss_fn(self.model, c.sparsity.attention.weight,
+                               parse_layers(c.sparsity.attention.layers))
+        tx = self.tx
+
+        def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+            rng, drop = jax.random.split(state.rng)
+            ones = jnp.ones(batch['label'].shape, jnp.float32)
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (_, aux), grads = grad_fn(state.params, batch['image'], batch['label'], ones, drop,
+                                      True)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = {'loss': aux['loss'] * aux['count'], 'correct': aux['correct'],
+                       'count': aux['count'], 'attention_penalty': aux['attention_penalty'],
+                       'grad_norm': optax.global_norm(grads)}
+            new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+            return new, metrics
+
+        return jax.jit(step, in_shardings=(self.shardings, batch_sharding(self.mesh)),
+                       out_shardings=(self.shardings, replicated(self.mesh)), donate_argnums=0)
+
+    def evaluate(self, params: Any, model: VisionTransformer | None = None) -> dict[str, float]:
+        c = self.config
+        loss_fn = make_loss_fn(model or self.model)
+        step = jax.jit(lambda p, b: loss_fn(p, b['image'], b['label'], b['mask'], None,
+                                            False)[1])
+        batches, _ = eval_batches(c.data, c.model.image_size, c.eval_batch_size, self.mesh,
+                                  self.data.source)
+        total = None
+        for batch in batches:
+            m = step(params, batch)
+            m = {'loss': m['loss'] * m['count'], 'correct': m['correct'], 'count': m['count']}
+            total = m if total is None else jax.tree.map(jnp.add, total, m)
+        total = jax.device_get(total)
+        n = float(total['count'])
+        return {'accuracy': float(total['correct']) / n, 'loss': float(total['loss']) / n,
+                'examples': int(n)}
+
+
+def _init_state(model: VisionTransformer, tx: optax.GradientTransformation, c: Any,
+                rng: jax.Array) -> TrainState:
+    init_rng, rng = jax.random.split(rng)
+    images = jnp.zeros((1, c.model.image_size, c.model.image_size, 3), jnp.float32)
+    params = model.init(init_rng, images)['params']
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=rng)
+
+
+def restore_params(workdir_or_ckpt: Path, abstract_params_: Any, shardings: Any) -> Any:
+    """Params of the latest checkpoint under DIR (or DIR/checkpoints), onto `shardings`."""
+    d = workdir_or_ckpt
+    if (d / 'checkpoints').is_dir():
+        d = d / 'checkpoints'
+    with ocp.CheckpointManager(d.absolute()) as mngr:
+        step = mngr.latest_step()
+        if step is None:
+            raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+        saved = mlc.ConfigDict(meta['config'])
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        data = TrainData.create(saved.data, saved.batch_size, mesh)
+        model = build_model(saved, data.num_classes, meta['numerics'])
+        tx = build_optimizer(saved, steps_for(saved, data.steps_per_epoch)
+                             // saved.optimizer.accumulate)
+        abstract = jax.eval_shape(lambda: _init_state(model, tx, saved, jax.random.PRNGKey(0)))
+        sh = state_shardings(abstract, mesh, False)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, sh)
+        state = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))['state']
+    got = jax.tree.map(lambda x: x.shape, state.params)
+    want = jax.tree.map(lambda x: x.shape, abstract_params_)
+    if got != want:
+        raise UserError(f'checkpoint in {d} holds a different model than the config asks for')
+    return jax.device_put(state.params, shardings)
+
+
+class _Preempted:
+    """SIGTERM (what preemption sends) asks the loop to checkpoint and stop."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        try:
+            signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            pass
+
+    def _handler(self, *_: Any) -> None:
+        self.flag = True
+
+
+def train(job: Job) -> tuple[TrainState, dict[str, Any]]:
+    c = job.config
+    mngr = job.checkpoint_manager()
+    latest = mngr.latest_step()
+    if latest is not None:
+        state = job.restore(mngr, latest)
+        log(f'resuming from {job.workdir / "checkpoints"} at step {latest}')
+    else:
+        state = job.initial_state()
+    step0 = int(state.step)
+    batches = job.data.batches(c.data, c.model.image_size, c.seed, step0, job.mesh)
+    train_step = job.train_step_fn()
+    writer = _tensorboard(job.workdir)
+    preempted = _Preempted()
+    acc, t_last, steps_last = None, time.time(), 0
+    last_log: dict[str, float] = {}
+    log(f'training {job.total_steps} steps ({job.data.steps_per_epoch} per epoch), batch '
+        f'{c.batch_size}, {jax.device_count()} devices, {job.model.num_layers} blocks')
+    step = step0
+    while step < job.total_steps:
+        state, m = train_step(state, next(batches))
+        step += 1
+        acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
+        steps_last += 1
+        boundary = step % c.log_every_steps == 0 or step == job.total_steps
+        save_now = step % c.checkpoint_every_steps == 0 or step == job.total_steps
+        if boundary or save_now or preempted.flag:
+            host = jax.device_get(acc)
+            loss = float(host['loss'] / host['count'])
+            if not math.isfinite(loss) or not math.isfinite(float(host['grad_norm'])):
+                raise UserError(f'loss became {loss} by step {step}; stopped without saving: the '
+                                f'last good checkpoint (step {mngr.latest_step()}) is kept; '
+                                'lower optimizer.lr or set optimizer.grad_clip')
+            dt = time.time() - t_last
+            hp = {k: float(v) for k, v in current_hparams(state.opt_state).items()}
+            last_log = {'loss': loss, 'accuracy': float(host['correct'] / host['count']),
+                        'attention_penalty': float(host['attention_penalty'] / steps_last),
+                        'images_per_s': steps_last * c.batch_size / max(dt, 1e-9), **hp}
+            eta = time.strftime('%H:%M:%S', time.gmtime((job.total_steps - step) * dt / steps_last))
+            log(f'step {step}/{job.total_steps} | loss {loss:.4f} | acc '
+                f'{last_log["accuracy"]:.3f} | {last_log["images_per_s"]:.0f} img/s | lr '
+                f'{hp.get("learning_rate", 0):.2e} | ETA {eta}')
+            _scalars(writer, step, last_log)
+            acc, t_last, steps_last = None, time.time(), 0
+        if save_now or preempted.flag:
+            job.save(mngr, state)
+        if preempted.flag:
+            mngr.wait_until_finished()
+            raise UserError(f'stopped by SIGTERM at step {step}; checkpoint saved, re-run the '
+                            'same command to resume')
+    mngr.wait_until_finished()
+    mngr.close()
+    if writer is not None:
+        writer.close()
+    return state, {'steps': job.total_steps, 'resumed_from': step0, **last_log}
+
+
+def _tensorboard(workdir: Path) -> Any:
+    """TensorBoard event files (tensorboardX: TensorFlow's writer needs the tensorboard wheel)."""
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(str(workdir / 'tensorboard'))
+
+
+def _scalars(writer: Any, step: int, values: dict[str, float]) -> None:
+    if writer is not None:
+        for k, v in values.items():
+            writer.add_scalar(k, v, step)
+
+
+def prune_sweep(job: Job, params: Any) -> list[dict[str, Any]]:
+    """Each ratio prunes the same (unpruned) params; one selection pass serves all ratios."""
+    c = job.config
+    ratios = parse_ratios(c.prune.ratios)
+    masks = magnitude_masks(params, ratios, scope=c.prune.scope, select=_prune_select(c))
+    rows = []
+    for ratio, m in zip(ratios, masks):
+        from sparse_vit_jax.pruning import apply_masks
+        pruned = apply_masks(params, m)
+        report = sparsity_report(pruned, _prune_select(c))
+        ev = job.evaluate(pruned)
+        total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pruned))
+        nonzero = total - report['zeros']
+        rows.append({'ratio': ratio, **ev, 'pool_sparsity': report['fraction'],
+                     'nonzero_params': nonzero, 'total_params': total})
+        log(f'prune {ratio:.2f} ({c.prune.scope}) | accuracy {ev["accuracy"]:.4f} | loss '
+            f'{ev["loss"]:.4f} | pool sparsity {report["fraction"]:.4f}')
+    return rows
+
+
+def run(c: Any, workdir: str | Path) -> dict[str, Any]:
+    """The whole job for a validated config; returns (and writes) the results."""
+    validate(c)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    stages = [s.strip() for s in c.stages.split(',') if s.strip()]
+    assert set(stages) <= set(STAGES)
+    get_source(c.data)  # fail early on missing data
+    job = Job.create(c, workdir)
+    out: dict[str, Any] = {'config': json.loads(c.to_json()), 'numerics': job.numerics}
+    t0 = time.time()
+    if 'train' in stages:
+        state, out['train'] = train(job)
+        params = state.params
+        save_params(workdir / 'params.npz', jax.device_get(params))
+    else:
+        params = job._params_from(c.init_from)
+    if 'eval' in stages:
+        out['eval'] = job.evaluate(params)
+        log(f'test accuracy {out["eval"]["accuracy"]:.4f} on {out["eval"]["examples"]} '
+            f'examples (loss {out["eval"]["loss"]:.4f})')
+    if 'prune' in stages:
+        out['prune'] = prune_sweep(job, params)
+    out['seconds'] = time.time() - t0
+    results_io.write_json(workdir / 'results.json', out)
+    rows = ([{'stage': 'eval', 'ratio': 0.0, **out['eval']}] if 'eval' in out else []) + \
+        [{'stage': 'prune', **r} for r in out.get('prune', [])]
+    results_io.write_csv(workdir / 'results.csv', rows)
+    return out
