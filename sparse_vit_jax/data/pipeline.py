@@ -148,23 +148,40 @@ def _to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
 
 
 def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
-    """Runs `iterator` in a background thread, `size` items ahead (device puts included)."""
+    """Runs `iterator` in a background thread, `size` items ahead (device puts included).
+
+    The thread stops when the returned generator is closed or garbage-collected.
+    """
     q: queue.Queue[Any] = queue.Queue(maxsize=size)
+    stop = threading.Event()
     done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work() -> None:
         try:
             for item in iterator:
-                q.put(item)
+                if not put(item):
+                    return
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
-        q.put(done)
+            put(e)
+        put(done)
 
     threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 @dataclass
