@@ -40,12 +40,21 @@ def _main(argv: list[str]) -> None:
     run(config, _WORKDIR.value)
 
 
-def main() -> None:
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a bad flag or --config.KEY override reported in one line."""
     try:
-        app.run(lambda argv: run_cli(_main, argv))
-    except flags.Error as e:  # bad flag / unknown --config.key
-        print(f'error: {e}', file=sys.stderr)
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, ValueError, TypeError, AttributeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if ' ' not in msg.strip('"\''):  # a bare key name: an override of an unknown key
+            msg = f'unknown config key {msg.strip(chr(34) + chr(39))} in an override'
+
+        print(f'error: {msg}; see the keys in sparse_vit_jax/configs.py', file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    app.run(lambda argv: run_cli(_main, argv), flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

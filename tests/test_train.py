@@ -1,0 +1,129 @@
+"""The training engine end to end, through the main command in fresh processes."""
+
+import numpy as np
+import pytest
+
+from helpers import SMOKE, params, results, run_main
+from sparse_vit_jax.configs import base_config, validate
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.train.optim import onecycle
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp('tfds')
+
+
+@pytest.fixture(scope='module')
+def one_device_run(tmp_path_factory, data_dir):
+    wd = tmp_path_factory.mktemp('run1')
+    run_main(wd, *SMOKE, devices=1, data_dir=data_dir)
+    return wd
+
+
+def test_loss_goes_down_and_outputs_written(one_device_run):
+    r = results(one_device_run)
+    assert (one_device_run / 'results.csv').read_text().startswith('stage,ratio,accuracy')
+    assert r['eval']['examples'] == 360
+    assert r['prune'][0]['pool_sparsity'] == pytest.approx(0.5, abs=1e-4)
+    assert list((one_device_run / 'tensorboard').iterdir())
+    assert {'4', '8'} <= {p.name for p in (one_device_run / 'checkpoints').iterdir()}
+
+
+def test_training_lowers_loss(tmp_path, data_dir):
+    out = run_main(tmp_path, *SMOKE, '--config.num_steps=120', '--config.log_every_steps=30',
+                   '--config.checkpoint_every_steps=60', '--config.schedule.warmup_steps=5',
+                   '--config.stages=train',
+                   data_dir=data_dir).stdout
+    losses = [float(line.split('loss ')[1].split()[0]) for line in out.splitlines()
+              if line.startswith('step ')]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+    assert all(a > b for a, b in zip(losses, losses[1:])), losses
+
+
+def test_eight_devices_and_fsdp_match_one_device(tmp_path, one_device_run, data_dir):
+    ref = params(one_device_run)
+    for name, extra in (('dp8', []), ('fsdp8', ['--config.mesh.fsdp=True'])):
+        run_main(tmp_path / name, *SMOKE, *extra, devices=8, data_dir=data_dir)
+        got = params(tmp_path / name)
+        for k, v in ref.items():
+            np.testing.assert_allclose(got[k], v, atol=2e-5, rtol=1e-4, err_msg=f'{name} {k}')
+
+
+def test_resume_is_bit_identical(tmp_path, one_device_run, data_dir):
+    import shutil
+    wd = tmp_path / 'resume'
+    shutil.copytree(one_device_run / 'checkpoints', wd / 'checkpoints')
+    shutil.rmtree(wd / 'checkpoints' / '8')  # as if killed after the step-4 checkpoint
+    out = run_main(wd, *SMOKE, data_dir=data_dir).stdout
+    assert 'resuming from' in out and 'at step 4' in out
+    ref, got = params(one_device_run), params(wd)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_init_from_in_fresh_process_on_other_device_count(tmp_path, one_device_run, data_dir):
+    wd = tmp_path / 'eval'
+    run_main(wd, *SMOKE, f'--config.init_from={one_device_run}', '--config.stages=eval,prune',
+             devices=8, data_dir=data_dir)
+    a, b = results(one_device_run), results(wd)
+    assert b['eval']['accuracy'] == a['eval']['accuracy']
+    assert b['prune'][0]['accuracy'] == a['prune'][0]['accuracy']
+    wd2 = tmp_path / 'eval_npz'
+    run_main(wd2, *SMOKE, f'--config.init_from={one_device_run / "params.npz"}',
+             '--config.stages=eval', data_dir=data_dir)
+    assert results(wd2)['eval']['accuracy'] == a['eval']['accuracy']
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config.no_such_key=1'], 'no_such_key'),
+    (['--config.batch_size=abc'], 'batch_size'),
+    (['--config.batch_size=0'], 'batch_size must be > 0'),
+    (['--config.optimizer.lr=-1.0'], 'optimizer.lr must be > 0'),
+    (['--config.prune.ratios=0.5,1.5'], 'prune.ratios must lie in [0, 1)'),
+    (['--config.model.name=ViT-X_3'], 'model.name must be one of'),
+    (['--config.sparsity.l1.mode=magic'], 'sparsity.l1.mode must be one of'),
+    (['--config.sparsity.attention.layers=first'], 'sparsity.attention.layers'),
+    (['--config.sparsity.attention.weight=-0.1'], 'sparsity.attention.weight must be >= 0'),
+    (['--config.model.image_size=15'], 'not divisible by the patch size'),
+    (['--config.stages=eval'], 'init_from must name a checkpoint'),
+])
+def test_bad_configs_rejected_before_compute(tmp_path, args, message):
+    r = run_main(tmp_path / 'w', '--config=configs/digits.py', *args, check=False, timeout=120)
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert message in err[-1], r.stderr[-2000:]
+    assert len([line for line in err if line.startswith(('error', 'FATAL', 'Traceback'))]) == 1
+    assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
+def test_validate_in_process():
+    c = base_config()
+    validate(c)
+    c.num_steps = -3
+    with pytest.raises(UserError, match='num_steps must be >= 0'):
+        validate(c)
+
+
+def test_onecycle_matches_torch():
+    import torch
+    total, warmup, peak = 60, 13, 1e-3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=total,
+                                                pct_start=warmup / total)
+    lr = onecycle(total, warmup, peak / 25, peak, peak / 25 / 1e4)
+    mom = onecycle(total, warmup, 0.95, 0.85, 0.95)
+    for step in range(total):
+        g = opt.param_groups[0]
+        assert float(lr(step)) == pytest.approx(g['lr'], rel=1e-4), step  # float32 vs 64
+        assert float(mom(step)) == pytest.approx(g['momentum'], rel=1e-5), step
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.slow
+def test_digits_default_reaches_95_percent(tmp_path, data_dir):
+    run_main(tmp_path, '--config=configs/digits.py', data_dir=data_dir)
+    r = results(tmp_path)
+    assert r['eval']['accuracy'] >= 0.95, r['eval']
+    assert len(r['prune']) == 9
