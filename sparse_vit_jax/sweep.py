@@ -1,0 +1,216 @@
+"""The paper's experiment in one command: regularise, prune at every ratio, compare.
+
+    python -m sparse_vit_jax.sweep --config=configs/digits.py --workdir=runs/sweep
+
+For each seed, every variant (baseline; the paper's attention penalty; L1
+subgradient; L1 proximal) is fine-tuned from the same initial weights with the
+same data order, pruned by global magnitude at every ratio of
+config.prune.ratios (each from its own unpruned weights) and evaluated on the
+whole test split; with config.sweep.finetune_steps > 0 each pruned model is also
+fine-tuned with its masks kept (reported as '<variant>+ft'). Writes
+results.csv, results.md (the paper's table with mean +- std over seeds) and
+accuracy_vs_sparsity.png. Each (variant, seed) cell lives in cells/<name>/ and
+resumes from its checkpoints; finished cells are read, not recomputed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ml_collections as mlc
+import numpy as np
+
+
+def _attention(c: Any) -> None:
+    c.sparsity.attention.weight = c.sweep.attention_weight
+    c.sparsity.attention.layers = c.sweep.attention_layers
+
+
+def _l1(mode: str) -> Callable[[Any], None]:
+    def apply(c: Any) -> None:
+        c.sparsity.l1.mode = mode
+        c.sparsity.l1.weight = c.sweep.l1_proximal_weight if mode == 'proximal' else \
+            c.sweep.l1_weight
+    return apply
+
+
+VARIANTS: dict[str, Callable[[Any], None]] = {
+    'baseline': lambda c: None,
+    'attention': _attention,
+    'l1_subgradient': _l1('subgradient'),
+    'l1_proximal': _l1('proximal'),
+}
+
+
+def cell_config(c: Any, variant: str, seed: int) -> mlc.ConfigDict:
+    cell = mlc.ConfigDict(c.to_dict())
+    cell.seed = seed
+    cell.stages = 'train,eval,prune'
+    cell.sparsity.attention.weight = 0.0
+    cell.sparsity.l1.weight = 0.0
+    VARIANTS[variant](cell)
+    return cell
+
+
+def run_cell(cfg: Any, workdir: Path) -> dict[str, Any]:
+    """One (variant, seed): read if finished, else train (resuming) and prune."""
+    from sparse_vit_jax.train.trainer import finetune_pruned, run
+    done = workdir / 'results.json'
+    if done.exists():
+        return json.loads(done.read_text())
+    out = run(cfg, workdir)
+    if cfg.sweep.finetune_steps > 0:
+        from sparse_vit_jax.train import results as results_io
+        out['prune_finetuned'] = finetune_pruned(cfg, workdir)
+        results_io.write_json(done, out)
+    return out
+
+
+def collect_rows(cells: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for (variant, seed), r in cells.items():
+        total = r['prune'][0]['total_params'] if r.get('prune') else None
+        rows.append({'variant': variant, 'seed': seed, 'ratio': 0.0, **_cell(r['eval']),
+                     'pool_sparsity': r['weights']['zero'], 'nonzero_params': None,
+                     'total_params': total})
+        for p in r.get('prune', []):
+            rows.append({'variant': variant, 'seed': seed, **_cell(p)})
+        for p in r.get('prune_finetuned', []):
+            rows.append({'variant': f'{variant}+ft', 'seed': seed, **_cell(p)})
+    return rows
+
+
+def _cell(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ('ratio', 'accuracy', 'loss', 'pool_sparsity', 'nonzero_params', 'total_params')
+    return {k: r[k] for k in keys if k in r}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[float, tuple[float, float, int]]]:
+    """{variant: {ratio: (mean accuracy, std over seeds, seeds)}}."""
+    acc: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        acc.setdefault(r['variant'], {}).setdefault(float(r['ratio']), []).append(r['accuracy'])
+    return {v: {k: (float(np.mean(a)), float(np.std(a)), len(a)) for k, a in d.items()}
+            for v, d in acc.items()}
+
+
+def markdown(rows: list[dict[str, Any]], weights: dict[str, list[dict[str, float]]],
+             command: str) -> str:
+    s = summarize(rows)
+    variants = list(s)
+    base = 'baseline' if 'baseline' in s else None
+    others = [v for v in variants if v != base]
+    ratios = sorted({float(r['ratio']) for r in rows})
+    head = ['ratio'] + ([f'{base} (prune only)'] if base else [])
+    for v in others:
+        head += [v, 'diff'] if base else [v]
+    lines = [f'Command: `{command}`', '',
+             'Top-1 test accuracy (%), mean +- std over seeds; diff = variant - baseline '
+             '(percentage points). Ratio 0 is the unpruned model.', '',
+             '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    fmt = lambda m: f'{100 * m[0]:.2f} +- {100 * m[1]:.2f}'  # noqa: E731
+    diffs: dict[str, list[float]] = {v: [] for v in others}
+    for ratio in ratios:
+        cells = [f'{ratio:.1f}'] + ([fmt(s[base][ratio])] if base else [])
+        for v in others:
+            if ratio not in s[v]:
+                cells += ['', ''] if base else ['']
+                continue
+            cells.append(fmt(s[v][ratio]))
+            if base:
+                d = 100 * (s[v][ratio][0] - s[base][ratio][0])
+                cells.append(f'{d:+.2f}')
+                if ratio > 0:
+                    diffs[v].append(d)
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    if base:
+        avg = ['**average diff over pruned ratios**', '']
+        for v in others:
+            avg += ['', f'**{np.mean(diffs[v]):+.3f}**' if diffs[v] else '']
+        lines.append('| ' + ' | '.join(avg) + ' |')
+    lines += ['', 'Weight magnitudes over the pruning pool after training (mean over seeds):', '',
+              '| variant | exact zeros | abs(w) < 1e-3 | abs(w) < 1e-2 | median abs(w) |',
+              '|---|---|---|---|---|']
+    for v, ws in weights.items():
+        m = {k: float(np.mean([w[k] for w in ws])) for k in ('zero', 'below_1e-3', 'below_1e-2',
+                                                             'median')}
+        lines.append(f'| {v} | {100 * m["zero"]:.2f}% | {100 * m["below_1e-3"]:.2f}% | '
+                     f'{100 * m["below_1e-2"]:.2f}% | {m["median"]:.4f} |')
+    return '\n'.join(lines) + '\n'
+
+
+def plot(rows: list[dict[str, Any]]) -> bytes:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for v, d in summarize(rows).items():
+        ratios = sorted(d)
+        m = np.array([d[r][0] for r in ratios]) * 100
+        sd = np.array([d[r][1] for r in ratios]) * 100
+        line, = ax.plot(ratios, m, marker='o', ms=3, label=v,
+                        linestyle='--' if v.endswith('+ft') else '-')
+        ax.fill_between(ratios, m - sd, m + sd, alpha=0.2, color=line.get_color())
+    ax.set_xlabel('global magnitude pruning ratio (fraction of the pool zeroed)')
+    ax.set_ylabel('top-1 test accuracy (%)')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format='png')
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_sweep(c: Any, workdir: str | Path, command: str = '') -> list[dict[str, Any]]:
+    from sparse_vit_jax.configs import validate
+    from sparse_vit_jax.train import results as results_io
+    validate(c)
+    workdir = Path(workdir)
+    variants = [v.strip() for v in c.sweep.variants.split(',')]
+    cells, weights = {}, {}
+    for i in range(c.sweep.seeds):
+        for v in variants:
+            seed = c.seed + i
+            r = run_cell(cell_config(c, v, seed), workdir / 'cells' / f'{v}_seed{seed}')
+            cells[(v, seed)] = r
+            weights.setdefault(v, []).append(r['weights'])
+            print(f'[sweep] {v} seed {seed}: accuracy {r["eval"]["accuracy"]:.4f}', flush=True)
+    rows = collect_rows(cells)
+    results_io.write_csv(workdir / 'results.csv', rows)
+    results_io.write_text(workdir / 'results.md', markdown(rows, weights, command))
+    from sparse_vit_jax.checkpoints.io import atomic_write_bytes
+    atomic_write_bytes(workdir / 'accuracy_vs_sparsity.png', plot(rows))
+    return rows
+
+
+def main() -> None:
+    import os
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    from absl import app, logging
+
+    from sparse_vit_jax import main as main_mod
+    from sparse_vit_jax.errors import run_cli
+
+    def _main(argv: list[str]) -> None:
+        from sparse_vit_jax.errors import UserError
+        if len(argv) > 1:
+            raise UserError(f'unexpected arguments {argv[1:]}')
+        if main_mod._CONFIG.value is None or not main_mod._WORKDIR.value:
+            raise UserError('--config and --workdir are required')
+        logging.set_verbosity(logging.WARNING)
+        run_sweep(main_mod._CONFIG.value, main_mod._WORKDIR.value,
+                  'python -m sparse_vit_jax.sweep ' + ' '.join(sys.argv[1:]))
+        print(Path(main_mod._WORKDIR.value, 'results.md').read_text())
+
+    app.run(lambda argv: run_cli(_main, argv), flags_parser=main_mod._parse_flags)
+
+
+if __name__ == '__main__':
+    main()
