@@ -150,7 +150,8 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for v, d in summarize(rows).items():
+    curves = summarize(rows)
+    for v, d in curves.items():
         ratios = sorted(d)
         m = np.array([d[r][0] for r in ratios]) * 100
         sd = np.array([d[r][1] for r in ratios]) * 100
@@ -163,7 +164,7 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     ax.legend()
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format='png')
+    fig.savefig(buf, format='png', metadata={'Description': 'curves: ' + ', '.join(curves)})
     plt.close(fig)
     return buf.getvalue()
 

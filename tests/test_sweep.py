@@ -1,0 +1,102 @@
+"""The sweep: table arithmetic from results.csv, resume, plot, and a mock-CIFAR smoke run."""
+
+import csv
+import io
+import re
+
+import ml_collections as mlc
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from sparse_vit_jax.configs import apply_smoke
+from sparse_vit_jax.sweep import run_sweep
+
+
+def tiny_sweep_config(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('digits_cfg', 'configs/digits.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.model.hidden_size, c.model.num_layers, c.model.num_heads, c.model.mlp_dim = 32, 2, 2, 64
+    c.num_steps, c.checkpoint_every_steps, c.log_every_steps = 30, 15, 15
+    c.schedule.warmup_steps = 3
+    c.prune.ratios = '0.2,0.5,0.8'
+    c.sweep.variants = 'baseline,attention,l1_proximal'
+    c.sweep.seeds = 2
+    c.data.data_dir = str(tmp_path / 'tfds')
+    return c
+
+
+@pytest.fixture(scope='module')
+def sweep_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp('sweep')
+    run_sweep(tiny_sweep_config(d), d / 'run', 'test')
+    return d / 'run'
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_table_averages_recomputed_from_csv(sweep_dir):
+    rows = read_csv(sweep_dir / 'results.csv')
+    assert len(rows) == 3 * 2 * 4  # variants x seeds x (unpruned + 3 ratios)
+    acc = {}
+    for r in rows:
+        acc.setdefault((r['variant'], float(r['ratio'])), []).append(float(r['accuracy']))
+    md = (sweep_dir / 'results.md').read_text()
+    for v in ('attention', 'l1_proximal'):
+        diffs = [100 * (np.mean(acc[(v, q)]) - np.mean(acc[('baseline', q)]))
+                 for q in (0.2, 0.5, 0.8)]
+        assert f'**{np.mean(diffs):+.3f}**' in md, (v, np.mean(diffs), md)
+    line = next(x for x in md.splitlines() if x.startswith('| 0.5 |'))
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    m, s = (float(x) for x in re.findall(r'\d+\.\d+', cells[1])[:2])
+    assert m == pytest.approx(100 * np.mean(acc[('baseline', 0.5)]), abs=0.006)
+    assert s == pytest.approx(100 * np.std(acc[('baseline', 0.5)]), abs=0.006)
+    sparsities = [float(r['pool_sparsity']) for r in rows
+                  if r['variant'] == 'baseline' and float(r['ratio']) == 0.8]
+    assert all(x == pytest.approx(0.8, abs=1e-4) for x in sparsities)
+
+
+def test_plot_is_png_with_one_curve_per_variant(sweep_dir):
+    img = Image.open(io.BytesIO((sweep_dir / 'accuracy_vs_sparsity.png').read_bytes()))
+    assert img.format == 'PNG' and img.size[0] > 300
+    assert img.info['Description'] == 'curves: baseline, attention, l1_proximal'
+
+
+def test_resume_recomputes_nothing_finished(sweep_dir, tmp_path):
+    import shutil
+    work = tmp_path / 'copy'
+    shutil.copytree(sweep_dir, work)
+    cells = sorted((work / 'cells').iterdir())
+    before = {c.name: (c / 'results.json').stat().st_mtime_ns for c in cells}
+    victim = work / 'cells' / 'attention_seed1'
+    (victim / 'results.json').unlink()          # interrupted after its last checkpoint
+    (work / 'results.csv').unlink()
+    c = tiny_sweep_config(sweep_dir.parent)
+    run_sweep(c, work, 'test')
+    after = {c.name: (c / 'results.json').stat().st_mtime_ns for c in cells}
+    assert {k for k in before if before[k] != after[k]} == {'attention_seed1'}
+    assert read_csv(work / 'results.csv') == read_csv(sweep_dir / 'results.csv')
+
+
+def test_cifar10_config_smoke_on_mock_data(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('c10', 'configs/cifar10.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = apply_smoke(mod.get_config())
+    c = mlc.ConfigDict(c.to_dict())
+    c.data.data_dir = str(tmp_path / 'tfds')
+    c.sweep.seeds, c.sweep.variants, c.prune.ratios = 1, 'baseline,attention', '0.5'
+    c.sweep.finetune_steps = 2
+    with tfds.testing.mock_data(num_examples=256):
+        rows = run_sweep(c, tmp_path / 'run', 'test')
+    variants = {r['variant'] for r in rows}
+    assert variants == {'baseline', 'attention', 'baseline+ft', 'attention+ft'}
+    assert all(0 <= r['accuracy'] <= 1 for r in rows)
