@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from helpers import SMOKE, params, results, run_main
+
 from sparse_vit_jax.configs import base_config, validate
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.train.optim import onecycle

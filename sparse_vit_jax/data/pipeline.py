@@ -150,7 +150,7 @@ def _to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
 def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
     """Runs `iterator` in a background thread, `size` items ahead (device puts included).
 
-    The thread stops when the returned generator is closed or garbage-collected.
+    The thread stops (and is joined) when the returned generator is closed or collected.
     """
     q: queue.Queue[Any] = queue.Queue(maxsize=size)
     stop = threading.Event()
@@ -174,7 +174,8 @@ def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
             put(e)
         put(done)
 
-    threading.Thread(target=work, daemon=True).start()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
     try:
         while (item := q.get()) is not done:
             if isinstance(item, BaseException):
@@ -182,6 +183,7 @@ def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
+        thread.join(timeout=60)  # no reader left running behind the caller's back
 
 
 @dataclass
