@@ -24,7 +24,7 @@ def run_cli(main: Callable[..., Any], *args: Any) -> Any:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        if e.errno in (28, 122, 13, 30):  # ENOSPC, EDQUOT, EACCES, EROFS
+        if e.errno in (28, 122, 13, 30, 20, 17):  # ENOSPC EDQUOT EACCES EROFS ENOTDIR EEXIST
             print(f'error: cannot write {e.filename or "output"}: {e.strerror}; '
                   'free space or choose a writable directory', file=sys.stderr)
             sys.exit(2)

@@ -160,7 +160,7 @@ class Job:
             params = optax.apply_updates(state.params, updates)
             metrics = {'loss': aux['loss'] * aux['count'], 'correct': aux['correct'],
                        'count': aux['count'], 'attention_penalty': aux['attention_penalty'],
-                       'grad_norm': optax.global_norm(grads)}
+                       'grad_norm': optax.tree.norm(grads)}
             new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
             return new, metrics
 
@@ -229,6 +229,36 @@ def restore_params(workdir_or_ckpt: Path, abstract_params_: Any, shardings: Any)
     return jax.device_put(state.params, shardings)
 
 
+def restore_latest_usable(job: Job, mngr: ocp.CheckpointManager) -> TrainState | None:
+    """The newest checkpoint that restores; a damaged one is reported and skipped.
+
+    Orbax writes each step to a temporary directory and renames it when complete,
+    so a write interrupted by a kill is never listed; files truncated or deleted
+    afterwards fail to restore and we fall back to the previous step.
+    """
+    where = job.workdir / 'checkpoints'
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            state = job.restore(mngr, step)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+            msg = str(e).splitlines()[0][:160] if str(e) else ''
+            aside = job.workdir / 'damaged_checkpoints' / f'{step}-{int(time.time())}'
+            log(f'warning: checkpoint {where / str(step)} is damaged ({type(e).__name__}: '
+                f'{msg}); moved to {aside}, trying the previous one')
+            if jax.process_index() == 0:
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                (where / str(step)).rename(aside)
+            mngr.reload()
+            continue
+        log(f'resuming from {where} at step {step}')
+        return state
+    if steps:
+        raise UserError(f'no usable checkpoint in {where} (all {len(steps)} damaged, moved to '
+                        f'{job.workdir / "damaged_checkpoints"}); re-run to start over')
+    return None
+
+
 class _Preempted:
     """SIGTERM (what preemption sends) asks the loop to checkpoint and stop."""
 
@@ -246,11 +276,8 @@ class _Preempted:
 def train(job: Job) -> tuple[TrainState, dict[str, Any]]:
     c = job.config
     mngr = job.checkpoint_manager()
-    latest = mngr.latest_step()
-    if latest is not None:
-        state = job.restore(mngr, latest)
-        log(f'resuming from {job.workdir / "checkpoints"} at step {latest}')
-    else:
+    state = restore_latest_usable(job, mngr)
+    if state is None:
         state = job.initial_state()
     step0 = int(state.step)
     batches = job.data.batches(c.data, c.model.image_size, c.seed, step0, job.mesh)
@@ -387,6 +414,8 @@ def run(c: Any, workdir: str | Path) -> dict[str, Any]:
     """The whole job for a validated config; returns (and writes) the results."""
     validate(c)
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f'--workdir {workdir} is a file; choose a directory')
     workdir.mkdir(parents=True, exist_ok=True)
     stages = [s.strip() for s in c.stages.split(',') if s.strip()]
     assert set(stages) <= set(STAGES)

@@ -1,0 +1,203 @@
+"""Kills, damaged checkpoints, preemption, NaN, and a catalogue of bad inputs."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, SMOKE, params, run_main
+
+RUN = [*SMOKE, '--config.num_steps=24', '--config.checkpoint_every_steps=4',
+       '--config.log_every_steps=1', '--config.keep_checkpoints=2', '--config.stages=train']
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp('tfds')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, data_dir):
+    wd = tmp_path_factory.mktemp('reference')
+    run_main(wd, *RUN, data_dir=data_dir)
+    return params(wd)
+
+
+def start(workdir, data_dir):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+               TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+               TFDS_DATA_DIR=str(data_dir))
+    return subprocess.Popen([sys.executable, '-m', 'sparse_vit_jax.main', f'--workdir={workdir}',
+                             *RUN], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc, step):
+    for line in proc.stdout:
+        if line.startswith(f'step {step}/'):
+            return
+    raise AssertionError(f'the run ended before step {step}: {proc.stderr.read()[-2000:]}')
+
+
+def assert_same(got, ref):
+    assert got.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_sigkill_at_several_steps_resumes_bit_identical(tmp_path, data_dir, reference):
+    wd = tmp_path / 'killed'
+    for step in (3, 8, 17):  # 8 is a checkpoint step: killed while it is being written
+        proc = start(wd, data_dir)
+        wait_for_step(proc, step)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+    out = run_main(wd, *RUN, data_dir=data_dir).stdout
+    assert 'resuming from' in out
+    assert_same(params(wd), reference)
+
+
+def test_sigterm_checkpoints_then_resumes(tmp_path, data_dir, reference):
+    wd = tmp_path / 'preempted'
+    proc = start(wd, data_dir)
+    wait_for_step(proc, 6)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith('error: stopped by SIGTERM at step ') and 'checkpoint saved' in line
+    stopped = int(line.split('at step ')[1].split(';')[0])
+    assert str(stopped) in {p.name for p in (wd / 'checkpoints').iterdir()}
+    run_main(wd, *RUN, data_dir=data_dir)
+    assert_same(params(wd), reference)
+
+
+def damage(step_dir):
+    files = sorted((p for p in step_dir.rglob('*') if p.is_file() and p.stat().st_size > 64),
+                   key=lambda p: -p.stat().st_size)
+    for f in files[:3]:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+
+
+def test_damaged_latest_checkpoint_falls_back(tmp_path, data_dir, reference):
+    wd = tmp_path / 'damaged'
+    run_main(wd, *RUN, data_dir=data_dir)
+    (wd / 'params.npz').unlink()
+    ckpt = wd / 'checkpoints'
+    assert {p.name for p in ckpt.iterdir() if p.name.isdigit()} == {'20', '24'}
+    damage(ckpt / '24')
+    r = run_main(wd, *RUN, data_dir=data_dir)
+    assert 'checkpoint' in r.stdout and 'is damaged' in r.stdout and 'at step 20' in r.stdout
+    assert_same(params(wd), reference)
+    assert len(list((wd / 'damaged_checkpoints').iterdir())) == 1
+    (wd / 'params.npz').unlink()
+    for step in ('20', '24'):
+        damage(ckpt / step)
+    r = run_main(wd, *RUN, data_dir=data_dir, check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith('error: no usable checkpoint in')
+    assert not (wd / 'params.npz').exists()
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_good_checkpoint(tmp_path, data_dir):
+    wd = tmp_path / 'nan'
+    r = run_main(wd, *RUN, '--config.optimizer.lr=1e12', '--config.schedule.name=warmup_cosine',
+                 '--config.schedule.warmup_steps=20', data_dir=data_dir, check=False)
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith('error: loss became ') and 'by step' in line, r.stderr[-1500:]
+    assert len([x for x in r.stderr.splitlines() if x.startswith(('error', 'Traceback'))]) == 1
+    assert not (wd / 'params.npz').exists() and not (wd / 'results.json').exists()
+    bad_step = int(line.split('by step ')[1].split(';')[0])
+    saved = [int(p.name) for p in (wd / 'checkpoints').iterdir() if p.name.isdigit()]
+    assert all(s < bad_step for s in saved)
+
+
+# ---- a catalogue of bad inputs: one line, non-zero exit, nothing half-written ------------------
+
+def write_bad_files(d):
+    np.savez(d / 'pickled.npz', cls=np.array([object()], dtype=object))
+    np.savez(d / 'good.npz', cls=np.zeros((1, 1, 8)))
+    (d / 'truncated.npz').write_bytes((d / 'good.npz').read_bytes()[:50])
+    (d / 'weights.txt').write_text('not weights')
+    torch.save({'state_dict': {'blocks.0.x': torch.zeros(1)}}, d / 'unknown_layout.pth')
+    (d / 'bad_classes.txt').write_text('n1234\n')
+    (d / 'a_file').write_text('x')
+
+
+CATALOGUE = [  # (arguments, what the one line must say)
+    (['--config.no_such_key=1'], 'unknown config key no_such_key'),
+    (['--config.batch_size=abc'], 'batch_size'),
+    (['--config.batch_size=0'], 'batch_size must be > 0'),
+    (['--config.optimizer.lr=-1.0'], 'optimizer.lr must be > 0'),
+    (['--config.prune.ratios=0.5,1.5'], 'prune.ratios must lie in [0, 1)'),
+    (['--config.model.name=ViT-X_3'], 'model.name must be one of'),
+    (['--config.sparsity.l1.mode=magic'], 'sparsity.l1.mode must be one of'),
+    (['--config.sparsity.attention.layers=first'], 'sparsity.attention.layers'),
+    (['--config.sparsity.attention.weight=-0.1'], 'sparsity.attention.weight must be >= 0'),
+    (['--config.model.image_size=15'], 'not divisible by the patch size'),
+    (['--config.stages=eval'], 'init_from must name a checkpoint'),
+    (['--config.stages=eval', '--config.init_from={d}/nowhere.npz'], 'checkpoint not found'),
+    (['--config.pretrained={d}/pickled.npz'], 'pickled objects'),
+    (['--config.pretrained={d}/truncated.npz'], 'truncated or not an .npz'),
+    (['--config.pretrained={d}/good.npz'], 'missing parameter'),
+    (['--config.pretrained={d}/weights.txt'], 'unsupported checkpoint format'),
+    (['--config.pretrained={d}/unknown_layout.pth'], 'unrecognised PyTorch ViT layout'),
+    (['--config.data.name=cifar10', '--config.data.data_dir={d}/empty'], 'is not prepared'),
+    (['--config.data.name=imagenet100'], 'data.class_list is required'),
+    (['--config.data.name=imagenet100', '--config.data.class_list={d}/bad_classes.txt'],
+     'is not a WordNet ID'),
+    (['--config.batch_size=12', '--config.eval_batch_size=16'], 'not divisible by the 8'),
+    (['positional'], 'unexpected arguments'),
+    (['--workdir={d}/a_file'], 'is a file'),
+]
+
+
+@pytest.mark.parametrize('args,message', CATALOGUE, ids=[m for _, m in CATALOGUE])
+def test_bad_input_catalogue(tmp_path, data_dir, args, message):
+    write_bad_files(tmp_path)
+    args = [a.replace('{d}', str(tmp_path)) for a in args]
+    wd = tmp_path / 'work'
+    argv = ['--config=configs/digits.py', *SMOKE[1:], *args]
+    if any(a.startswith('--workdir=') for a in args):
+        wd = None
+    env_devices = 8 if 'not divisible by the 8' in message else 1
+    if wd is None:
+        r = run_main_raw(argv, env_devices, data_dir)
+    else:
+        r = run_main(wd, *argv, devices=env_devices, data_dir=data_dir, check=False,
+                     timeout=300)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith('error: ') and message in lines[-1], r.stderr[-2000:]
+    assert len([x for x in lines if x.startswith(('error', 'Traceback', 'FATAL'))]) == 1
+    if wd is not None and wd.exists():
+        assert not (wd / 'results.json').exists() and not (wd / 'params.npz').exists()
+        steps = [p for p in (wd / 'checkpoints').glob('*')] if (wd / 'checkpoints').exists() \
+            else []
+        assert not steps
+
+
+def run_main_raw(argv, devices, data_dir):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu', TFDS_DATA_DIR=str(data_dir))
+    return subprocess.run([sys.executable, '-m', 'sparse_vit_jax.main', *argv], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_no_pickle_loading_anywhere():
+    """Every np.load passes allow_pickle=False and every torch.load weights_only=True."""
+    import re
+    found = 0
+    for path in (ROOT / 'sparse_vit_jax').rglob('*.py'):
+        text = path.read_text()
+        for call, safe in (('np.load', 'allow_pickle=False'), ('torch.load', 'weights_only=True')):
+            for m in re.finditer(re.escape(call) + r'\(([^)]*)\)', text):
+                assert safe in m.group(1), (path, m.group(0))
+                found += 1
+        assert 'import pickle' not in text and 'pickle.load' not in text
+    assert found >= 2
