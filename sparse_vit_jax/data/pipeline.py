@@ -1,8 +1,12 @@
 """tf.data input pipelines producing globally sharded `jax.Array` batches.
 
-* Each process reads its own shard (`tfds.split_for_jax_process`); its local
-  batches are assembled into one global array sharded over the mesh's 'data'
-  axis (`jax.make_array_from_process_local_data`).
+* Every process reads the same (undecoded, shuffled) record stream and cuts
+  each global batch into per-process slices; only its own slice is decoded and
+  augmented, and the slices form one global array sharded over the mesh's
+  'data' axis (`jax.make_array_from_process_local_data`). The global batches
+  are therefore identical whatever the number of processes, so a run on 2
+  hosts equals a run on 1 and resumes on any topology. (Reading records is
+  cheap; decoding, the expensive part, is split.)
 * Training order is a pure function of (seed, step): epoch e is shuffled with
   a seed derived from (seed, e), and augmentation is seeded per example. The
   iterator position is therefore just the step: a run resumed at step s skips
@@ -126,12 +130,11 @@ def _count(ds: Any) -> int:
     return int(ds.map(lambda ex: 0).reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
 
 
-def _across_processes(value: int, op: str) -> int:
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-    values = multihost_utils.process_allgather(np.array(value, np.int64))
-    return int(values.min() if op == 'min' else values.max())
+def _my_slice(ds: Any, global_batch: int, local: int) -> Any:
+    """Global batches of undecoded examples -> this process's rows, one example at a time."""
+    p = jax.process_index()
+    ds = ds.batch(global_batch, drop_remainder=True)
+    return ds.map(lambda b: {k: v[p * local:(p + 1) * local] for k, v in b.items()}).unbatch()
 
 
 def local_batch_size(global_batch: int, mesh: Mesh) -> int:
@@ -191,23 +194,20 @@ class TrainData:
     """A deterministic, resumable training stream; `steps_per_epoch` in global batches."""
 
     source: Source
-    split: str
+    global_batch: int
     local_batch: int
     steps_per_epoch: int
     num_classes: int
 
     @classmethod
     def create(cls, cfg: Any, global_batch: int, mesh: Mesh) -> TrainData:
-        import tensorflow_datasets as tfds
         source = get_source(cfg)
-        split = tfds.split_for_jax_process(source.train_split, drop_remainder=True)
         local = local_batch_size(global_batch, mesh)
-        n = _count(_open(source, split))
-        steps = _across_processes(n // local, 'min')
-        if steps == 0:
-            raise UserError(f'{cfg.name} train split has {n} examples per process, fewer than '
-                            f'the per-process batch {local}; lower config.batch_size')
-        return cls(source, split, local, steps, source.num_classes)
+        n = _count(_open(source, source.train_split))
+        if n < global_batch:
+            raise UserError(f'{cfg.name} train split has {n} examples, fewer than the batch '
+                            f'{global_batch}; lower config.batch_size')
+        return cls(source, global_batch, local, n // global_batch, source.num_classes)
 
     def batches(self, cfg: Any, image_size: int, seed: int, start_step: int, mesh: Mesh
                 ) -> Iterator[Batch]:
@@ -222,15 +222,17 @@ class TrainData:
         from sparse_vit_jax.data.preprocess import train_image
 
         epoch, skip = divmod(start_step, self.steps_per_epoch)
-        per_epoch = self.steps_per_epoch * self.local_batch
         while True:
             epoch_seed = int(np.random.default_rng([seed, epoch]).integers(2 ** 31))
-            ds = _open(self.source, self.split, shuffle_seed=epoch_seed).enumerate()
+            ds = _open(self.source, self.source.train_split, shuffle_seed=epoch_seed)
+            ds = ds.enumerate().map(lambda i, ex: {'index': i, **ex})
             ds = ds.shuffle(cfg.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-            ds = ds.take(per_epoch).skip(skip * self.local_batch)
+            ds = ds.take(self.steps_per_epoch * self.global_batch)
+            ds = ds.skip(skip * self.global_batch)  # resume: skipped before decoding
+            ds = _my_slice(ds, self.global_batch, self.local_batch)
 
-            def prep(i: tf.Tensor, ex: dict[str, tf.Tensor], e: int = epoch) -> dict:
-                s = tf.stack([tf.constant(seed, tf.int64), e * (1 << 32) + i])
+            def prep(ex: dict[str, tf.Tensor], e: int = epoch) -> dict[str, tf.Tensor]:
+                s = tf.stack([tf.constant(seed, tf.int64), e * (1 << 32) + ex['index']])
                 return {'image': train_image(ex['image'], s, mode=cfg.preprocess,
                                              size=image_size, flip=cfg.flip),
                         'label': tf.cast(ex['label'], tf.int32)}
@@ -243,25 +245,26 @@ class TrainData:
 
 def eval_batches(cfg: Any, image_size: int, global_batch: int, mesh: Mesh,
                  source: Source | None = None) -> tuple[Iterator[Batch], int]:
-    """(batches with a 0/1 'mask', number of real examples in this process's shard)."""
+    """(global batches with a 0/1 'mask', number of real examples in the split)."""
     import tensorflow as tf
-    import tensorflow_datasets as tfds
 
     from sparse_vit_jax.data.preprocess import eval_image
 
     source = source or get_source(cfg)
     local = local_batch_size(global_batch, mesh)
-    split = tfds.split_for_jax_process(source.eval_split, drop_remainder=False)
-    ds = _open(source, split)
+    ds = _open(source, source.eval_split)
     n = _count(ds)
-    num_batches = _across_processes(math.ceil(n / local), 'max')
-    ds = ds.map(lambda ex: {'image': eval_image(ex['image'], size=image_size),
-                            'label': tf.cast(ex['label'], tf.int32),
-                            'mask': tf.constant(1.0, tf.float32)},
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    pad = tf.data.Dataset.from_tensors({
-        'image': tf.zeros((image_size, image_size, 3), tf.float32),
-        'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0, tf.float32)})
-    ds = ds.concatenate(pad.repeat(num_batches * local - n)).batch(local)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
+    padded = math.ceil(n / global_batch) * global_batch
+    ds = ds.map(lambda ex: {**ex, 'mask': tf.constant(1.0, tf.float32)})
+    pad = tf.data.Dataset.from_tensors({'image': tf.constant(b''), 'label': tf.constant(
+        0, ds.element_spec['label'].dtype), 'mask': tf.constant(0.0, tf.float32)})
+    ds = _my_slice(ds.concatenate(pad.repeat(padded - n)), global_batch, local)
+
+    def prep(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image = tf.cond(ex['mask'] > 0, lambda: eval_image(ex['image'], size=image_size),
+                        lambda: tf.zeros((image_size, image_size, 3), tf.float32))
+        return {'image': image, 'label': tf.cast(ex['label'], tf.int32), 'mask': ex['mask']}
+
+    ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
     return prefetch(_to_global(b, mesh) for b in ds.as_numpy_iterator()), n

@@ -15,8 +15,8 @@ import jax
 def maybe_initialize() -> None:
     coordinator = os.environ.get('SPARSE_VIT_COORDINATOR')
     if coordinator:
-        if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-            jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+        # Only affects CPU devices; must be set before any backend starts.
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=int(os.environ['SPARSE_VIT_NUM_PROCESSES']),

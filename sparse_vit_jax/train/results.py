@@ -18,6 +18,7 @@ def write_json(path: str | Path, obj: Any) -> None:
         atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + '\n').encode())
 
 
+
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     if jax.process_index() != 0 or not rows:
         return

@@ -34,7 +34,13 @@ from sparse_vit_jax.pruning import magnitude_masks, sparsity_report
 from sparse_vit_jax.train import results as results_io
 from sparse_vit_jax.train.loss import make_loss_fn
 from sparse_vit_jax.train.optim import build_optimizer, current_hparams, steps_for
-from sparse_vit_jax.train.sharding import batch_sharding, make_mesh, replicated, state_shardings
+from sparse_vit_jax.train.sharding import (
+    batch_sharding,
+    make_mesh,
+    replicated,
+    state_shardings,
+    to_host,
+)
 
 
 @flax.struct.dataclass
@@ -185,7 +191,7 @@ class Job:
         for batch in batches:
             m = self._eval_step(params, batch)
             total = m if total is None else jax.tree.map(jnp.add, total, m)
-        total = jax.device_get(total)
+        total = to_host(total)
         n = float(total['count'])
         return {'accuracy': float(total['correct']) / n, 'loss': float(total['loss']) / n,
                 'examples': int(n)}
@@ -297,7 +303,7 @@ def train(job: Job) -> tuple[TrainState, dict[str, Any]]:
         boundary = step % c.log_every_steps == 0 or step == job.total_steps
         save_now = step % c.checkpoint_every_steps == 0 or step == job.total_steps
         if boundary or save_now or preempted.flag:
-            host = jax.device_get(acc)
+            host = to_host(acc)
             loss = float(host['loss'] / host['count'])
             if not math.isfinite(loss) or not math.isfinite(float(host['grad_norm'])):
                 raise UserError(f'loss became {loss} by step {step}; stopped without saving: the '
@@ -364,7 +370,7 @@ def prune_sweep(job: Job, params: Any) -> list[dict[str, Any]]:
     for ratio, m in zip(ratios, masks):
         from sparse_vit_jax.pruning import apply_masks
         pruned = apply_masks(params, m)
-        report = sparsity_report(pruned, _prune_select(c))
+        report = sparsity_report(to_host(pruned), _prune_select(c))
         ev = job.evaluate(pruned)
         total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pruned))
         nonzero = total - report['zeros']
@@ -402,7 +408,7 @@ def finetune_pruned(c: Any, workdir: Path) -> list[dict[str, Any]]:
         batches = job.data.batches(ft.data, ft.model.image_size, c.seed + 1, 0, job.mesh)
         for _ in range(ft.num_steps):
             state, _ = step(state, next(batches))
-        report = sparsity_report(state.params, _prune_select(c))
+        report = sparsity_report(to_host(state.params), _prune_select(c))
         ev = job.evaluate(state.params)
         rows.append({'ratio': ratio, **ev, 'pool_sparsity': report['fraction']})
         log(f'prune {ratio:.2f} + {ft.num_steps} fine-tuning steps | accuracy '
@@ -426,10 +432,12 @@ def run(c: Any, workdir: str | Path) -> dict[str, Any]:
     if 'train' in stages:
         state, out['train'] = train(job)
         params = state.params
-        save_params(workdir / 'params.npz', jax.device_get(params))
+        host_params = to_host(params)  # every process takes part in the gather
+        if jax.process_index() == 0:
+            save_params(workdir / 'params.npz', host_params)
     else:
         params = job._params_from(c.init_from)
-    out['weights'] = weight_stats(params, _prune_select(c))
+    out['weights'] = weight_stats(to_host(params), _prune_select(c))
     if 'eval' in stages:
         out['eval'] = job.evaluate(params)
         log(f'test accuracy {out["eval"]["accuracy"]:.4f} on {out["eval"]["examples"]} '
