@@ -114,7 +114,14 @@ def _official_names(flat: Flat) -> Flat:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes to a temp file in the same directory, fsyncs, then renames over `path`."""
+    """Writes to a temp file in the same directory, fsyncs, then renames over `path`.
+
+    Cloud paths (gs://...) are written as one object, which appears whole or not at all.
+    """
+    if str(path).startswith('gs://'):
+        from etils import epath
+        epath.Path(path).write_bytes(data)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')

@@ -24,6 +24,7 @@ import ml_collections as mlc
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from sparse_vit_jax.checkpoints import load_pretrained, save_params
 from sparse_vit_jax.configs import STAGES, parse_layers, parse_ratios, validate
@@ -123,7 +124,7 @@ class Job:
 
     def _params_from(self, source: str) -> Any:
         c = self.config
-        path = Path(source)
+        path = epath.Path(source)
         if path.is_dir():
             return restore_params(path, self.abstract_state.params, self.shardings.params)
         params, fmt = load_pretrained(path, self.abstract_state.params,
@@ -133,7 +134,7 @@ class Job:
 
     def checkpoint_manager(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(
-            (self.workdir / 'checkpoints').absolute(),
+            _absolute(self.workdir / 'checkpoints'),
             options=ocp.CheckpointManagerOptions(max_to_keep=self.config.keep_checkpoints,
                                                  create=True))
 
@@ -197,6 +198,10 @@ class Job:
                 'examples': int(n)}
 
 
+def _absolute(path: Any) -> Any:
+    return path if str(path).startswith('gs://') else epath.Path(path).absolute()
+
+
 def _init_state(model: VisionTransformer, tx: optax.GradientTransformation, c: Any,
                 rng: jax.Array) -> TrainState:
     init_rng, rng = jax.random.split(rng)
@@ -211,7 +216,7 @@ def restore_params(workdir_or_ckpt: Path, abstract_params_: Any, shardings: Any)
     d = workdir_or_ckpt
     if (d / 'checkpoints').is_dir():
         d = d / 'checkpoints'
-    with ocp.CheckpointManager(d.absolute()) as mngr:
+    with ocp.CheckpointManager(_absolute(d)) as mngr:
         step = mngr.latest_step()
         if step is None:
             raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
@@ -337,6 +342,9 @@ def _tensorboard(workdir: Path) -> Any:
     """TensorBoard event files (tensorboardX: TensorFlow's writer needs the tensorboard wheel)."""
     if jax.process_index() != 0:
         return None
+    if str(workdir).startswith('gs://'):
+        log('note: TensorBoard files are written locally to ./tensorboard for a gs:// workdir')
+        workdir = Path('.')
     from tensorboardX import SummaryWriter
     return SummaryWriter(str(workdir / 'tensorboard'))
 
@@ -419,7 +427,7 @@ def finetune_pruned(c: Any, workdir: Path) -> list[dict[str, Any]]:
 def run(c: Any, workdir: str | Path) -> dict[str, Any]:
     """The whole job for a validated config; returns (and writes) the results."""
     validate(c)
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)  # local or gs://
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f'--workdir {workdir} is a file; choose a directory')
     workdir.mkdir(parents=True, exist_ok=True)
