@@ -1,0 +1,163 @@
+"""Train-step speed: our jitted step against a PyTorch step of the same ViT, side by side.
+
+    python benchmarks/train_step.py                 # CPU: Ti/16@224 b32, B/16@224 b8, B/16@384 b2
+    python benchmarks/train_step.py --tiny          # CI smoke run (asserts nothing)
+    python benchmarks/train_step.py --gpu           # one GPU: B/16@384 bf16, MFU (gpu_check.sh)
+
+Both steps do forward, cross-entropy, backward and an SGD-momentum update with
+coupled weight decay (the paper's optimizer) on the same architecture, batch and
+image size; they alternate after warm-up and the median images/s is reported.
+Ours is also timed with the attention penalty, the L1 transform and the
+mask-keeping wrapper. The PyTorch model is HuggingFace's ViTForImageClassification
+(exact GELU, as in our 'hf' numerics). Synthetic batches live on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import command, environment, median  # noqa: E402
+
+from sparse_vit_jax.models import NUMERICS, VARIANTS, create_model  # noqa: E402
+from sparse_vit_jax.pruning import keep_masks, magnitude_masks, matmul_flops  # noqa: E402
+from sparse_vit_jax.sparsity import add_l1_penalty  # noqa: E402
+from sparse_vit_jax.train.loss import make_loss_fn  # noqa: E402
+
+
+def ours(name, size, batch, dtype, variant='plain'):
+    model = create_model(name, num_classes=10, dtype=dtype, **NUMERICS['hf'])
+    params = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)))['params'])(
+        jax.random.key(0))
+    base = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(1e-3, momentum=0.9))
+    penalty = 0.0
+    if variant == 'attention':
+        penalty = 0.01
+    elif variant == 'l1':
+        base = optax.chain(add_l1_penalty(1e-5), base)
+    elif variant == 'masks':
+        base = keep_masks(base, magnitude_masks(params, 0.5))
+    tx = base
+    loss_fn = make_loss_fn(model, penalty, 'last')
+    state = tx.init(params)
+    x = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), minval=-1, maxval=1)
+    y = jnp.zeros(batch, jnp.int32)
+    ones = jnp.ones(batch)
+
+    def step_fn(p, s, rng):
+        g = jax.grad(lambda q: loss_fn(q, x, y, ones, rng, True)[0])(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(step_fn, donate_argnums=(0, 1))
+    carry = {'p': params, 's': state, 'i': 0}
+
+    def run():
+        carry['p'], carry['s'] = step(carry['p'], carry['s'], jax.random.key(carry['i']))
+        carry['i'] += 1
+        jax.block_until_ready(carry['p'])
+
+    return run, model
+
+
+def torch_step(name, size, batch, gpu=False, bf16=False):
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+    v = VARIANTS[name]
+    cfg = ViTConfig(hidden_size=v['hidden_size'], num_hidden_layers=v['num_layers'],
+                    num_attention_heads=v['num_heads'], intermediate_size=v['mlp_dim'],
+                    image_size=size, patch_size=v['patch_size'], num_labels=10,
+                    hidden_dropout_prob=0.1, attn_implementation='sdpa')
+    dev = 'cuda' if gpu else 'cpu'
+    model = ViTForImageClassification(cfg).to(dev).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    x = torch.rand(batch, 3, size, size, device=dev) * 2 - 1
+    y = torch.zeros(batch, dtype=torch.long, device=dev)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
+        loss.backward()
+        opt.step()
+        if gpu:
+            torch.cuda.synchronize()
+
+    return run
+
+
+def timeit(fn, reps):
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def compare(name, size, batch, reps, variants, dtype=jnp.float32, gpu=False):
+    fns = {f'ours ({v})': ours(name, size, batch, dtype, v)[0] for v in variants}
+    fns['pytorch'] = torch_step(name, size, batch, gpu=gpu, bf16=dtype == jnp.bfloat16)
+    for f in fns.values():  # warm-up (compiles)
+        f()
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):  # alternate so both see the same machine state
+        for k, f in fns.items():
+            times[k] += timeit(f, 1)
+    return {k: batch / median(v) for k, v in times.items()}
+
+
+def peak_bf16_tflops() -> float:
+    n = 8192
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    t = min(timeit(lambda: f(a).block_until_ready(), 10))
+    return 2 * n ** 3 / t / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--tiny', action='store_true')
+    ap.add_argument('--gpu', action='store_true')
+    ap.add_argument('--reps', type=int, default=5)
+    args = ap.parse_args()
+    print(f'# {command()}\n# {environment()}\n')
+    if args.gpu:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = True
+        name, size, batch = 'ViT-B_16', 384, 64
+        rates = compare(name, size, batch, args.reps, ['plain'], jnp.bfloat16, gpu=True)
+        model = create_model(name, num_classes=10)
+        step_tflop = 3 * matmul_flops(model, size) * batch / 1e12  # fwd + 2x for bwd
+        peak = peak_bf16_tflops()
+        ours_rate = rates['ours (plain)']
+        mfu = ours_rate / batch * step_tflop / peak
+        print(f'ViT-B/16@384 bf16 batch {batch}: ours {ours_rate:.1f} img/s, pytorch '
+              f'{rates["pytorch"]:.1f} img/s, ratio {ours_rate / rates["pytorch"]:.2f}; '
+              f'measured bf16 peak {peak:.0f} TFLOP/s, ours MFU {100 * mfu:.1f}%')
+        return
+    cases = ([('testing', 32, 4)] if args.tiny else
+             [('ViT-Ti_16', 224, 32), ('ViT-B_16', 224, 8), ('ViT-B_16', 384, 2)])
+    variants = ['plain'] if args.tiny else ['plain', 'attention', 'l1', 'masks']
+    reps = 2 if args.tiny else args.reps
+    print('| model | image | batch | ' + ' | '.join(f'{v} img/s' for v in variants) +
+          ' | pytorch img/s | ratio (plain / pytorch) |')
+    print('|---' * (5 + len(variants)) + '|')
+    for name, size, batch in cases:
+        r = compare(name, size, batch, reps, variants)
+        cells = ' | '.join(f'{r[f"ours ({v})"]:.2f}' for v in variants)
+        print(f'| {name} | {size} | {batch} | {cells} | {r["pytorch"]:.2f} | '
+              f'{r["ours (plain)"] / r["pytorch"]:.2f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
