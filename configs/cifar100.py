@@ -11,18 +11,9 @@ fine-tuning on CIFAR-100 for 20 epochs with batch 16; add --config.smoke=True fo
 quick CPU check of the whole job with a tiny model.
 """
 
-from sparse_vit_jax.configs import base_config
+from sparse_vit_jax.configs import base_config, paper_recipe
 
 
 def get_config():
-    c = base_config()
-    c.model.name, c.model.image_size = 'ViT-B_16', 384
-    c.model.numerics = 'auto'      # from the weights' format (the paper's .pth: 'asyml')
-    c.data.name = 'cifar100'
-    c.data.shuffle_buffer = 50_000  # the whole train split (the paper forgot to shuffle)
-    c.batch_size, c.num_epochs = 16, 20.0
-    c.optimizer.name, c.optimizer.lr, c.optimizer.momentum = 'sgd', 1e-3, 0.9
-    c.optimizer.weight_decay, c.optimizer.weight_decay_mode = 1e-4, 'coupled'
-    c.schedule.name, c.schedule.warmup_steps = 'onecycle', 500
-    c.sparsity.attention.weight, c.sparsity.attention.layers = 0.01, 'last'
+    c = paper_recipe(base_config(), 'cifar100')
     return c

@@ -12,19 +12,10 @@ downloaded. Note: ImageNet-1k fine-tuned weights have seen these classes' images
 Produces checkpoints, results.json/.csv and TensorBoard logs.
 """
 
-from sparse_vit_jax.configs import base_config
+from sparse_vit_jax.configs import base_config, paper_recipe
 
 
 def get_config():
-    c = base_config()
-    c.model.name, c.model.image_size = 'ViT-B_16', 384
-    c.model.numerics = 'auto'
-    c.data.name = 'imagenet100'
+    c = paper_recipe(base_config(), 'imagenet100')
     c.data.source = 'folder'
-    c.data.shuffle_buffer = 50_000
-    c.batch_size, c.num_epochs = 16, 20.0
-    c.optimizer.name, c.optimizer.lr, c.optimizer.momentum = 'sgd', 1e-3, 0.9
-    c.optimizer.weight_decay, c.optimizer.weight_decay_mode = 1e-4, 'coupled'
-    c.schedule.name, c.schedule.warmup_steps = 'onecycle', 500
-    c.sparsity.attention.weight, c.sparsity.attention.layers = 0.01, 'last'
     return c

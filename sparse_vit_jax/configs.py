@@ -107,6 +107,20 @@ def base_config() -> mlc.ConfigDict:
     return c
 
 
+def paper_recipe(c: mlc.ConfigDict, dataset: str) -> mlc.ConfigDict:
+    """The paper's fine-tuning recipe (its implementation's values) on `dataset`."""
+    c.model.name, c.model.image_size = 'ViT-B_16', 384
+    c.model.numerics = 'auto'      # from the weights' format (the paper's .pth: 'asyml')
+    c.data.name = dataset
+    c.data.shuffle_buffer = 50_000  # the paper's code never shuffled; we do
+    c.batch_size, c.num_epochs = 16, 20.0
+    c.optimizer.name, c.optimizer.lr, c.optimizer.momentum = 'sgd', 1e-3, 0.9
+    c.optimizer.weight_decay, c.optimizer.weight_decay_mode = 1e-4, 'coupled'
+    c.schedule.name, c.schedule.warmup_steps = 'onecycle', 500  # momentum 0.95 -> 0.85 -> 0.95
+    c.sparsity.attention.weight, c.sparsity.attention.layers = 0.01, 'last'
+    return c
+
+
 def _check_same_schema(c: Any, ref: Any, prefix: str = '') -> None:
     for k in c.keys():
         if k not in ref:

@@ -15,11 +15,6 @@ RUN = [*SMOKE, '--config.num_steps=24', '--config.checkpoint_every_steps=4',
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp('tfds')
-
-
-@pytest.fixture(scope='module')
 def reference(tmp_path_factory, data_dir):
     wd = tmp_path_factory.mktemp('reference')
     run_main(wd, *RUN, data_dir=data_dir)
@@ -201,3 +196,37 @@ def test_no_pickle_loading_anywhere():
                 found += 1
         assert 'import pickle' not in text and 'pickle.load' not in text
     assert found >= 2
+
+
+def test_full_disk_is_one_line_and_leaves_old_file(tmp_path, monkeypatch, capsys):
+    """A write that fails with ENOSPC: one line, exit 2, the previous file intact, no temp."""
+    import errno
+
+    from sparse_vit_jax.checkpoints.io import atomic_write_bytes
+    from sparse_vit_jax.errors import run_cli
+
+    target = tmp_path / 'results.json'
+    target.write_text('previous results')
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, 'No space left on device', str(target))
+
+    monkeypatch.setattr(os, 'fdopen', lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(SystemExit) as e:
+        run_cli(atomic_write_bytes, target, b'new results')
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: cannot write') and 'No space' in err[0]
+    assert target.read_text() == 'previous results'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['results.json']

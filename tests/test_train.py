@@ -10,11 +10,6 @@ from sparse_vit_jax.train.optim import onecycle
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp('tfds')
-
-
-@pytest.fixture(scope='module')
 def one_device_run(tmp_path_factory, data_dir):
     wd = tmp_path_factory.mktemp('run1')
     run_main(wd, *SMOKE, devices=1, data_dir=data_dir)

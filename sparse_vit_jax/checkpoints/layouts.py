@@ -25,6 +25,17 @@ def _conv(w: np.ndarray) -> np.ndarray:
     return np.transpose(w, (2, 3, 1, 0))
 
 
+def _norms_and_mlp(out: Flat, sd: Flat, s: str, d: str, norms: tuple[str, str],
+                   mlp: tuple[str, str]) -> None:
+    """A block's two LayerNorms and MLP Dense layers (torch Linear weights transposed)."""
+    for t, j in zip(norms, (0, 1)):
+        out[f'{d}LayerNorm_{j}/scale'] = sd[f'{s}{t}.weight']
+        out[f'{d}LayerNorm_{j}/bias'] = sd[f'{s}{t}.bias']
+    for t, j in zip(mlp, (0, 1)):
+        out[f'{d}MlpBlock_0/Dense_{j}/kernel'] = sd[f'{s}{t}.weight'].T
+        out[f'{d}MlpBlock_0/Dense_{j}/bias'] = sd[f'{s}{t}.bias']
+
+
 def _common_tail(out: Flat, sd: Flat, norm: str, head: str, pre_logits: str | None) -> None:
     out['Transformer/encoder_norm/scale'] = sd[f'{norm}.weight']
     out['Transformer/encoder_norm/bias'] = sd[f'{norm}.bias']
@@ -46,15 +57,10 @@ def from_asyml(sd: Flat) -> Flat:
     }
     for i in _blocks(sd, r'transformer\.encoder_layers\.(\d+)\.'):
         s, d = f'transformer.encoder_layers.{i}.', f'Transformer/encoderblock_{i}/'
-        for t, j in (('norm1', 0), ('norm2', 1)):
-            out[f'{d}LayerNorm_{j}/scale'] = sd[f'{s}{t}.weight']
-            out[f'{d}LayerNorm_{j}/bias'] = sd[f'{s}{t}.bias']
+        _norms_and_mlp(out, sd, s, d, ('norm1', 'norm2'), ('mlp.fc1', 'mlp.fc2'))
         for name in ('query', 'key', 'value', 'out'):
             out[f'{d}MultiHeadDotProductAttention_0/{name}/kernel'] = sd[f'{s}attn.{name}.weight']
             out[f'{d}MultiHeadDotProductAttention_0/{name}/bias'] = sd[f'{s}attn.{name}.bias']
-        for t, j in (('fc1', 0), ('fc2', 1)):
-            out[f'{d}MlpBlock_0/Dense_{j}/kernel'] = sd[f'{s}mlp.{t}.weight'].T
-            out[f'{d}MlpBlock_0/Dense_{j}/bias'] = sd[f'{s}mlp.{t}.bias']
     _common_tail(out, sd, 'transformer.norm', 'classifier', None)
     return out
 
@@ -101,18 +107,14 @@ def from_hf(sd: Flat, num_heads: int) -> Flat:
     for i in _blocks(sd, r'encoder\.layer\.(\d+)\.'):
         s, d = f'encoder.layer.{i}.', f'Transformer/encoderblock_{i}/'
         a = f'{d}MultiHeadDotProductAttention_0/'
-        for t, j in (('layernorm_before', 0), ('layernorm_after', 1)):
-            out[f'{d}LayerNorm_{j}/scale'] = sd[f'{s}{t}.weight']
-            out[f'{d}LayerNorm_{j}/bias'] = sd[f'{s}{t}.bias']
+        _norms_and_mlp(out, sd, s, d, ('layernorm_before', 'layernorm_after'),
+                       ('intermediate.dense', 'output.dense'))
         for name in ('query', 'key', 'value'):
             k, b = _split_heads_in(sd[f'{s}attention.attention.{name}.weight'],
                                    sd[f'{s}attention.attention.{name}.bias'], num_heads)
             out[f'{a}{name}/kernel'], out[f'{a}{name}/bias'] = k, b
         out[f'{a}out/kernel'] = _split_heads_out(sd[f'{s}attention.output.dense.weight'], num_heads)
         out[f'{a}out/bias'] = sd[f'{s}attention.output.dense.bias']
-        for t, j in (('intermediate.dense', 0), ('output.dense', 1)):
-            out[f'{d}MlpBlock_0/Dense_{j}/kernel'] = sd[f'{s}{t}.weight'].T
-            out[f'{d}MlpBlock_0/Dense_{j}/bias'] = sd[f'{s}{t}.bias']
     _common_tail(out, sd, 'layernorm', 'classifier', 'pooler.dense')
     return out
 
@@ -128,18 +130,13 @@ def from_timm(sd: Flat, num_heads: int) -> Flat:
     for i in _blocks(sd, r'blocks\.(\d+)\.'):
         s, d = f'blocks.{i}.', f'Transformer/encoderblock_{i}/'
         a = f'{d}MultiHeadDotProductAttention_0/'
-        for t, j in (('norm1', 0), ('norm2', 1)):
-            out[f'{d}LayerNorm_{j}/scale'] = sd[f'{s}{t}.weight']
-            out[f'{d}LayerNorm_{j}/bias'] = sd[f'{s}{t}.bias']
+        _norms_and_mlp(out, sd, s, d, ('norm1', 'norm2'), ('mlp.fc1', 'mlp.fc2'))
         qkv_w = np.split(sd[f'{s}attn.qkv.weight'], 3, axis=0)
         qkv_b = np.split(sd[f'{s}attn.qkv.bias'], 3, axis=0)
         for name, w, b in zip(('query', 'key', 'value'), qkv_w, qkv_b):
             out[f'{a}{name}/kernel'], out[f'{a}{name}/bias'] = _split_heads_in(w, b, num_heads)
         out[f'{a}out/kernel'] = _split_heads_out(sd[f'{s}attn.proj.weight'], num_heads)
         out[f'{a}out/bias'] = sd[f'{s}attn.proj.bias']
-        for t, j in (('fc1', 0), ('fc2', 1)):
-            out[f'{d}MlpBlock_0/Dense_{j}/kernel'] = sd[f'{s}mlp.{t}.weight'].T
-            out[f'{d}MlpBlock_0/Dense_{j}/bias'] = sd[f'{s}mlp.{t}.bias']
     _common_tail(out, sd, 'norm', 'head', 'pre_logits.fc')
     return out
 

@@ -47,10 +47,10 @@ def _check_strength(strength: float | optax.Schedule) -> None:
         raise ValueError(f'L1 strength must be >= 0, got {strength}')
 
 
-def add_l1_penalty(strength: float | optax.Schedule, mask: Mask = None
-                   ) -> optax.GradientTransformation:
-    """g <- g + strength * sign(w) on selected leaves (mask: bools, callable, or None=pool)."""
-    _check_strength(strength)
+def _per_leaf(name: str, leaf_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+              amount: Callable[[jax.Array], jax.Array], mask: Mask
+              ) -> optax.GradientTransformation:
+    """A transform applying leaf_fn(update, w, amount(count)) to selected leaves."""
 
     def init_fn(params: Any) -> L1State:
         del params
@@ -58,14 +58,22 @@ def add_l1_penalty(strength: float | optax.Schedule, mask: Mask = None
 
     def update_fn(updates: Any, state: L1State, params: Any = None) -> tuple[Any, L1State]:
         if params is None:
-            raise ValueError('add_l1_penalty needs params; call tx.update(grads, state, params)')
-        s = _value(strength, state.count)
-        updates = jax.tree.map(
-            lambda g, w, m: g + (s * jnp.sign(w)).astype(g.dtype) if m else g,
-            updates, params, _mask(mask, params))
+            raise ValueError(f'{name} needs params; call tx.update(grads, state, params)')
+        t = amount(state.count)
+        updates = jax.tree.map(lambda u, w, m: leaf_fn(u, w, t) if m else u,
+                               updates, params, _mask(mask, params))
         return updates, L1State(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def add_l1_penalty(strength: float | optax.Schedule, mask: Mask = None
+                   ) -> optax.GradientTransformation:
+    """g <- g + strength * sign(w) on selected leaves (mask: bools, callable, or None=pool)."""
+    _check_strength(strength)
+    return _per_leaf('add_l1_penalty',
+                     lambda g, w, s: g + (s * jnp.sign(w)).astype(g.dtype),
+                     lambda count: _value(strength, count), mask)
 
 
 def soft_threshold(w: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -76,23 +84,7 @@ def l1_proximal(strength: float | optax.Schedule, learning_rate: float | optax.S
                 mask: Mask = None) -> optax.GradientTransformation:
     """Proximal L1 step on selected leaves; chain it after the optimizer (updates are deltas)."""
     _check_strength(strength)
-
-    def init_fn(params: Any) -> L1State:
-        del params
-        return L1State(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(updates: Any, state: L1State, params: Any = None) -> tuple[Any, L1State]:
-        if params is None:
-            raise ValueError('l1_proximal needs params; call tx.update(grads, state, params)')
-        t = _value(strength, state.count) * _value(learning_rate, state.count)
-
-        def prox(u: jax.Array, w: jax.Array, m: bool) -> jax.Array:
-            if not m:
-                return u
-            # w + (new - w) == new exactly when new == 0, so zeros stay exact.
-            return soft_threshold(w + u, t.astype(w.dtype)) - w
-
-        updates = jax.tree.map(prox, updates, params, _mask(mask, params))
-        return updates, L1State(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    # w + (new - w) == new exactly when new == 0, so zeros stay exact.
+    return _per_leaf('l1_proximal',
+                     lambda u, w, t: soft_threshold(w + u, t.astype(w.dtype)) - w,
+                     lambda count: _value(strength, count) * _value(learning_rate, count), mask)

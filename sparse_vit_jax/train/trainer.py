@@ -293,6 +293,10 @@ def train(job: Job) -> tuple[TrainState, dict[str, Any]]:
     step0 = int(state.step)
     batches = job.data.batches(c.data, c.model.image_size, c.seed, step0, job.mesh)
     train_step = job.train_step_fn()
+    pool = _pool_selection(c, job.abstract_state.params)
+    zero_fraction = jax.jit(lambda p: sum(jnp.sum(w == 0) for w, s in zip(
+        jax.tree.leaves(p), jax.tree.leaves(pool)) if s) / sum(
+            w.size for w, s in zip(jax.tree.leaves(p), jax.tree.leaves(pool)) if s))
     writer = _tensorboard(job.workdir)
     preempted = _Preempted()
     acc, t_last, steps_last = None, time.time(), 0
@@ -318,6 +322,7 @@ def train(job: Job) -> tuple[TrainState, dict[str, Any]]:
             hp = {k: float(v) for k, v in current_hparams(state.opt_state).items()}
             last_log = {'loss': loss, 'accuracy': float(host['correct'] / host['count']),
                         'attention_penalty': float(host['attention_penalty'] / steps_last),
+                        'pool_sparsity': float(to_host(zero_fraction(state.params))),
                         'images_per_s': steps_last * c.batch_size / max(dt, 1e-9), **hp}
             eta = time.strftime('%H:%M:%S', time.gmtime((job.total_steps - step) * dt / steps_last))
             log(f'step {step}/{job.total_steps} | loss {loss:.4f} | acc '
@@ -355,6 +360,12 @@ def _scalars(writer: Any, step: int, values: dict[str, float]) -> None:
             writer.add_scalar(k, v, step)
 
 
+def _pool_selection(c: Any, params: Any) -> Any:
+    from sparse_vit_jax.selection import PAPER_POOL
+    from sparse_vit_jax.selection import select as select_params
+    return select_params(params, _prune_select(c) or PAPER_POOL)
+
+
 def weight_stats(params: Any, select: Any = None) -> dict[str, float]:
     """The |w| distribution over the pruning pool: exact zeros, small fractions, quantiles."""
     from sparse_vit_jax.selection import PAPER_POOL
@@ -374,18 +385,22 @@ def prune_sweep(job: Job, params: Any) -> list[dict[str, Any]]:
     c = job.config
     ratios = parse_ratios(c.prune.ratios)
     masks = magnitude_masks(params, ratios, scope=c.prune.scope, select=_prune_select(c))
-    rows = []
+    from sparse_vit_jax.pruning import apply_masks, format_report
+    rows, reports = [], []
     for ratio, m in zip(ratios, masks):
-        from sparse_vit_jax.pruning import apply_masks
         pruned = apply_masks(params, m)
-        report = sparsity_report(to_host(pruned), _prune_select(c))
+        host = to_host(pruned)
+        report = sparsity_report(host, _prune_select(c))
         ev = job.evaluate(pruned)
-        total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pruned))
-        nonzero = total - report['zeros']
+        leaves = jax.tree.leaves(host)
         rows.append({'ratio': ratio, **ev, 'pool_sparsity': report['fraction'],
-                     'nonzero_params': nonzero, 'total_params': total})
+                     'nonzero_params': sum(int(np.count_nonzero(x)) for x in leaves),
+                     'total_params': sum(int(x.size) for x in leaves)})
+        reports.append(f'## ratio {ratio} ({c.prune.scope})\n\n```\n{format_report(report)}\n```\n')
         log(f'prune {ratio:.2f} ({c.prune.scope}) | accuracy {ev["accuracy"]:.4f} | loss '
             f'{ev["loss"]:.4f} | pool sparsity {report["fraction"]:.4f}')
+    results_io.write_text(job.workdir / 'sparsity_report.md',
+                          '# Per-tensor sparsity after pruning\n\n' + '\n'.join(reports))
     return rows
 
 
