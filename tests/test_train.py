@@ -100,3 +100,17 @@ def test_digits_default_reaches_95_percent(tmp_path, data_dir):
     r = results(tmp_path)
     assert r['eval']['accuracy'] >= 0.95, r['eval']
     assert len(r['prune']) == 9
+
+
+def test_gradient_accumulation_matches_full_batch_and_bf16_runs(tmp_path, data_dir):
+    common = [*SMOKE, '--config.model.dropout_rate=0.0', '--config.stages=train']
+    run_main(tmp_path / 'full', *common, '--config.num_steps=8', data_dir=data_dir)
+    run_main(tmp_path / 'accum', *common, '--config.num_steps=16', '--config.batch_size=8',
+             '--config.optimizer.accumulate=2', data_dir=data_dir)
+    a, b = params(tmp_path / 'full'), params(tmp_path / 'accum')
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], atol=2e-6, rtol=1e-4, err_msg=k)
+    out = run_main(tmp_path / 'bf16', *common, '--config.model.dtype=bfloat16',
+                   data_dir=data_dir).stdout
+    assert 'step 8/8' in out and all(np.isfinite(v).all() for v in params(tmp_path / 'bf16')
+                                     .values())
