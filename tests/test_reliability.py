@@ -147,6 +147,9 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.data.name=imagenet100', '--config.data.class_list={d}/bad_classes.txt'],
      'is not a WordNet ID'),
     (['--config.batch_size=12', '--config.eval_batch_size=16'], 'not divisible by the 8'),
+    (['--config.sparsity.l1.weight=0.1', '--config.sparsity.l1.include=nothing'],
+     'matches no parameter'),
+    (['--config.prune.include=nothing/.*'], 'matches no parameter'),
     (['positional'], 'unexpected arguments'),
     (['--workdir={d}/a_file'], 'is a file'),
 ]

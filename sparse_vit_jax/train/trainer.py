@@ -103,6 +103,11 @@ class Job:
         total = steps_for(c, data.steps_per_epoch)
         tx = build_optimizer(c, total // c.optimizer.accumulate, masks)
         abstract = jax.eval_shape(lambda: _init_state(model, tx, c, jax.random.PRNGKey(0)))
+        # Selection regexes that match nothing fail here, on shapes, before any compute.
+        from sparse_vit_jax.selection import select as select_params
+        if c.sparsity.l1.weight > 0 and c.sparsity.l1.include:
+            select_params(abstract.params, c.sparsity.l1.include.split(','))
+        _pool_selection(c, abstract.params)
         shardings = state_shardings(abstract, mesh, c.mesh.fsdp)
         return cls(c, workdir, mesh, model, data, total, tx, abstract, shardings, numerics)
 
