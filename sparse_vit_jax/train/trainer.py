@@ -227,17 +227,8 @@ def restore_params(workdir_or_ckpt: Path, abstract_params_: Any, shardings: Any)
             raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
         saved = mlc.ConfigDict(meta['config'])
-        mesh = jax.tree.leaves(shardings)[0].mesh
-        data = TrainData.create(saved.data, saved.batch_size, mesh)
-        model = build_model(saved, data.num_classes, meta['numerics'])
-        tx = build_optimizer(saved, steps_for(saved, data.steps_per_epoch)
-                             // saved.optimizer.accumulate)
-        abstract = jax.eval_shape(lambda: _init_state(model, tx, saved, jax.random.PRNGKey(0)))
-        sh = state_shardings(abstract, mesh, False)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, sh)
-        state = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))['state']
+        saved.model.numerics = meta['numerics']  # as trained; never re-read the weights file
+        state = Job.create(saved, d).restore(mngr, step)  # the saved run's own state layout
     got = jax.tree.map(lambda x: x.shape, state.params)
     want = jax.tree.map(lambda x: x.shape, abstract_params_)
     if got != want:
