@@ -3,13 +3,21 @@
     python benchmarks/train_step.py                 # CPU: Ti/16@224 b32, B/16@224 b8, B/16@384 b2
     python benchmarks/train_step.py --tiny          # CI smoke run (asserts nothing)
     python benchmarks/train_step.py --gpu           # one GPU: B/16@384 bf16, MFU (gpu_check.sh)
+    python benchmarks/train_step.py --jax-defaults  # ours without the two CPU fixes below
 
 Both steps do forward, cross-entropy, backward and an SGD-momentum update with
 coupled weight decay (the paper's optimizer) on the same architecture, batch and
 image size; they alternate after warm-up and the median images/s is reported.
 Ours is also timed with the attention penalty, the L1 transform and the
 mask-keeping wrapper. The PyTorch model is HuggingFace's ViTForImageClassification
-(exact GELU, as in our 'hf' numerics). Synthetic batches live on the device.
+(exact GELU, as in our 'hf' numerics) with a dropout after the MLP's GELU added,
+so that it drops out where the official ViT (and ours, and timm's) does.
+Synthetic batches live on the device.
+
+Ours runs as `python -m sparse_vit_jax.main` runs it on a CPU: with the
+straight-line Threefry lowering (train/cpu_threefry.py) and freed host memory kept
+in the process (train/host_memory.py; process-wide, so PyTorch gets it too).
+`--jax-defaults` leaves both out, to show what they are worth.
 """
 
 from __future__ import annotations
@@ -35,10 +43,12 @@ from common import command, environment, median  # noqa: E402
 from sparse_vit_jax.models import NUMERICS, VARIANTS, create_model  # noqa: E402
 from sparse_vit_jax.pruning import keep_masks, magnitude_masks, matmul_flops  # noqa: E402
 from sparse_vit_jax.sparsity import add_l1_penalty  # noqa: E402
+from sparse_vit_jax.train.cpu_threefry import use_unrolled_threefry_on_cpu  # noqa: E402
+from sparse_vit_jax.train.host_memory import retain_freed_memory  # noqa: E402
 from sparse_vit_jax.train.loss import make_loss_fn  # noqa: E402
 
 
-def ours(name, size, batch, dtype, variant='plain'):
+def ours(name, size, batch, dtype, variant='plain', return_step=False):
     model = create_model(name, num_classes=10, dtype=dtype, **NUMERICS['hf'])
     params = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)))['params'])(
         jax.random.key(0))
@@ -63,6 +73,8 @@ def ours(name, size, batch, dtype, variant='plain'):
         return optax.apply_updates(p, u), s
 
     step = jax.jit(step_fn, donate_argnums=(0, 1))
+    operands = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                            (params, state, jax.random.key(0)))
     carry = {'p': params, 's': state, 'i': 0}
 
     def run():
@@ -70,7 +82,7 @@ def ours(name, size, batch, dtype, variant='plain'):
         carry['i'] += 1
         jax.block_until_ready(carry['p'])
 
-    return run, model
+    return (run, step, operands) if return_step else (run, model)
 
 
 def torch_step(name, size, batch, gpu=False, bf16=False):
@@ -82,7 +94,13 @@ def torch_step(name, size, batch, gpu=False, bf16=False):
                     image_size=size, patch_size=v['patch_size'], num_labels=10,
                     hidden_dropout_prob=0.1, attn_implementation='sdpa')
     dev = 'cuda' if gpu else 'cpu'
-    model = ViTForImageClassification(cfg).to(dev).train()
+    model = ViTForImageClassification(cfg)
+    mlps = [(m, n) for m in model.modules()  # transformers 5 / 4 names of the MLP's GELU
+            for n in ('activation_fn', 'intermediate_act_fn') if hasattr(m, n)]
+    assert len(mlps) == v['num_layers'], mlps
+    for m, n in mlps:  # dropout after the GELU, as in the official ViT
+        setattr(m, n, torch.nn.Sequential(torch.nn.GELU(), torch.nn.Dropout(0.1)))
+    model = model.to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     x = torch.rand(batch, 3, size, size, device=dev) * 2 - 1
     y = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -136,7 +154,12 @@ def main() -> None:
     ap.add_argument('--tiny', action='store_true')
     ap.add_argument('--gpu', action='store_true')
     ap.add_argument('--reps', type=int, default=5)
+    ap.add_argument('--jax-defaults', action='store_true',
+                    help='leave out the CPU Threefry lowering and the malloc settings')
     args = ap.parse_args()
+    if not args.jax_defaults:  # before JAX starts its threads
+        print(f'# host memory kept: {retain_freed_memory()}')
+        use_unrolled_threefry_on_cpu()
     print(f'# {command()}\n# {environment()}\n')
     if args.gpu:
         import torch

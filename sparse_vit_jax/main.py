@@ -30,6 +30,8 @@ def _main(argv: list[str]) -> None:
         raise UserError('--config is required, e.g. --config=configs/digits.py')
     if not _WORKDIR.value:
         raise UserError('--workdir is required, e.g. --workdir=runs/digits')
+    from sparse_vit_jax.train.host_memory import retain_freed_memory
+    retain_freed_memory()  # before JAX starts its threads
     from sparse_vit_jax.configs import apply_smoke
     from sparse_vit_jax.train.distributed import maybe_initialize
     from sparse_vit_jax.train.trainer import run

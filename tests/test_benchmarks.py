@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ('pruning.py', '| 0.5 |'),
     ('input_pipeline.py', '| 32 |'),
     ('train_step.py', '| testing | 32 | 4 |'),
+    ('profile_step.py', 'page faults/step'),
 ])
 def test_benchmark_tiny(script, expect):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from helpers import ROOT, SMOKE, params, results, run_main
 
 ARGS = [*SMOKE, '--config.model.dropout_rate=0.0', '--config.stages=train,eval']
@@ -42,7 +43,9 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
     a, b = params(single), params(multi)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], atol=1e-6, rtol=1e-5, err_msg=k)
-    assert results(multi)['eval'] == results(single)['eval']
+    ev_multi, ev_single = results(multi)['eval'], results(single)['eval']
+    assert ev_multi['accuracy'] == ev_single['accuracy']  # the gradient all-reduce order differs
+    assert ev_multi['loss'] == pytest.approx(ev_single['loss'], rel=1e-6)  # (gloo vs in-process)
 
     again = tmp_path / 'reload'
     run_main(again, *SMOKE, f'--config.init_from={multi}', '--config.stages=eval',

@@ -13,6 +13,7 @@ files is a key/shape check. Two additions serve sparsity work:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,8 +35,35 @@ def per_block(value: IntOrPerBlock, depth: int, name: str) -> tuple[int, ...]:
     return value
 
 
+class ProjectionParams(nn.Module):
+    """Declares a DenseGeneral's kernel and bias (same names, shapes and init) without applying it.
+
+    The attention applies its four projections itself so that query, key and
+    value run as one matmul; the parameter tree stays the official one.
+    """
+
+    kernel_shape: tuple[int, ...]
+    bias_shape: tuple[int, ...]
+    fan_in: int
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        xavier = nn.initializers.xavier_uniform()
+        flat = (self.fan_in, math.prod(self.kernel_shape) // max(self.fan_in, 1))
+        kernel = self.param('kernel', lambda r, s: xavier(r, flat).reshape(s), self.kernel_shape)
+        bias = self.param('bias', nn.initializers.zeros, self.bias_shape)
+        return kernel, bias
+
+
 class MultiHeadDotProductAttention(nn.Module):
-    """Self-attention with the official (D, H, Dh) / (H, Dh, D) kernel layout."""
+    """Self-attention with the official (D, H, Dh) / (H, Dh, D) kernel layout.
+
+    Computed as one (B*N, D) x (D, 3*H*Dh) matmul for q/k/v (the three kernels
+    are concatenated on the fly, which costs a copy of the weights, not of the
+    activations) and head-major (B, H, N, Dh) attention, whose batched matmuls
+    need no transposes; on CPU this is ~15% faster than three DenseGenerals and
+    'bqhd,bkhd' einsums (benchmarks/train_step.py).
+    """
 
     num_heads: int
     head_dim: int
@@ -45,14 +73,18 @@ class MultiHeadDotProductAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        features = x.shape[-1]
-        dense = lambda name: nn.DenseGeneral(  # noqa: E731
-            (self.num_heads, self.head_dim), dtype=self.dtype, name=name,
-            kernel_init=nn.initializers.xavier_uniform())
-        q = dense('query')(x) * (self.head_dim ** -0.5)
-        k = dense('key')(x)
-        v = dense('value')(x)
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+        b, n, d = x.shape
+        h, k = self.num_heads, self.head_dim
+        qkv = [ProjectionParams((d, h, k), (h, k), d, name=name)()
+               for name in ('query', 'key', 'value')]
+        out_kernel, out_bias = ProjectionParams((h, k, d), (d,), h * k, name='out')()
+        scale = k ** -0.5  # folded into the query projection
+        w = jnp.concatenate([kk.reshape(d, h * k) * s for (kk, _), s in zip(qkv, (scale, 1, 1))],
+                            axis=1).astype(self.dtype)
+        bias = jnp.concatenate([bb.reshape(h * k) * s for (_, bb), s in zip(qkv, (scale, 1, 1))])
+        y = x.reshape(b * n, d).astype(self.dtype) @ w + bias.astype(self.dtype)
+        q, key, v = y.reshape(b, n, 3, h, k).transpose(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
+        logits = jnp.einsum('bhqd,bhkd->bhqk', q, key)
         # Softmax in float32 whatever the compute dtype: the probabilities are
         # also what the attention penalty reads.
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -60,9 +92,9 @@ class MultiHeadDotProductAttention(nn.Module):
             self.sow('intermediates', 'attention_probs', probs)
         if not deterministic and self.dropout_rate > 0:
             probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
-        out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), v)
-        return nn.DenseGeneral(features, axis=(-2, -1), dtype=self.dtype, name='out',
-                               kernel_init=nn.initializers.xavier_uniform())(out)
+        out = jnp.einsum('bhqk,bhkd->bqhd', probs.astype(self.dtype), v)
+        out = out.reshape(b * n, h * k) @ out_kernel.reshape(h * k, d).astype(self.dtype)
+        return (out + out_bias.astype(self.dtype)).reshape(b, n, d)
 
 
 class MlpBlock(nn.Module):

@@ -33,6 +33,7 @@ from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import NUMERICS, VisionTransformer, create_model
 from sparse_vit_jax.pruning import magnitude_masks, sparsity_report
 from sparse_vit_jax.train import results as results_io
+from sparse_vit_jax.train.cpu_threefry import use_unrolled_threefry_on_cpu
 from sparse_vit_jax.train.loss import make_loss_fn
 from sparse_vit_jax.train.optim import build_optimizer, current_hparams, steps_for
 from sparse_vit_jax.train.sharding import (
@@ -90,6 +91,7 @@ class Job:
 
     @classmethod
     def create(cls, c: Any, workdir: Path, masks: Any = None) -> Job:
+        use_unrolled_threefry_on_cpu()  # same random bits, ~5x faster dropout masks on CPU
         mesh = make_mesh()
         data = TrainData.create(c.data, c.batch_size, mesh)
         numerics = c.model.numerics

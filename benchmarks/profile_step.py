@@ -1,0 +1,112 @@
+"""Where a train step's time goes: XLA ops by time, plus page faults and kernel time per step.
+
+    python benchmarks/profile_step.py                      # ViT-Ti/16@224 b32, our CPU setup
+    python benchmarks/profile_step.py --jax-defaults       # without the two CPU fixes
+    python benchmarks/profile_step.py --model ViT-B_16 --batch 8 --top 30
+    python benchmarks/profile_step.py --tiny               # CI smoke run
+
+Traces a few steps of benchmarks/train_step.py's step with jax.profiler, joins the
+executed thunks with the compiled HLO (shape and the jax op that produced each),
+and groups them by block-independent op name. getrusage gives the minor page
+faults and system time of the same steps: the numbers that exposed the malloc
+cost fixed in train/host_memory.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Per-thunk trace events on CPU (kept with whatever XLA_FLAGS the caller set).
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_cpu_enable_xprof_traceme=true').strip()
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import glob  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import command, environment  # noqa: E402
+
+from sparse_vit_jax.train.cpu_threefry import use_unrolled_threefry_on_cpu  # noqa: E402
+from sparse_vit_jax.train.host_memory import retain_freed_memory  # noqa: E402
+
+
+def hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Instruction name -> (shape, op_name metadata) for every instruction in the module."""
+    out = {}
+    for m in re.finditer(r'^\s+%(\S+) = (\S+) \w+\((.*)$', hlo_text, re.M):
+        op = re.search(r'op_name="([^"]*)"', m.group(3))
+        out[m.group(1)] = (m.group(2).split('{')[0], op.group(1) if op else '')
+    return out
+
+
+def op_table(trace_dir: str, hlo: dict[str, tuple[str, str]], steps: int,
+             top: int) -> list[tuple[float, str, str, str]]:
+    files = glob.glob(f'{trace_dir}/plugins/profile/*/*.trace.json.gz')
+    if not files:
+        raise SystemExit(f'error: jax.profiler wrote no trace under {trace_dir}')
+    events = json.load(gzip.open(files[0]))['traceEvents']
+    total: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get('ph') == 'X' and e['name'] in hlo:
+            shape, op = hlo[e['name']]
+            op = re.sub(r'encoderblock_\d+', 'encoderblock_N', op).split('/', 1)[-1]
+            total[(re.sub(r'\.\d+$', '', e['name']), shape, op)] += e['dur'] / 1e3 / steps
+    if not total:
+        raise SystemExit('error: the trace holds no XLA ops; is this jaxlib built with TraceMe?')
+    return [(ms, kind, shape, op) for (kind, shape, op), ms in total.most_common(top)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--model', default='ViT-Ti_16')
+    ap.add_argument('--size', type=int, default=224)
+    ap.add_argument('--batch', type=int, default=32)
+    ap.add_argument('--steps', type=int, default=3)
+    ap.add_argument('--top', type=int, default=25)
+    ap.add_argument('--tiny', action='store_true')
+    ap.add_argument('--jax-defaults', action='store_true')
+    args = ap.parse_args()
+    if args.tiny:
+        args.model, args.size, args.batch, args.steps, args.top = 'testing', 32, 4, 2, 5
+    if not args.jax_defaults:
+        retain_freed_memory()
+        use_unrolled_threefry_on_cpu()
+    import jax
+    import jax.numpy as jnp
+    import train_step
+
+    print(f'# {command()}\n# {environment()}\n')
+    run, step, operands = train_step.ours(args.model, args.size, args.batch, jnp.float32,
+                                          return_step=True)
+    hlo = hlo_index(step.lower(*operands).compile().as_text())
+    run()
+    run()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for _ in range(args.steps):
+            run()
+        jax.profiler.stop_trace()
+        wall = (time.perf_counter() - t0) / args.steps
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        rows = op_table(d, hlo, args.steps, args.top)
+    print(f'{args.model}@{args.size} batch {args.batch}: {wall:.3f} s/step (traced), '
+          f'{(r1.ru_minflt - r0.ru_minflt) / args.steps:,.0f} page faults/step, '
+          f'system {(r1.ru_stime - r0.ru_stime) / args.steps:.2f} s/step, '
+          f'user {(r1.ru_utime - r0.ru_utime) / args.steps:.2f} s/step\n')
+    print('| ms/step | XLA kind | shape | op |\n|---|---|---|---|')
+    for ms, kind, shape, op in rows:
+        print(f'| {ms:.1f} | {kind} | {shape} | {op} |')
+
+
+if __name__ == '__main__':
+    main()

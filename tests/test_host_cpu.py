@@ -1,0 +1,105 @@
+"""The two CPU speed fixes change speed only: same random bits, same results, memory kept."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.train import host_memory
+from sparse_vit_jax.train.cpu_threefry import threefry2x32
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Random123's known-answer vectors for Threefry-2x32 with 20 rounds: key, counter -> output.
+KAT = [((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6b200159, 0x99ba4efe)),
+       ((0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff), (0x1cb996fc, 0xbb002be7)),
+       ((0x13198a2e, 0x03707344), (0x243f6a88, 0x85a308d3), (0xc4923a9c, 0x483df7a0))]
+
+
+def test_threefry_matches_random123_known_answers():
+    u = np.uint32
+    for key, ctr, out in KAT:
+        got = threefry2x32(u(key[0]), u(key[1]), np.array([ctr[0]], u), np.array([ctr[1]], u))
+        assert (int(got[0][0]), int(got[1][0])) == out
+
+
+_DRAWS = '''
+import json, sys, numpy as np, jax
+if sys.argv[1] == 'unrolled':
+    from sparse_vit_jax.train.cpu_threefry import use_unrolled_threefry_on_cpu
+    use_unrolled_threefry_on_cpu()
+from jax.extend.random import threefry_2x32
+k = jax.random.key(7)
+draws = dict(
+    bits=jax.random.bits(k, (301, 7)),
+    dropout=jax.jit(lambda k: jax.random.bernoulli(k, 0.9, (64, 33)))(jax.random.fold_in(k, 3)),
+    normal=jax.random.normal(jax.random.split(k)[1], (257,)),
+    kat=threefry_2x32(np.array([0x13198a2e, 0x03707344], np.uint32),
+                      np.array([0x243f6a88, 0x85a308d3], np.uint32)))
+hlo = jax.jit(lambda k: jax.random.bits(k, (8,))).lower(k).as_text()
+print(json.dumps({'loop': 'while' in hlo,
+                  **{n: np.asarray(v).astype(np.int64).tolist() for n, v in draws.items()}}))
+'''
+
+
+def _draws(mode):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    r = subprocess.run([sys.executable, '-c', _DRAWS, mode], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_unrolled_lowering_draws_the_same_bits_as_jax():
+    default, unrolled = _draws('default'), _draws('unrolled')
+    assert default.pop('loop') and not unrolled.pop('loop')  # the lowering really changed
+    assert default == unrolled
+    assert unrolled['kat'] == [0xc4923a9c, 0x483df7a0]
+
+
+def test_host_malloc_mode_from_environment(monkeypatch):
+    monkeypatch.setenv(host_memory.ENV, 'system')
+    assert host_memory.retain_freed_memory() is False
+    monkeypatch.setenv(host_memory.ENV, 'bogus')
+    with pytest.raises(UserError, match='auto, retain or system'):
+        host_memory.retain_freed_memory()
+    monkeypatch.setenv(host_memory.ENV, 'auto')
+    monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+    assert host_memory._wanted()
+    monkeypatch.setenv('JAX_PLATFORMS', 'tpu')
+    assert not host_memory._wanted()
+
+
+_REUSE = '''
+import ctypes, ctypes.util, resource
+from sparse_vit_jax.train.host_memory import retain_freed_memory
+applied = retain_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library('c'))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def faults_of_fresh_256mb():  # plain malloc, as XLA:CPU allocates (numpy asks for huge pages)
+    p = libc.malloc(256 * 2**20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(p, 1, 256 * 2**20)  # touch every page
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    libc.free(p)
+    return after - before
+faults_of_fresh_256mb()
+print(applied, faults_of_fresh_256mb())  # the second block reuses the first one's pages if kept
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc options')
+def test_retained_memory_is_reused_without_page_faults():
+    env = dict(os.environ, **{host_memory.ENV: 'retain'})
+    r = subprocess.run([sys.executable, '-c', _REUSE], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    applied, faults = r.stdout.split()
+    assert applied == 'True'
+    assert int(faults) < 655  # < 1% of the 65,536 pages of 4 KiB: freed memory was kept
