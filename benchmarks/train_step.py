@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                 # CPU: Ti/16@224 b32, B/16@224 b8, B/16@384 b2
     python benchmarks/train_step.py --tiny          # CI smoke run (asserts nothing)
     python benchmarks/train_step.py --gpu           # one GPU: B/16@384 bf16, MFU (gpu_check.sh)
+    python benchmarks/train_step.py --gpu --tiny    # that path's CI smoke run, on any device
     python benchmarks/train_step.py --jax-defaults  # ours without the two CPU fixes below
 
 Both steps do forward, cross-entropy, backward and an SGD-momentum update with
@@ -49,7 +50,8 @@ from sparse_vit_jax.train.loss import make_loss_fn  # noqa: E402
 
 
 def ours(name, size, batch, dtype, variant='plain', return_step=False):
-    model = create_model(name, num_classes=10, dtype=dtype, **NUMERICS['hf'])
+    model = create_model(name, num_classes=10, dtype=dtype, **NUMERICS['hf'],
+                         attention_impl='cudnn' if variant == 'cudnn' else 'xla')
     params = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)))['params'])(
         jax.random.key(0))
     base = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(1e-3, momentum=0.9))
@@ -140,8 +142,7 @@ def compare(name, size, batch, reps, variants, dtype=jnp.float32, gpu=False):
     return {k: batch / median(v) for k, v in times.items()}
 
 
-def peak_bf16_tflops() -> float:
-    n = 8192
+def peak_bf16_tflops(n: int = 8192) -> float:
     a = jnp.ones((n, n), jnp.bfloat16)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
@@ -157,23 +158,36 @@ def main() -> None:
     ap.add_argument('--jax-defaults', action='store_true',
                     help='leave out the CPU Threefry lowering and the malloc settings')
     args = ap.parse_args()
+    if args.gpu:  # both frameworks share the device: JAX must not preallocate 75% of it
+        os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.6')
     if not args.jax_defaults:  # before JAX starts its threads
         print(f'# host memory kept: {retain_freed_memory()}')
         use_unrolled_threefry_on_cpu()
     print(f'# {command()}\n# {environment()}\n')
     if args.gpu:
         import torch
+        on_gpu = torch.cuda.is_available()  # --gpu --tiny runs this path on a CPU too (CI)
+        if not on_gpu and not args.tiny:
+            raise SystemExit('error: --gpu needs a CUDA device for PyTorch (and JAX on it)')
         torch.backends.cuda.matmul.allow_tf32 = True
-        name, size, batch = 'ViT-B_16', 384, 64
-        rates = compare(name, size, batch, args.reps, ['plain'], jnp.bfloat16, gpu=True)
+        name, size, batch = ('testing', 32, 4) if args.tiny else ('ViT-B_16', 384, 32)
+        variants = ['plain', 'cudnn'] if on_gpu else ['plain']  # cuDNN attention: GPU only
+        rates = compare(name, size, batch, 2 if args.tiny else args.reps, variants,
+                        jnp.bfloat16, gpu=on_gpu)
         model = create_model(name, num_classes=10)
         step_tflop = 3 * matmul_flops(model, size) * batch / 1e12  # fwd + 2x for bwd
-        peak = peak_bf16_tflops()
-        ours_rate = rates['ours (plain)']
-        mfu = ours_rate / batch * step_tflop / peak
-        print(f'ViT-B/16@384 bf16 batch {batch}: ours {ours_rate:.1f} img/s, pytorch '
-              f'{rates["pytorch"]:.1f} img/s, ratio {ours_rate / rates["pytorch"]:.2f}; '
-              f'measured bf16 peak {peak:.0f} TFLOP/s, ours MFU {100 * mfu:.1f}%')
+        peak = peak_bf16_tflops(512 if args.tiny else 8192)
+        ours_rate, torch_rate = rates['ours (plain)'], rates['pytorch']
+        mfu = {k: r / batch * step_tflop / peak for k, r in (('ours', ours_rate),
+                                                               ('pytorch', torch_rate))}
+        print(f'{name}@{size} bf16 batch {batch} on {jax.devices()[0].device_kind}: ours '
+              f'{ours_rate:.1f} img/s, pytorch {torch_rate:.1f} img/s, ratio '
+              f'{ours_rate / torch_rate:.2f}; measured bf16 matmul peak {peak:.1f} TFLOP/s, '
+              f'MFU ours {100 * mfu["ours"]:.1f}%, pytorch {100 * mfu["pytorch"]:.1f}%')
+        if 'ours (cudnn)' in rates:
+            r = rates['ours (cudnn)']
+            print(f'ours with model.attention_impl=cudnn: {r:.1f} img/s, ratio '
+                  f'{r / torch_rate:.2f}, MFU {100 * r / batch * step_tflop / peak:.1f}%')
         return
     cases = ([('testing', 32, 4)] if args.tiny else
              [('ViT-Ti_16', 224, 32), ('ViT-B_16', 224, 8), ('ViT-B_16', 384, 2)])

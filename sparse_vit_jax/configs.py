@@ -30,6 +30,7 @@ def base_config() -> mlc.ConfigDict:
     c.model.image_size = 384
     c.model.numerics = 'jax'       # auto (from the pretrained file) | jax | timm | hf | asyml
     c.model.dtype = 'float32'      # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.attention_impl = 'xla'  # xla | cudnn (fused attention; NVIDIA GPU, bfloat16)
     c.model.dropout_rate = 0.1
     c.model.attention_dropout_rate = 0.0
     c.model.hidden_size = 0        # 0 = the variant's; set to build a custom size
@@ -186,6 +187,9 @@ def validate(c: Any) -> None:
     _one_of(c.model.name, 'model.name', tuple(VARIANTS))
     _one_of(c.model.numerics, 'model.numerics', ('auto', *NUMERICS))
     _one_of(c.model.dtype, 'model.dtype', ('float32', 'bfloat16'))
+    _one_of(c.model.attention_impl, 'model.attention_impl', ('xla', 'cudnn'))
+    if c.model.attention_impl == 'cudnn' and c.model.dtype != 'bfloat16':
+        raise UserError('config model.attention_impl=cudnn needs model.dtype=bfloat16')
     _one_of(c.data.name, 'data.name', DATASETS)
     _one_of(c.data.preprocess, 'data.preprocess', ('paper', 'inception_crop'))
     _one_of(c.data.source, 'data.source', ('folder', 'imagenet2012'))

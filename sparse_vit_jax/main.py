@@ -30,15 +30,17 @@ def _main(argv: list[str]) -> None:
         raise UserError('--config is required, e.g. --config=configs/digits.py')
     if not _WORKDIR.value:
         raise UserError('--workdir is required, e.g. --workdir=runs/digits')
-    from sparse_vit_jax.train.host_memory import retain_freed_memory
-    retain_freed_memory()  # before JAX starts its threads
-    from sparse_vit_jax.configs import apply_smoke
+    from sparse_vit_jax.configs import apply_smoke, validate
+    from sparse_vit_jax.train.host_memory import retain_freed_memory, step_activation_bytes
+
+    config = apply_smoke(_CONFIG.value) if _CONFIG.value.smoke else _CONFIG.value
+    validate(config)
+    retain_freed_memory(step_activation_bytes(config))  # before JAX starts its threads
     from sparse_vit_jax.train.distributed import maybe_initialize
     from sparse_vit_jax.train.trainer import run
 
     logging.set_verbosity(logging.WARNING)  # keep TFDS/orbax chatter off the progress lines
     maybe_initialize()
-    config = apply_smoke(_CONFIG.value) if _CONFIG.value.smoke else _CONFIG.value
     run(config, _WORKDIR.value)
 
 

@@ -1,5 +1,6 @@
 """The two CPU speed fixes change speed only: same random bits, same results, memory kept."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sparse_vit_jax.configs import base_config
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.train import host_memory
 from sparse_vit_jax.train.cpu_threefry import threefry2x32
@@ -68,11 +70,24 @@ def test_host_malloc_mode_from_environment(monkeypatch):
     monkeypatch.setenv(host_memory.ENV, 'bogus')
     with pytest.raises(UserError, match='auto, retain or system'):
         host_memory.retain_freed_memory()
+    monkeypatch.setenv(host_memory.ENV, 'retain')
+    assert host_memory._wanted(1)
     monkeypatch.setenv(host_memory.ENV, 'auto')
     monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-    assert host_memory._wanted()
+    big, small = host_memory.AUTO_MIN_STEP_BYTES, host_memory.AUTO_MIN_STEP_BYTES - 1
+    assert host_memory._wanted(None) and host_memory._wanted(big)
+    assert not host_memory._wanted(small)
     monkeypatch.setenv('JAX_PLATFORMS', 'tpu')
-    assert not host_memory._wanted()
+    assert not host_memory._wanted(big)
+
+
+def test_auto_keeps_memory_for_vit_steps_not_for_the_digits_default():
+    digits = importlib.import_module('configs.digits').get_config()
+    vit = base_config()
+    vit.model.name, vit.model.image_size, vit.batch_size = 'ViT-Ti_16', 224, 32
+    # ~2.3 GB of temporaries measured for this step (benchmarks/profile_step.py, strace)
+    assert 1.5e9 < host_memory.step_activation_bytes(vit) < 3e9
+    assert host_memory.step_activation_bytes(digits) < host_memory.AUTO_MIN_STEP_BYTES
 
 
 _REUSE = '''

@@ -82,3 +82,30 @@ def test_bad_names_and_sizes():
         create_model('ViT-Q_16', num_classes=10)
     with pytest.raises(UserError, match='not divisible'):
         create_model('ViT-B_16', num_classes=10, image_size=100)
+
+
+def test_cudnn_attention_branch_computes_the_same_attention(monkeypatch):
+    """The fused-attention branch's layout and scale, run here through XLA's kernel."""
+    model = create_model('testing', num_classes=5, dtype=jnp.bfloat16)
+    fused = create_model('testing', num_classes=5, dtype=jnp.bfloat16, attention_impl='cudnn')
+    params = init_params(model, 32)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape),
+                          params)  # a non-zero head, so the logits depend on the attention
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def via_xla(*args, implementation=None, **kw):
+        calls.append(implementation)
+        return real(*args, implementation='xla', **kw)
+
+    monkeypatch.setattr(jax.nn, 'dot_product_attention', via_xla)
+    want = model.apply({'params': params}, x)
+    got = fused.apply({'params': params}, x)
+    assert calls == ['cudnn', 'cudnn']  # both blocks took the fused branch
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=0.05, rtol=0.05)
+    assert float(jnp.abs(want).max()) > 0.1
+    # probabilities asked for: that block falls back to the explicit attention
+    calls.clear()
+    fused.apply({'params': params}, x, capture_attention=(1,), mutable=['intermediates'])
+    assert calls == ['cudnn']

@@ -150,6 +150,10 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.sparsity.l1.weight=0.1', '--config.sparsity.l1.include=nothing'],
      'matches no parameter'),
     (['--config.prune.include=nothing/.*'], 'matches no parameter'),
+    (['--config.model.attention_impl=flash'], 'model.attention_impl must be one of'),
+    (['--config.model.attention_impl=cudnn'], 'needs model.dtype=bfloat16'),
+    (['--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'],
+     'needs an NVIDIA GPU'),
     (['positional'], 'unexpected arguments'),
     (['--workdir={d}/a_file'], 'is a file'),
 ]

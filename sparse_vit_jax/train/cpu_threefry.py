@@ -5,7 +5,7 @@ cannot fuse across a loop body, so every round materialises the full random
 array in memory: on a 2-core x86 machine `jax.random.bits` runs at ~8.4 ns per
 32-bit word, and the dropout masks of a ViT-Ti/16 train step (batch 32) took
 0.5 s of a 2.0 s step. The same 20 rounds written straight-line fuse into one
-loop nest and run ~5x faster (benchmarks/README in the main README).
+loop nest: 1.6 ns per word (README, Performance).
 
 `use_unrolled_threefry_on_cpu()` registers that straight-line lowering for the
 CPU platform only. It is the same function (Salmon et al. 2011, Threefry-2x32

@@ -3,15 +3,20 @@
 XLA:CPU allocates each step's temporaries (GBs for a ViT backward pass) and frees
 them at the end. glibc hands such large blocks straight back to the kernel
 (mmap/munmap, heap trimming), so the next step faults every page in again and
-the kernel zeroes it: on a 2-core machine a ViT-Ti/16 batch-32 step took 614,000
-page faults and 0.95 s of system time per step, 1.71 s in all; with the memory
-kept it takes 0 faults and 1.31 s (benchmarks/train_step.py, README).
+the kernel zeroes it: on a 2-core machine a ViT-Ti/16 batch-32 step took ~614,000
+page faults and ~0.95 s of kernel time per step (1.7 s in all); with the memory
+kept, 0 faults and ~1.3 s (benchmarks/profile_step.py, README Performance).
 
 `retain_freed_memory()` sets three glibc malloc options (one arena, no mmap for
-large blocks, no trimming). The price: the process keeps its peak host memory
-until it exits, and all threads share one malloc arena. It is applied where the
-computation runs on the CPU, and only on glibc; SPARSE_VIT_HOST_MALLOC=system
-turns it off, =retain forces it on. It must run before JAX starts its threads.
+large blocks, no trimming; all three are needed: a thread's own arena mmaps
+blocks over 64 MB whatever the options say). The price: the process keeps its
+peak host memory until it exits, and all threads share one malloc arena, which
+slows small steps fed by many input threads (the digits default: 46 s instead of
+37 s). So by default ('auto') it is applied only on the CPU and only when one
+step's activations are estimated at >= 512 MB (digits: 26 MB; ViT-Ti/16 batch
+32: 2.2 GB; the crossover in between was not measured), and only on glibc.
+SPARSE_VIT_HOST_MALLOC=retain|system forces it on|off. It must run before JAX
+starts its threads.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import ctypes.util
 import importlib.util
 import os
 import pkgutil
+from typing import Any
 
 from sparse_vit_jax.errors import UserError
 
@@ -28,6 +34,7 @@ from sparse_vit_jax.errors import UserError
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _NEVER_TRIM = -2  # read as size_t: 2**64 - 2 bytes (-1 still trimmed with glibc 2.36 here)
 ENV = 'SPARSE_VIT_HOST_MALLOC'
+AUTO_MIN_STEP_BYTES = 512 * 2**20
 
 
 def _accelerator_plugin_installed() -> bool:
@@ -41,26 +48,43 @@ def _accelerator_plugin_installed() -> bool:
     return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
 
 
-def _wanted() -> bool:
+def step_activation_bytes(c: Any) -> int:
+    """Rough float32 bytes a train step of config `c` keeps for its backward pass."""
+    from sparse_vit_jax.models import VARIANTS
+    v = VARIANTS[c.model.name]
+    hidden, layers, heads, mlp, patch = (c.model[k] or v[k] for k in (
+        'hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'patch_size'))
+    tokens = (c.model.image_size // patch) ** 2 + 1
+    return 4 * c.batch_size * layers * tokens * (12 * hidden + 4 * mlp + 3 * heads * tokens)
+
+
+def _wanted(step_bytes: int | None) -> bool:
     mode = os.environ.get(ENV, 'auto')
     if mode not in ('auto', 'retain', 'system'):
         raise UserError(f'{ENV} must be auto, retain or system, got {mode!r}')
     if mode != 'auto':
         return mode == 'retain'
+    if step_bytes is not None and step_bytes < AUTO_MIN_STEP_BYTES:
+        return False
     platforms = os.environ.get('JAX_PLATFORMS', '')
     return platforms.startswith('cpu') or (not platforms and not _accelerator_plugin_installed())
 
 
-def retain_freed_memory() -> bool:
-    """Applies the malloc options if wanted and possible; returns whether they are set."""
-    if not _wanted():
+def retain_freed_memory(step_bytes: int | None = None) -> bool:
+    """Applies the malloc options if wanted and possible; returns whether they are set.
+
+    step_bytes: the step's activation estimate (`step_activation_bytes`); None
+    means large (the benchmarks' ViT steps).
+    """
+    if not _wanted(step_bytes):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        mallopt = libc.mallopt
-        gnu_get_libc_version = libc.gnu_get_libc_version  # noqa: F841  (glibc only)
-    except (OSError, AttributeError):
+    except OSError:
         return False
+    if not hasattr(libc, 'gnu_get_libc_version') or not hasattr(libc, 'mallopt'):
+        return False  # not glibc (musl, macOS): its malloc has other knobs
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
                                                (_M_TRIM_THRESHOLD, _NEVER_TRIM)))

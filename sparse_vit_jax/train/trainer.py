@@ -66,7 +66,7 @@ def build_model(c: Any, num_classes: int, numerics: str = 'jax') -> VisionTransf
                         dropout_rate=m.dropout_rate,
                         attention_dropout_rate=m.attention_dropout_rate,
                         dtype=jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32,
-                        **NUMERICS[numerics], **overrides)
+                        attention_impl=m.attention_impl, **NUMERICS[numerics], **overrides)
 
 
 def _prune_select(c: Any) -> Any:
@@ -92,6 +92,9 @@ class Job:
     @classmethod
     def create(cls, c: Any, workdir: Path, masks: Any = None) -> Job:
         use_unrolled_threefry_on_cpu()  # same random bits, ~5x faster dropout masks on CPU
+        if c.model.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
+            raise UserError(f'model.attention_impl=cudnn needs an NVIDIA GPU; this run is on '
+                            f'{jax.default_backend()}: use model.attention_impl=xla')
         mesh = make_mesh()
         data = TrainData.create(c.data, c.batch_size, mesh)
         numerics = c.model.numerics
