@@ -136,6 +136,25 @@ def _check_same_schema(c: Any, ref: Any, prefix: str = '') -> None:
             raise UserError(f'config {prefix}{k} must be {type(r).__name__}, got {v!r}')
 
 
+def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
+    """A config saved by a run (its checkpoint meta) on today's schema.
+
+    Keys added since the run was saved take their defaults, so checkpoints of
+    older versions keep loading; keys the schema no longer has are an error.
+    """
+    def merge(c: mlc.ConfigDict, d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if k not in c:
+                raise UserError(f'the saved config has key {prefix}{k}, unknown to this version')
+            if isinstance(c[k], mlc.ConfigDict):
+                merge(c[k], v, f'{prefix}{k}.')
+            else:
+                c[k] = v
+    c = base_config()
+    merge(c, saved, '')
+    return c
+
+
 def parse_ratios(text: str) -> list[float]:
     try:
         ratios = [float(x) for x in text.split(',') if x.strip()]

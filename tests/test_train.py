@@ -1,10 +1,13 @@
 """The training engine end to end, through the main command in fresh processes."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from helpers import SMOKE, params, results, run_main
 
-from sparse_vit_jax.configs import base_config, validate
+from sparse_vit_jax.configs import base_config, from_saved, validate
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.train.optim import onecycle
 
@@ -68,6 +71,31 @@ def test_init_from_in_fresh_process_on_other_device_count(tmp_path, one_device_r
     run_main(wd2, *SMOKE, f'--config.init_from={one_device_run / "params.npz"}',
              '--config.stages=eval', data_dir=data_dir)
     assert results(wd2)['eval']['accuracy'] == a['eval']['accuracy']
+
+
+def test_checkpoint_of_an_older_config_schema_still_loads(tmp_path, one_device_run, data_dir):
+    old = tmp_path / 'old_run'
+    shutil.copytree(one_device_run, old)
+    metas = list((old / 'checkpoints').glob('*/meta/metadata'))
+    assert metas
+    for m in metas:  # as written before model.attention_impl existed
+        meta = json.loads(m.read_text())
+        del meta['config']['model']['attention_impl']
+        m.write_text(json.dumps(meta))
+    wd = tmp_path / 'eval'
+    run_main(wd, *SMOKE, f'--config.init_from={old}', '--config.stages=eval', data_dir=data_dir)
+    assert results(wd)['eval']['accuracy'] == results(one_device_run)['eval']['accuracy']
+
+
+def test_from_saved_fills_new_keys_and_rejects_unknown_ones():
+    saved = base_config().to_dict()
+    del saved['model']['attention_impl']
+    saved['batch_size'] = 48
+    c = from_saved(saved)
+    assert c.model.attention_impl == 'xla' and c.batch_size == 48
+    saved['model']['flux'] = 1
+    with pytest.raises(UserError, match='model.flux, unknown to this version'):
+        from_saved(saved)
 
 
 def test_validate_in_process():

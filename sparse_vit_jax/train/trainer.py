@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sparse_vit_jax.checkpoints import load_pretrained, save_params
-from sparse_vit_jax.configs import STAGES, parse_layers, parse_ratios, validate
+from sparse_vit_jax.configs import STAGES, from_saved, parse_layers, parse_ratios, validate
 from sparse_vit_jax.data import TrainData, eval_batches, get_source
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import NUMERICS, VisionTransformer, create_model
@@ -231,8 +231,9 @@ def restore_params(workdir_or_ckpt: Path, abstract_params_: Any, shardings: Any)
         if step is None:
             raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-        saved = mlc.ConfigDict(meta['config'])
+        saved = from_saved(meta['config'])
         saved.model.numerics = meta['numerics']  # as trained; never re-read the weights file
+        saved.model.attention_impl = 'xla'  # any device may read the params
         state = Job.create(saved, d).restore(mngr, step)  # the saved run's own state layout
     got = jax.tree.map(lambda x: x.shape, state.params)
     want = jax.tree.map(lambda x: x.shape, abstract_params_)
