@@ -31,11 +31,11 @@ def _main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         raise UserError('--workdir is required, e.g. --workdir=runs/digits')
     from sparse_vit_jax.configs import apply_smoke, validate
-    from sparse_vit_jax.train.host_memory import retain_freed_memory, step_activation_bytes
+    from sparse_vit_jax.train.host_memory import retain_for_config
 
     config = apply_smoke(_CONFIG.value) if _CONFIG.value.smoke else _CONFIG.value
     validate(config)
-    retain_freed_memory(step_activation_bytes(config))  # before JAX starts its threads
+    retain_for_config(config)  # before JAX starts its threads
     from sparse_vit_jax.train.distributed import maybe_initialize
     from sparse_vit_jax.train.trainer import run
 

@@ -206,9 +206,9 @@ def main() -> None:
         if main_mod._CONFIG.value is None or not main_mod._WORKDIR.value:
             raise UserError('--config and --workdir are required')
         from sparse_vit_jax.configs import validate
-        from sparse_vit_jax.train.host_memory import retain_freed_memory, step_activation_bytes
+        from sparse_vit_jax.train.host_memory import retain_for_config
         validate(main_mod._CONFIG.value)
-        retain_freed_memory(step_activation_bytes(main_mod._CONFIG.value))  # before JAX threads
+        retain_for_config(main_mod._CONFIG.value)  # before JAX starts its threads
         logging.set_verbosity(logging.WARNING)
         run_sweep(main_mod._CONFIG.value, main_mod._WORKDIR.value,
                   'python -m sparse_vit_jax.sweep ' + ' '.join(sys.argv[1:]))

@@ -118,3 +118,14 @@ def test_retained_memory_is_reused_without_page_faults():
     applied, faults = r.stdout.split()
     assert applied == 'True'
     assert int(faults) < 655  # < 1% of the 65,536 pages of 4 KiB: freed memory was kept
+
+
+def test_main_runs_with_host_memory_kept(tmp_path, monkeypatch, data_dir):
+    """The trainer, TF input threads included, under the single-arena malloc settings."""
+    from helpers import SMOKE, results, run_main
+    monkeypatch.setenv(host_memory.ENV, 'retain')
+    out = run_main(tmp_path, *SMOKE, data_dir=data_dir).stdout
+    assert 'freed host memory is kept' in out
+    assert results(tmp_path)['eval']['examples'] == 360
+    monkeypatch.setenv(host_memory.ENV, 'auto')  # a smoke step is small: nothing kept
+    assert 'freed host memory' not in run_main(tmp_path / 'auto', *SMOKE, data_dir=data_dir).stdout

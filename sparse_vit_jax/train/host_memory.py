@@ -88,3 +88,12 @@ def retain_freed_memory(step_bytes: int | None = None) -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
                                                (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
+
+
+def retain_for_config(c: Any) -> bool:
+    """The CLIs' call: decide from config `c` (validated), say so when memory is kept."""
+    kept = retain_freed_memory(step_activation_bytes(c))
+    if kept:
+        print(f'note: freed host memory is kept in the process (large CPU steps); '
+              f'{ENV}=system turns that off', flush=True)
+    return kept
