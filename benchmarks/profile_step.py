@@ -36,9 +36,6 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import command, environment  # noqa: E402
 
-from sparse_vit_jax.train.cpu_threefry import use_unrolled_threefry_on_cpu  # noqa: E402
-from sparse_vit_jax.train.host_memory import retain_freed_memory  # noqa: E402
-
 
 def hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
     """Instruction name -> (shape, op_name metadata) for every instruction in the module."""
@@ -78,12 +75,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         args.model, args.size, args.batch, args.steps, args.top = 'testing', 32, 4, 2, 5
+    import train_step
     if not args.jax_defaults:
-        retain_freed_memory()
-        use_unrolled_threefry_on_cpu()
+        train_step.use_cpu_fixes()
     import jax
     import jax.numpy as jnp
-    import train_step
 
     print(f'# {command()}\n# {environment()}\n')
     run, step, operands = train_step.ours(args.model, args.size, args.batch, jnp.float32,

@@ -87,6 +87,13 @@ def ours(name, size, batch, dtype, variant='plain', return_step=False):
     return (run, step, operands) if return_step else (run, model)
 
 
+def use_cpu_fixes() -> bool:
+    """Ours as the CLI runs it on a CPU (call before JAX starts); returns if memory is kept."""
+    kept = retain_freed_memory()
+    use_unrolled_threefry_on_cpu()
+    return kept
+
+
 def torch_step(name, size, batch, gpu=False, bf16=False):
     import torch
     from transformers import ViTConfig, ViTForImageClassification
@@ -160,9 +167,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.gpu:  # both frameworks share the device: JAX must not preallocate 75% of it
         os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.6')
-    if not args.jax_defaults:  # before JAX starts its threads
-        print(f'# host memory kept: {retain_freed_memory()}')
-        use_unrolled_threefry_on_cpu()
+    if not args.jax_defaults:
+        print(f'# host memory kept: {use_cpu_fixes()}')
     print(f'# {command()}\n# {environment()}\n')
     if args.gpu:
         import torch
@@ -178,16 +184,17 @@ def main() -> None:
         step_tflop = 3 * matmul_flops(model, size) * batch / 1e12  # fwd + 2x for bwd
         peak = peak_bf16_tflops(512 if args.tiny else 8192)
         ours_rate, torch_rate = rates['ours (plain)'], rates['pytorch']
-        mfu = {k: r / batch * step_tflop / peak for k, r in (('ours', ours_rate),
-                                                               ('pytorch', torch_rate))}
+        def mfu(rate: float) -> float:  # percent
+            return 100 * rate / batch * step_tflop / peak
+
         print(f'{name}@{size} bf16 batch {batch} on {jax.devices()[0].device_kind}: ours '
               f'{ours_rate:.1f} img/s, pytorch {torch_rate:.1f} img/s, ratio '
               f'{ours_rate / torch_rate:.2f}; measured bf16 matmul peak {peak:.1f} TFLOP/s, '
-              f'MFU ours {100 * mfu["ours"]:.1f}%, pytorch {100 * mfu["pytorch"]:.1f}%')
+              f'MFU ours {mfu(ours_rate):.1f}%, pytorch {mfu(torch_rate):.1f}%')
         if 'ours (cudnn)' in rates:
             r = rates['ours (cudnn)']
             print(f'ours with model.attention_impl=cudnn: {r:.1f} img/s, ratio '
-                  f'{r / torch_rate:.2f}, MFU {100 * r / batch * step_tflop / peak:.1f}%')
+                  f'{r / torch_rate:.2f}, MFU {mfu(r):.1f}%')
         return
     cases = ([('testing', 32, 4)] if args.tiny else
              [('ViT-Ti_16', 224, 32), ('ViT-B_16', 224, 8), ('ViT-B_16', 384, 2)])

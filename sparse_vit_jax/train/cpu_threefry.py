@@ -16,6 +16,8 @@ against the default lowering in a fresh process. GPU/TPU lowerings are untouched
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry2x32_p
@@ -40,18 +42,12 @@ def threefry2x32(key1: jnp.ndarray, key2: jnp.ndarray, x1: jnp.ndarray,
     return x1, x2
 
 
-_registered = False
-
-
+@functools.cache
 def use_unrolled_threefry_on_cpu() -> None:
-    """Registers the straight-line CPU lowering (idempotent, process-wide).
+    """Registers the straight-line CPU lowering (once per process; later calls do nothing).
 
     Call before the first compilation that draws random numbers; functions
     already compiled keep the lowering they were built with.
     """
-    global _registered
-    if not _registered:
-        mlir.register_lowering(threefry2x32_p,
-                               mlir.lower_fun(threefry2x32, multiple_results=True),
-                               platform='cpu')
-        _registered = True
+    mlir.register_lowering(threefry2x32_p, mlir.lower_fun(threefry2x32, multiple_results=True),
+                           platform='cpu')
