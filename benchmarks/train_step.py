@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import command, environment, median  # noqa: E402
 
 from sparse_vit_jax.models import NUMERICS, VARIANTS, create_model  # noqa: E402
+from sparse_vit_jax.objective import make_loss_fn  # noqa: E402
 from sparse_vit_jax.pruning import keep_masks, magnitude_masks, matmul_flops  # noqa: E402
 from sparse_vit_jax.sparsity import add_l1_penalty  # noqa: E402
 from sparse_vit_jax.train.cpu_threefry import use_unrolled_threefry_on_cpu  # noqa: E402
 from sparse_vit_jax.train.host_memory import retain_freed_memory  # noqa: E402
-from sparse_vit_jax.train.loss import make_loss_fn  # noqa: E402
 
 
 def ours(name, size, batch, dtype, variant='plain', return_step=False):
@@ -67,10 +67,9 @@ def ours(name, size, batch, dtype, variant='plain', return_step=False):
     state = tx.init(params)
     x = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), minval=-1, maxval=1)
     y = jnp.zeros(batch, jnp.int32)
-    ones = jnp.ones(batch)
 
     def step_fn(p, s, rng):
-        g = jax.grad(lambda q: loss_fn(q, x, y, ones, rng, True)[0])(p)
+        g = jax.grad(lambda q: loss_fn(q, {'image': x, 'label': y}, rng, True)[0])(p)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 

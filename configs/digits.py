@@ -34,7 +34,7 @@ def get_config():
     c.optimizer.grad_clip = 1.0
     c.schedule.name = 'warmup_cosine'
     c.schedule.warmup_steps = 50
-    c.prune.ratios = '0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9'
+    c.prune.ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     c.checkpoint_every_steps = 200
     # python -m sparse_vit_jax.sweep: strengths tuned for AdamW at this learning rate (the
     # proximal threshold is lr * weight per step, so it needs a far larger weight).

@@ -1,12 +1,18 @@
-"""The config schema: every key with its default, and validation before any compute.
+"""The config schema: every key with its default and domain, validated before any compute.
 
-Config files in `configs/` start from `base_config()` and change values; they
-may not add keys. `validate()` rejects unknown keys, wrong types and impossible
-values with one line that names the key.
+`base_config()` returns a locked `ConfigDict`: config files in `configs/` and
+`--config.KEY=VALUE` overrides change values but cannot add keys, and each key
+keeps its type (ml_collections enforces both). Lists are tuples:
+
+    --config.prune.ratios="(0.1,0.5)"   --config.prune.include="('encoderblock_\\d{1,2}/.*',)"
+
+(`stages` and `sweep.variants` also take plain words: `--config.stages=eval,prune`.)
+`validate()` then checks every value's domain and raises one `UserError` naming the key.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections as mlc
@@ -14,21 +20,23 @@ import ml_collections as mlc
 from sparse_vit_jax.errors import UserError
 
 STAGES = ('train', 'eval', 'prune')
+SWEEP_VARIANTS = ('baseline', 'attention', 'l1_subgradient', 'l1_proximal')
+WORD_LISTS = ('stages', 'sweep.variants')  # tuples of plain words: 'a,b' is accepted too
 
 
 def base_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.seed = 0
-    c.stages = 'train,eval,prune'  # any of train, eval, prune, comma-separated
+    c.stages = STAGES              # any of train, eval, prune, in this order
     c.smoke = False                # True: a tiny model and a few steps, for a CPU check
-    c.init_from = ''               # our checkpoint dir or .npz to evaluate/prune/continue
+    c.init_from = ''               # our run dir or .npz to evaluate/prune/continue
     c.pretrained = ''              # .npz / .pth / .safetensors weights to fine-tune from
     c.reinit_head = True
 
     c.model = mlc.ConfigDict()
     c.model.name = 'ViT-B_16'
     c.model.image_size = 384
-    c.model.numerics = 'jax'       # auto (from the pretrained file) | jax | timm | hf | asyml
+    c.model.numerics = 'jax'       # auto (from the weights' format) | jax | timm | hf | asyml
     c.model.dtype = 'float32'      # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.attention_impl = 'xla'  # xla | cudnn (fused attention; NVIDIA GPU, bfloat16)
     c.model.dropout_rate = 0.1
@@ -49,8 +57,8 @@ def base_config() -> mlc.ConfigDict:
     c.data.root = ''               # imagenet100 folder tree root/{train,val}/<wnid>/
     c.data.class_list = ''         # imagenet100: one WordNet ID per line
 
-    c.batch_size = 16
-    c.eval_batch_size = 64
+    c.batch_size = 16              # global training batch (all devices, all hosts)
+    c.eval_batch_size = 64         # rounded up to a multiple of the device count
     c.num_epochs = 20.0
     c.num_steps = 0                # > 0 overrides num_epochs
 
@@ -78,23 +86,23 @@ def base_config() -> mlc.ConfigDict:
     c.sparsity = mlc.ConfigDict()
     c.sparsity.attention = mlc.ConfigDict()
     c.sparsity.attention.weight = 0.0
-    c.sparsity.attention.layers = 'last'   # last | all | comma-separated block indices
+    c.sparsity.attention.layers = (-1,)    # block indices, negative from the end: (-1,) = last
     c.sparsity.l1 = mlc.ConfigDict()
     c.sparsity.l1.weight = 0.0
     c.sparsity.l1.mode = 'subgradient'     # subgradient | proximal
     c.sparsity.l1.schedule = 'constant'    # constant | linear (0 -> weight)
-    c.sparsity.l1.include = ''             # comma-separated regexes; '' = the pruning pool
+    c.sparsity.l1.include = ()             # regexes over parameter paths; () = the pruning pool
 
     c.prune = mlc.ConfigDict()
-    c.prune.ratios = '0.1,0.2,0.3,0.4,0.5'
+    c.prune.ratios = (0.1, 0.2, 0.3, 0.4, 0.5)
     c.prune.scope = 'global'               # global | layerwise
-    c.prune.include = ''                   # comma-separated regexes; '' = the paper's pool
+    c.prune.include = ()                   # regexes over parameter paths; () = the paper's pool
 
     c.sweep = mlc.ConfigDict()             # python -m sparse_vit_jax.sweep
-    c.sweep.variants = 'baseline,attention,l1_subgradient,l1_proximal'
+    c.sweep.variants = SWEEP_VARIANTS
     c.sweep.seeds = 3
     c.sweep.attention_weight = 0.01        # the paper's lambda
-    c.sweep.attention_layers = 'last'
+    c.sweep.attention_layers = (-1,)
     c.sweep.l1_weight = 1e-4               # L1 subgradient strength (added to the gradient)
     c.sweep.l1_proximal_weight = 1e-2      # L1 proximal strength (threshold lr * this per step)
     c.sweep.finetune_steps = 0             # > 0: also fine-tune each pruned model, masks kept
@@ -105,6 +113,7 @@ def base_config() -> mlc.ConfigDict:
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 2
     c.log_every_steps = 50
+    c.lock()
     return c
 
 
@@ -118,29 +127,48 @@ def paper_recipe(c: mlc.ConfigDict, dataset: str) -> mlc.ConfigDict:
     c.optimizer.name, c.optimizer.lr, c.optimizer.momentum = 'sgd', 1e-3, 0.9
     c.optimizer.weight_decay, c.optimizer.weight_decay_mode = 1e-4, 'coupled'
     c.schedule.name, c.schedule.warmup_steps = 'onecycle', 500  # momentum 0.95 -> 0.85 -> 0.95
-    c.sparsity.attention.weight, c.sparsity.attention.layers = 0.01, 'last'
+    c.sparsity.attention.weight, c.sparsity.attention.layers = 0.01, (-1,)
     return c
 
 
-def _check_same_schema(c: Any, ref: Any, prefix: str = '') -> None:
-    for k in c.keys():
-        if k not in ref:
-            raise UserError(f'unknown config key {prefix}{k}; see sparse_vit_jax/configs.py')
-        v, r = c[k], ref[k]
-        if isinstance(r, mlc.ConfigDict):
-            if not isinstance(v, mlc.ConfigDict):
-                raise UserError(f'config {prefix}{k} must be a group of keys, got {v!r}')
-            _check_same_schema(v, r, f'{prefix}{k}.')
-        elif type(v) is not type(r) and not (isinstance(r, float) and isinstance(v, int)
-                                             and not isinstance(v, bool)):
-            raise UserError(f'config {prefix}{k} must be {type(r).__name__}, got {v!r}')
+def copy(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """An independent, still locked copy (types and the key set kept)."""
+    out = mlc.ConfigDict(c.to_dict(), type_safe=True)
+    out.lock()
+    return out
+
+
+# ---- older runs' configs ---------------------------------------------------------------------
+
+def _legacy_value(key: str, old: Any, default: Any, saved: dict[str, Any]) -> Any:
+    """Values as older versions wrote them: comma strings and 'last'/'all' for tuples."""
+    if not isinstance(default, tuple):
+        return old
+    if isinstance(old, list):
+        return tuple(old)
+    if not isinstance(old, str):
+        return old
+    if key.endswith('layers'):
+        if old in ('last', 'all'):
+            m = saved.get('model', {})
+            depth = m.get('num_layers') or _variant_depth(m.get('name', ''))
+            return (-1,) if old == 'last' else tuple(range(depth))
+        return tuple(int(x) for x in old.split(','))
+    parts = [x.strip() for x in old.split(',') if x.strip()]
+    return tuple(float(x) for x in parts) if key.endswith('ratios') else tuple(parts)
+
+
+def _variant_depth(name: str) -> int:
+    from sparse_vit_jax.models import VARIANTS
+    return VARIANTS[name]['num_layers'] if name in VARIANTS else 1
 
 
 def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
     """A config saved by a run (its checkpoint meta) on today's schema.
 
-    Keys added since the run was saved take their defaults, so checkpoints of
-    older versions keep loading; keys the schema no longer has are an error.
+    Keys added since the run was saved take their defaults and values written in
+    older forms are converted, so checkpoints of older versions keep loading;
+    keys the schema no longer has are an error.
     """
     def merge(c: mlc.ConfigDict, d: dict[str, Any], prefix: str) -> None:
         for k, v in d.items():
@@ -149,47 +177,84 @@ def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
             if isinstance(c[k], mlc.ConfigDict):
                 merge(c[k], v, f'{prefix}{k}.')
             else:
-                c[k] = v
+                c[k] = _legacy_value(f'{prefix}{k}', v, c[k], saved)
     c = base_config()
     merge(c, saved, '')
     return c
 
 
-def parse_ratios(text: str) -> list[float]:
-    try:
-        ratios = [float(x) for x in text.split(',') if x.strip()]
-    except ValueError:
-        raise UserError(f'config prune.ratios must be comma-separated numbers, got {text!r}'
-                        ) from None
-    bad = [r for r in ratios if not 0.0 <= r < 1.0]
-    if bad:
-        raise UserError(f'config prune.ratios must lie in [0, 1), got {bad[0]}')
-    return ratios
+# ---- validation ------------------------------------------------------------------------------
+
+def normalize(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """Word lists given as one comma string on the command line -> tuples of words."""
+    for key in WORD_LISTS:
+        group, _, leaf = key.rpartition('.')
+        holder = c[group] if group else c
+        words = [w.strip(' \'"()') for item in holder[leaf] for w in str(item).split(',')]
+        holder[leaf] = tuple(w for w in words if w)
+    return c
 
 
-def parse_layers(text: str) -> str | list[int]:
-    if text in ('last', 'all'):
-        return text
-    try:
-        return [int(x) for x in text.split(',')]
-    except ValueError:
-        raise UserError(f"config sparsity.attention.layers must be 'last', 'all' or block "
-                        f'indices like 0,11; got {text!r}') from None
+def _get(c: Any, key: str) -> Any:
+    for part in key.split('.'):
+        c = c[part]
+    return c
 
 
-def _one_of(value: Any, key: str, choices: tuple[Any, ...]) -> None:
+def _leaves(c: Any, prefix: str = '') -> list[tuple[str, Any]]:
+    out = []
+    for k, v in c.items():
+        if isinstance(v, mlc.ConfigDict):
+            out += _leaves(v, f'{prefix}{k}.')
+        else:
+            out.append((f'{prefix}{k}', v))
+    return out
+
+
+def _one_of(c: Any, key: str, choices: tuple[Any, ...]) -> None:
+    value = _get(c, key)
     if value not in choices:
         raise UserError(f'config {key} must be one of {", ".join(map(str, choices))}, '
                         f'got {value!r}')
 
 
-def _positive(c: Any, *keys: str, strict: bool = True) -> None:
+def _at_least(c: Any, low: float, *keys: str, strict: bool = False) -> None:
     for k in keys:
-        v = c
-        for part in k.split('.'):
-            v = v[part]
-        if v < 0 or (strict and v == 0):
-            raise UserError(f'config {k} must be {">" if strict else ">="} 0, got {v}')
+        v = _get(c, k)
+        if v < low or (strict and v == low):
+            raise UserError(f'config {k} must be {">" if strict else ">="} {low}, got {v}')
+
+
+def _fraction(c: Any, *keys: str) -> None:
+    for k in keys:
+        v = _get(c, k)
+        if not 0 <= v < 1:
+            raise UserError(f'config {k} must be in [0, 1), got {v}')
+
+
+def _regexes(c: Any, key: str) -> None:
+    import re
+    for pattern in _get(c, key):
+        if not isinstance(pattern, str) or not pattern:
+            raise UserError(f'config {key} must be a tuple of non-empty regexes, got {pattern!r}')
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UserError(f'config {key}: {pattern!r} is not a valid regex ({e})') from None
+
+
+def _block_indices(c: Any, key: str, depth: int) -> None:
+    layers = _get(c, key)
+    if not layers or any(not isinstance(i, int) or not -depth <= i < depth for i in layers):
+        raise UserError(f'config {key} must be block indices of the {depth}-block model '
+                        f'(negative from the end; (-1,) = the last block), got {layers!r}')
+
+
+def model_shape(c: Any) -> dict[str, int]:
+    """The model's (hidden_size, num_layers, num_heads, mlp_dim, patch_size) after overrides."""
+    from sparse_vit_jax.models import VARIANTS
+    v = VARIANTS[c.model.name]
+    return {k: c.model[k] or v[k] for k in v}
 
 
 def validate(c: Any) -> None:
@@ -197,62 +262,69 @@ def validate(c: Any) -> None:
     from sparse_vit_jax.data import DATASETS
     from sparse_vit_jax.models import NUMERICS, VARIANTS
 
-    _check_same_schema(c, base_config())
-    stages = [s.strip() for s in c.stages.split(',') if s.strip()]
-    for s in stages:
-        _one_of(s, 'stages', STAGES)
-    if not stages:
-        raise UserError('config stages is empty; use e.g. train,eval,prune')
-    _one_of(c.model.name, 'model.name', tuple(VARIANTS))
-    _one_of(c.model.numerics, 'model.numerics', ('auto', *NUMERICS))
-    _one_of(c.model.dtype, 'model.dtype', ('float32', 'bfloat16'))
-    _one_of(c.model.attention_impl, 'model.attention_impl', ('xla', 'cudnn'))
+    for key, v in _leaves(c):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f'config {key} must be a finite number, got {v}')
+        if isinstance(v, tuple) and any(isinstance(x, float) and not math.isfinite(x) for x in v):
+            raise UserError(f'config {key} must hold finite numbers, got {v}')
+    if not c.stages or any(s not in STAGES for s in c.stages):
+        raise UserError(f'config stages must be some of {", ".join(STAGES)} (e.g. '
+                        f'--config.stages=eval,prune), got {c.stages!r}')
+    _one_of(c, 'model.name', tuple(VARIANTS))
+    _one_of(c, 'model.numerics', ('auto', *NUMERICS))
+    _one_of(c, 'model.dtype', ('float32', 'bfloat16'))
+    _one_of(c, 'model.attention_impl', ('xla', 'cudnn'))
     if c.model.attention_impl == 'cudnn' and c.model.dtype != 'bfloat16':
         raise UserError('config model.attention_impl=cudnn needs model.dtype=bfloat16')
-    _one_of(c.data.name, 'data.name', DATASETS)
-    _one_of(c.data.preprocess, 'data.preprocess', ('paper', 'inception_crop'))
-    _one_of(c.data.source, 'data.source', ('folder', 'imagenet2012'))
-    _one_of(c.optimizer.name, 'optimizer.name', ('sgd', 'adamw'))
-    _one_of(c.optimizer.weight_decay_mode, 'optimizer.weight_decay_mode',
-            ('coupled', 'decoupled'))
-    _one_of(c.schedule.name, 'schedule.name', ('onecycle', 'warmup_cosine', 'constant'))
-    _one_of(c.sparsity.l1.mode, 'sparsity.l1.mode', ('subgradient', 'proximal'))
-    _one_of(c.sparsity.l1.schedule, 'sparsity.l1.schedule', ('constant', 'linear'))
-    _one_of(c.prune.scope, 'prune.scope', ('global', 'layerwise'))
-    _positive(c, 'model.image_size', 'batch_size', 'eval_batch_size', 'optimizer.lr',
+    _one_of(c, 'data.name', DATASETS)
+    _one_of(c, 'data.preprocess', ('paper', 'inception_crop'))
+    _one_of(c, 'data.source', ('folder', 'imagenet2012'))
+    _one_of(c, 'optimizer.name', ('sgd', 'adamw'))
+    _one_of(c, 'optimizer.weight_decay_mode', ('coupled', 'decoupled'))
+    _one_of(c, 'schedule.name', ('onecycle', 'warmup_cosine', 'constant'))
+    _one_of(c, 'sparsity.l1.mode', ('subgradient', 'proximal'))
+    _one_of(c, 'sparsity.l1.schedule', ('constant', 'linear'))
+    _one_of(c, 'prune.scope', ('global', 'layerwise'))
+    _at_least(c, 0, 'model.image_size', 'batch_size', 'eval_batch_size', 'optimizer.lr',
               'optimizer.accumulate', 'checkpoint_every_steps', 'keep_checkpoints',
-              'log_every_steps', 'data.shuffle_buffer')
-    _positive(c, 'num_epochs', 'num_steps', 'optimizer.weight_decay', 'optimizer.grad_clip',
-              'sparsity.attention.weight', 'sparsity.l1.weight', 'schedule.warmup_steps',
-              'model.dropout_rate', 'model.attention_dropout_rate', strict=False)
-    if c.num_steps == 0 and c.num_epochs == 0 and 'train' in stages:
+              'log_every_steps', 'data.shuffle_buffer', 'schedule.div_factor',
+              'schedule.final_div_factor', 'sweep.seeds', strict=True)
+    _at_least(c, 0, 'seed', 'num_epochs', 'num_steps', 'optimizer.weight_decay',
+              'optimizer.grad_clip', 'sparsity.attention.weight', 'sparsity.l1.weight',
+              'schedule.warmup_steps', 'sweep.l1_weight', 'sweep.l1_proximal_weight',
+              'sweep.attention_weight', 'sweep.finetune_steps', 'model.hidden_size',
+              'model.num_layers', 'model.num_heads', 'model.mlp_dim', 'model.patch_size')
+    _fraction(c, 'model.dropout_rate', 'model.attention_dropout_rate', 'optimizer.momentum',
+              'optimizer.b1', 'optimizer.b2', 'schedule.base_momentum', 'schedule.max_momentum')
+    if c.num_steps == 0 and c.num_epochs == 0 and 'train' in c.stages:
         raise UserError('config needs num_steps > 0 or num_epochs > 0 to train')
-    if not 0 <= c.model.dropout_rate < 1 or not 0 <= c.model.attention_dropout_rate < 1:
-        raise UserError('config model.dropout_rate and attention_dropout_rate must be in [0, 1)')
-    patch = c.model.patch_size or VARIANTS[c.model.name]['patch_size']
-    if c.model.image_size % patch:
+    shape = model_shape(c)
+    if shape['hidden_size'] % shape['num_heads']:
+        raise UserError(f'config model.num_heads {shape["num_heads"]} does not divide '
+                        f'model.hidden_size {shape["hidden_size"]}')
+    if c.model.image_size % shape['patch_size']:
         raise UserError(f'config model.image_size {c.model.image_size} is not divisible by the '
-                        f'patch size {patch}')
-    parse_ratios(c.prune.ratios)
-    parse_layers(c.sparsity.attention.layers)
+                        f'patch size {shape["patch_size"]}')
+    if not c.prune.ratios or any(not 0.0 <= r < 1.0 for r in c.prune.ratios):
+        raise UserError(f'config prune.ratios must be a non-empty tuple of numbers in [0, 1), '
+                        f'e.g. "(0.1,0.5)"; got {c.prune.ratios!r}')
+    _regexes(c, 'prune.include')
+    _regexes(c, 'sparsity.l1.include')
+    _block_indices(c, 'sparsity.attention.layers', shape['num_layers'])
+    _block_indices(c, 'sweep.attention_layers', shape['num_layers'])
     if c.data.name == 'imagenet100' and not c.data.class_list:
         raise UserError('config data.class_list is required for imagenet100 (one WordNet ID '
                         'per line)')
-    from sparse_vit_jax.sweep import VARIANTS as SWEEP_VARIANTS
-    for v in c.sweep.variants.split(','):
-        _one_of(v.strip(), 'sweep.variants', tuple(SWEEP_VARIANTS))
-    _positive(c, 'sweep.seeds')
-    _positive(c, 'sweep.l1_weight', 'sweep.l1_proximal_weight', 'sweep.attention_weight',
-              'sweep.finetune_steps',
-              strict=False)
-    parse_layers(c.sweep.attention_layers)
-    if ('train' not in stages) and not c.init_from:
+    if not c.sweep.variants or any(v not in SWEEP_VARIANTS for v in c.sweep.variants):
+        raise UserError(f'config sweep.variants must be some of {", ".join(SWEEP_VARIANTS)}, '
+                        f'got {c.sweep.variants!r}')
+    if 'train' not in c.stages and not c.init_from:
         raise UserError('config init_from must name a checkpoint when stages has no train')
 
 
 def apply_smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
     """A quick CPU run of any config: the tiny `testing` model, a few steps, no weights."""
-    c = mlc.ConfigDict(c.to_dict())
+    c = copy(c)
     c.model.name, c.model.image_size = 'testing', 32
     for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'patch_size'):
         c.model[k] = 0

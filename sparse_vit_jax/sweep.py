@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ml_collections as mlc
 import numpy as np
+
+from sparse_vit_jax import cli
+from sparse_vit_jax.configs import SWEEP_VARIANTS, copy
 
 
 def _attention(c: Any) -> None:
@@ -45,12 +47,13 @@ VARIANTS: dict[str, Callable[[Any], None]] = {
     'l1_subgradient': _l1('subgradient'),
     'l1_proximal': _l1('proximal'),
 }
+assert tuple(VARIANTS) == SWEEP_VARIANTS  # the schema's list, validated before any compute
 
 
 def cell_config(c: Any, variant: str, seed: int) -> mlc.ConfigDict:
-    cell = mlc.ConfigDict(c.to_dict())
+    cell = copy(c)
     cell.seed = seed
-    cell.stages = 'train,eval,prune'
+    cell.stages = ('train', 'eval', 'prune')
     cell.sparsity.attention.weight = 0.0
     cell.sparsity.l1.weight = 0.0
     VARIANTS[variant](cell)
@@ -59,16 +62,65 @@ def cell_config(c: Any, variant: str, seed: int) -> mlc.ConfigDict:
 
 def run_cell(cfg: Any, workdir: Path) -> dict[str, Any]:
     """One (variant, seed): read if finished, else train (resuming) and prune."""
-    from sparse_vit_jax.train.trainer import finetune_pruned, run
+    from sparse_vit_jax.experiment import run
+    from sparse_vit_jax.train import results as results_io
     done = workdir / 'results.json'
     if done.exists():
         return json.loads(done.read_text())
     out = run(cfg, workdir)
     if cfg.sweep.finetune_steps > 0:
-        from sparse_vit_jax.train import results as results_io
         out['prune_finetuned'] = finetune_pruned(cfg, workdir)
         results_io.write_json(done, out)
     return out
+
+
+def finetune_pruned(c: Any, workdir: Path) -> list[dict[str, Any]]:
+    """Prunes the cell's trained params at every ratio, fine-tunes each with masks kept.
+
+    config.sweep.finetune_steps steps at a constant tenth of the learning rate;
+    the pruned weights stay exactly zero (keep_masks in the optimizer state).
+    """
+    import jax
+
+    from sparse_vit_jax.data import TrainData
+    from sparse_vit_jax.experiment import Experiment, _init_params
+    from sparse_vit_jax.objective import TrainMetrics, make_loss_fn
+    from sparse_vit_jax.optimizer import build_optimizer
+    from sparse_vit_jax.pruning import apply_masks, magnitude_masks, sparsity_report
+    from sparse_vit_jax.train.loop import log
+    from sparse_vit_jax.train.sharding import state_shardings, to_host
+    from sparse_vit_jax.train.state import abstract_state, create_state
+    from sparse_vit_jax.train.steps import make_train_step
+
+    ft = copy(c)
+    ft.num_steps, ft.schedule.name = c.sweep.finetune_steps, 'constant'
+    ft.optimizer.lr, ft.optimizer.accumulate = c.optimizer.lr / 10, 1
+    exp = Experiment.create(ft, workdir)
+    params = exp.load_params(str(workdir / 'params.npz'))
+    include = list(c.prune.include) or None
+    all_masks = magnitude_masks(params, list(c.prune.ratios), scope=c.prune.scope,
+                                select=include)
+    tx = build_optimizer(ft, ft.num_steps, all_masks[0])  # one compiled step serves every ratio
+    init_params = lambda rng: _init_params(exp.model, ft, rng)
+    shardings = state_shardings(abstract_state(init_params, tx), exp.mesh, ft.mesh.fsdp)
+    loss_fn = make_loss_fn(exp.model, ft.sparsity.attention.weight, ft.sparsity.attention.layers)
+    step = make_train_step(loss_fn, tx, TrainMetrics, shardings, exp.mesh)
+    data = TrainData.create(ft.data, ft.batch_size, exp.mesh, source=exp.source)
+    rows = []
+    for ratio, masks in zip(c.prune.ratios, all_masks):
+        state = create_state(init_params, tx, c.seed + 1, shardings, apply_masks(params, masks))
+        state = state.replace(opt_state=state.opt_state._replace(masks=jax.device_put(
+            masks, shardings.opt_state.masks)))
+        batches = data.batches(ft.data, ft.model.image_size, c.seed + 1, 0, exp.mesh)
+        for _ in range(ft.num_steps):
+            state, _ = step(state, next(batches))
+        batches.close()
+        report = sparsity_report(to_host(state.params), include)
+        ev = exp.evaluate(state.params)
+        rows.append({'ratio': ratio, **ev, 'pool_sparsity': report['fraction']})
+        log(f'prune {ratio:.2f} + {ft.num_steps} fine-tuning steps | accuracy '
+            f'{ev["accuracy"]:.4f} | pool sparsity {report["fraction"]:.4f}')
+    return rows
 
 
 def collect_rows(cells: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
@@ -170,14 +222,14 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
 
 
 def run_sweep(c: Any, workdir: str | Path, command: str = '') -> list[dict[str, Any]]:
+    from sparse_vit_jax.checkpoints.io import atomic_write_bytes
     from sparse_vit_jax.configs import validate
     from sparse_vit_jax.train import results as results_io
     validate(c)
     workdir = Path(workdir)
-    variants = [v.strip() for v in c.sweep.variants.split(',')]
     cells, weights = {}, {}
     for i in range(c.sweep.seeds):
-        for v in variants:
+        for v in c.sweep.variants:
             seed = c.seed + i
             r = run_cell(cell_config(c, v, seed), workdir / 'cells' / f'{v}_seed{seed}')
             cells[(v, seed)] = r
@@ -186,35 +238,17 @@ def run_sweep(c: Any, workdir: str | Path, command: str = '') -> list[dict[str, 
     rows = collect_rows(cells)
     results_io.write_csv(workdir / 'results.csv', rows)
     results_io.write_text(workdir / 'results.md', markdown(rows, weights, command))
-    from sparse_vit_jax.checkpoints.io import atomic_write_bytes
     atomic_write_bytes(workdir / 'accuracy_vs_sparsity.png', plot(rows))
     return rows
 
 
+def job(config: Any, workdir: str, command: str) -> None:
+    run_sweep(config, workdir, command)
+    print(Path(workdir, 'results.md').read_text())
+
+
 def main() -> None:
-    import os
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    from absl import app, logging
-
-    from sparse_vit_jax import main as main_mod
-    from sparse_vit_jax.errors import run_cli
-
-    def _main(argv: list[str]) -> None:
-        from sparse_vit_jax.errors import UserError
-        if len(argv) > 1:
-            raise UserError(f'unexpected arguments {argv[1:]}')
-        if main_mod._CONFIG.value is None or not main_mod._WORKDIR.value:
-            raise UserError('--config and --workdir are required')
-        from sparse_vit_jax.configs import validate
-        from sparse_vit_jax.train.host_memory import retain_for_config
-        validate(main_mod._CONFIG.value)
-        retain_for_config(main_mod._CONFIG.value)  # before JAX starts its threads
-        logging.set_verbosity(logging.WARNING)
-        run_sweep(main_mod._CONFIG.value, main_mod._WORKDIR.value,
-                  'python -m sparse_vit_jax.sweep ' + ' '.join(sys.argv[1:]))
-        print(Path(main_mod._WORKDIR.value, 'results.md').read_text())
-
-    app.run(lambda argv: run_cli(_main, argv), flags_parser=main_mod._parse_flags)
+    cli.main(job, __doc__)
 
 
 if __name__ == '__main__':

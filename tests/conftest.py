@@ -1,10 +1,21 @@
-"""Test setup: 8 simulated CPU devices unless the caller chose a count."""
+"""Test setup: 8 simulated CPU devices unless the caller chose a count, and one persistent
+JAX compilation cache for the whole run (this process and the commands it starts), so the
+many runs of the same small models compile once."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    _cache = tempfile.mkdtemp(prefix='sparse-vit-jax-cache-')
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+    os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 
 import pytest  # noqa: E402

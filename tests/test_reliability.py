@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, SMOKE, params, run_main
+from helpers import ROOT, SMOKE, main_here, params, run_main
 
 RUN = [*SMOKE, '--config.num_steps=24', '--config.checkpoint_every_steps=4',
        '--config.log_every_steps=1', '--config.keep_checkpoints=2', '--config.stages=train']
@@ -17,12 +17,12 @@ RUN = [*SMOKE, '--config.num_steps=24', '--config.checkpoint_every_steps=4',
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory, data_dir):
     wd = tmp_path_factory.mktemp('reference')
-    run_main(wd, *RUN, data_dir=data_dir)
+    main_here(wd, *RUN, data_dir=data_dir)  # 8 devices, as the killed processes below
     return params(wd)
 
 
 def start(workdir, data_dir):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
                TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
                TFDS_DATA_DIR=str(data_dir))
     return subprocess.Popen([sys.executable, '-m', 'sparse_vit_jax.main', f'--workdir={workdir}',
@@ -45,13 +45,13 @@ def assert_same(got, ref):
 
 def test_sigkill_at_several_steps_resumes_bit_identical(tmp_path, data_dir, reference):
     wd = tmp_path / 'killed'
-    for step in (3, 8, 17):  # 8 is a checkpoint step: killed while it is being written
+    for step in (8, 17):  # 8 is a checkpoint step: killed while it is being written
         proc = start(wd, data_dir)
         wait_for_step(proc, step)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL
-    out = run_main(wd, *RUN, data_dir=data_dir).stdout
+    out = main_here(wd, *RUN, data_dir=data_dir).stdout
     assert 'resuming from' in out
     assert_same(params(wd), reference)
 
@@ -67,7 +67,7 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, data_dir, reference):
     assert line.startswith('error: stopped by SIGTERM at step ') and 'checkpoint saved' in line
     stopped = int(line.split('at step ')[1].split(';')[0])
     assert str(stopped) in {p.name for p in (wd / 'checkpoints').iterdir()}
-    run_main(wd, *RUN, data_dir=data_dir)
+    main_here(wd, *RUN, data_dir=data_dir)
     assert_same(params(wd), reference)
 
 
@@ -80,19 +80,19 @@ def damage(step_dir):
 
 def test_damaged_latest_checkpoint_falls_back(tmp_path, data_dir, reference):
     wd = tmp_path / 'damaged'
-    run_main(wd, *RUN, data_dir=data_dir)
+    main_here(wd, *RUN, data_dir=data_dir)
     (wd / 'params.npz').unlink()
     ckpt = wd / 'checkpoints'
     assert {p.name for p in ckpt.iterdir() if p.name.isdigit()} == {'20', '24'}
     damage(ckpt / '24')
-    r = run_main(wd, *RUN, data_dir=data_dir)
+    r = main_here(wd, *RUN, data_dir=data_dir)
     assert 'checkpoint' in r.stdout and 'is damaged' in r.stdout and 'at step 20' in r.stdout
     assert_same(params(wd), reference)
     assert len(list((wd / 'damaged_checkpoints').iterdir())) == 1
     (wd / 'params.npz').unlink()
     for step in ('20', '24'):
         damage(ckpt / step)
-    r = run_main(wd, *RUN, data_dir=data_dir, check=False)
+    r = main_here(wd, *RUN, data_dir=data_dir, check=False)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith('error: no usable checkpoint in')
     assert not (wd / 'params.npz').exists()
@@ -100,7 +100,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, data_dir, reference):
 
 def test_nan_loss_stops_with_one_line_and_keeps_good_checkpoint(tmp_path, data_dir):
     wd = tmp_path / 'nan'
-    r = run_main(wd, *RUN, '--config.optimizer.lr=1e12', '--config.schedule.name=warmup_cosine',
+    r = main_here(wd, *RUN, '--config.optimizer.lr=1e12', '--config.schedule.name=warmup_cosine',
                  '--config.schedule.warmup_steps=20', data_dir=data_dir, check=False)
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
@@ -129,13 +129,28 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.batch_size=abc'], 'batch_size'),
     (['--config.batch_size=0'], 'batch_size must be > 0'),
     (['--config.optimizer.lr=-1.0'], 'optimizer.lr must be > 0'),
-    (['--config.prune.ratios=0.5,1.5'], 'prune.ratios must lie in [0, 1)'),
+    (['--config.optimizer.lr=nan'], 'optimizer.lr must be a finite number'),
+    (['--config.num_epochs=inf'], 'num_epochs must be a finite number'),
+    (['--config.num_epochs=nan'], 'num_epochs must be a finite number'),
+    (['--config.seed=-1'], 'seed must be >= 0'),
+    (['--config.model.num_heads=3', '--config.model.hidden_size=32'],
+     'num_heads 3 does not divide model.hidden_size 32'),
+    (['--config.model.hidden_size=-8'], 'model.hidden_size must be >= 0'),
+    (['--config.schedule.div_factor=0'], 'schedule.div_factor must be > 0'),
+    (['--config.schedule.final_div_factor=0'], 'schedule.final_div_factor must be > 0'),
+    (['--config.sparsity.attention.weight=nan'], 'sparsity.attention.weight must be a finite'),
+    (['--config.prune.ratios=(0.5,1.5)'], 'prune.ratios must be a non-empty tuple'),
+    (['--config.prune.ratios=()'], 'prune.ratios must be a non-empty tuple'),
+    (['--config.prune.include=("[",)'], 'is not a valid regex'),
     (['--config.model.name=ViT-X_3'], 'model.name must be one of'),
     (['--config.sparsity.l1.mode=magic'], 'sparsity.l1.mode must be one of'),
     (['--config.sparsity.attention.layers=first'], 'sparsity.attention.layers'),
+    (['--config.sparsity.attention.layers=(5,)'], 'sparsity.attention.layers must be block'),
     (['--config.sparsity.attention.weight=-0.1'], 'sparsity.attention.weight must be >= 0'),
     (['--config.model.image_size=15'], 'not divisible by the patch size'),
     (['--config.stages=eval'], 'init_from must name a checkpoint'),
+    (['--config.stages=evaluate'], 'config stages must be some of'),
+    (['--config.sweep.variants=baseline,magic'], 'sweep.variants must be some of'),
     (['--config.stages=eval', '--config.init_from={d}/nowhere.npz'], 'checkpoint not found'),
     (['--config.pretrained={d}/pickled.npz'], 'pickled objects'),
     (['--config.pretrained={d}/truncated.npz'], 'truncated or not an .npz'),
@@ -146,34 +161,32 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.data.name=imagenet100'], 'data.class_list is required'),
     (['--config.data.name=imagenet100', '--config.data.class_list={d}/bad_classes.txt'],
      'is not a WordNet ID'),
-    (['--config.batch_size=12', '--config.eval_batch_size=16'], 'not divisible by the 8'),
-    (['--config.sparsity.l1.weight=0.1', '--config.sparsity.l1.include=nothing'],
+    (['--config.batch_size=12'], 'not divisible by the 8'),
+    (['--config.sparsity.l1.weight=0.1', '--config.sparsity.l1.include=("nothing",)'],
      'matches no parameter'),
-    (['--config.prune.include=nothing/.*'], 'matches no parameter'),
+    (['--config.prune.include=("nothing/.*",)'], 'matches no parameter'),
     (['--config.model.attention_impl=flash'], 'model.attention_impl must be one of'),
     (['--config.model.attention_impl=cudnn'], 'needs model.dtype=bfloat16'),
     (['--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'],
      'needs an NVIDIA GPU'),
     (['positional'], 'unexpected arguments'),
     (['--workdir={d}/a_file'], 'is a file'),
+    (['--config=configs/digits'], 'config file configs/digits not found'),
 ]
 
 
 @pytest.mark.parametrize('args,message', CATALOGUE, ids=[m for _, m in CATALOGUE])
 def test_bad_input_catalogue(tmp_path, data_dir, args, message):
+    """In this process (8 CPU devices): one line, exit 2, nothing written."""
     write_bad_files(tmp_path)
     args = [a.replace('{d}', str(tmp_path)) for a in args]
-    wd = tmp_path / 'work'
-    argv = ['--config=configs/digits.py', *SMOKE[1:], *args]
-    if any(a.startswith('--workdir=') for a in args):
-        wd = None
-    env_devices = 8 if 'not divisible by the 8' in message else 1
-    if wd is None:
-        r = run_main_raw(argv, env_devices, data_dir)
-    else:
-        r = run_main(wd, *argv, devices=env_devices, data_dir=data_dir, check=False,
-                     timeout=300)
-    assert r.returncode != 0
+    wd = None if any(a.startswith('--workdir=') for a in args) else tmp_path / 'work'
+    configs = [a for a in args if a.startswith('--config=')] or SMOKE[:1]
+    keys = {a.split('=')[0] for a in args}  # repeated tuple overrides would concatenate
+    smoke = [a for a in SMOKE[1:] if a.split('=')[0] not in keys]
+    argv = [*configs, *smoke, *[a for a in args if not a.startswith('--config=')]]
+    r = main_here(wd, *argv, data_dir=data_dir, check=False)
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith('error: ') and message in lines[-1], r.stderr[-2000:]
     assert len([x for x in lines if x.startswith(('error', 'Traceback', 'FATAL'))]) == 1
@@ -184,11 +197,20 @@ def test_bad_input_catalogue(tmp_path, data_dir, args, message):
         assert not steps
 
 
-def run_main_raw(argv, devices, data_dir):
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-               TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu', TFDS_DATA_DIR=str(data_dir))
-    return subprocess.run([sys.executable, '-m', 'sparse_vit_jax.main', *argv], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+def test_cli_in_a_fresh_process_one_line_and_help(tmp_path, data_dir):
+    """The real command line: a bad override, a config path from elsewhere, --help."""
+    r = run_main(tmp_path / 'w', *SMOKE, '--config.optimizer.lr=nan', data_dir=data_dir,
+                 check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith('error: config optimizer.lr must be')
+    assert 'Traceback' not in r.stderr
+    r = run_main(tmp_path / 'w', '--config=no/such/config.py', check=False)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith('error: config file no/such/config.py')
+    r = run_main(None, '--help', check=False)
+    assert r.returncode == 0 and 'python -m sparse_vit_jax.main' in r.stdout
+    r = run_main(None, '--help', module='sweep', check=False)
+    assert r.returncode == 0 and 'python -m sparse_vit_jax.sweep' in r.stdout
 
 
 def test_no_pickle_loading_anywhere():

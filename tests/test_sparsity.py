@@ -11,9 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import create_model, init_params
+from sparse_vit_jax.objective import make_loss_fn
 from sparse_vit_jax.selection import PAPER_POOL, select, selected_paths
 from sparse_vit_jax.sparsity import add_l1_penalty, attention_penalty, l1_proximal, resolve_layers
-from sparse_vit_jax.train.loss import make_loss_fn
 
 
 def random_attention(rng, shape):
@@ -50,8 +50,8 @@ def test_layers_and_zero_weight_compiles_to_plain_step():
             resolve_layers(bad, 12)
     model = create_model('testing', num_classes=3)
     params = init_params(model, 16)
-    x, y, m = jnp.zeros((2, 16, 16, 3)), jnp.zeros(2, jnp.int32), jnp.ones(2)
-    hlo = lambda f: jax.jit(lambda p: jax.grad(lambda q: f(q, x, y, m, None, False)[0])(p)
+    b = {'image': jnp.zeros((2, 16, 16, 3)), 'label': jnp.zeros(2, jnp.int32)}
+    hlo = lambda f: jax.jit(lambda p: jax.grad(lambda q: f(q, b, None, False)[0])(p)
                             ).lower(params).as_text()
     plain = hlo(make_loss_fn(model))
     assert hlo(make_loss_fn(model, 0.0, 'all')) == plain
@@ -62,8 +62,8 @@ def test_loss_penalty_matches_manual_last_block():
     model = create_model('testing', num_classes=3)
     params = init_params(model, 16, jax.random.key(1))
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-    y, m = jnp.array([0, 2]), jnp.ones(2)
-    loss, aux = make_loss_fn(model, 0.5, 'last')(params, x, y, m, None, False)
+    y = jnp.array([0, 2])
+    loss, aux = make_loss_fn(model, 0.5, 'last')(params, {'image': x, 'label': y}, None, False)
     logits, st = model.apply({'params': params}, x, capture_attention=(1,),
                              mutable=['intermediates'])
     a = np.asarray(st['intermediates']['Transformer']['encoderblock_1'][
@@ -159,7 +159,7 @@ def train_zero_fraction(lam, steps=40):
 
     @jax.jit
     def step(p, s):
-        g = jax.grad(lambda q: loss_fn(q, x, y, jnp.ones(len(y)), None, False)[0])(p)
+        g = jax.grad(lambda q: loss_fn(q, {'image': x, 'label': y}, None, False)[0])(p)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 

@@ -4,7 +4,6 @@ import csv
 import io
 import re
 
-import ml_collections as mlc
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -21,10 +20,10 @@ def tiny_sweep_config(tmp_path):
     spec.loader.exec_module(mod)
     c = mod.get_config()
     c.model.hidden_size, c.model.num_layers, c.model.num_heads, c.model.mlp_dim = 32, 2, 2, 64
-    c.num_steps, c.checkpoint_every_steps, c.log_every_steps = 30, 15, 15
+    c.num_steps, c.checkpoint_every_steps, c.log_every_steps = 16, 8, 8
     c.schedule.warmup_steps = 3
-    c.prune.ratios = '0.2,0.5,0.8'
-    c.sweep.variants = 'baseline,attention,l1_proximal'
+    c.prune.ratios = (0.2, 0.5, 0.8)
+    c.sweep.variants = ('baseline', 'l1_proximal')
     c.sweep.seeds = 2
     c.data.data_dir = str(tmp_path / 'tfds')
     return c
@@ -44,12 +43,12 @@ def read_csv(path):
 
 def test_table_averages_recomputed_from_csv(sweep_dir):
     rows = read_csv(sweep_dir / 'results.csv')
-    assert len(rows) == 3 * 2 * 4  # variants x seeds x (unpruned + 3 ratios)
+    assert len(rows) == 2 * 2 * 4  # variants x seeds x (unpruned + 3 ratios)
     acc = {}
     for r in rows:
         acc.setdefault((r['variant'], float(r['ratio'])), []).append(float(r['accuracy']))
     md = (sweep_dir / 'results.md').read_text()
-    for v in ('attention', 'l1_proximal'):
+    for v in ('l1_proximal',):
         diffs = [100 * (np.mean(acc[(v, q)]) - np.mean(acc[('baseline', q)]))
                  for q in (0.2, 0.5, 0.8)]
         assert f'**{np.mean(diffs):+.3f}**' in md, (v, np.mean(diffs), md)
@@ -66,7 +65,7 @@ def test_table_averages_recomputed_from_csv(sweep_dir):
 def test_plot_is_png_with_one_curve_per_variant(sweep_dir):
     img = Image.open(io.BytesIO((sweep_dir / 'accuracy_vs_sparsity.png').read_bytes()))
     assert img.format == 'PNG' and img.size[0] > 300
-    assert img.info['Description'] == 'curves: baseline, attention, l1_proximal'
+    assert img.info['Description'] == 'curves: baseline, l1_proximal'
 
 
 def test_resume_recomputes_nothing_finished(sweep_dir, tmp_path):
@@ -75,13 +74,13 @@ def test_resume_recomputes_nothing_finished(sweep_dir, tmp_path):
     shutil.copytree(sweep_dir, work)
     cells = sorted((work / 'cells').iterdir())
     before = {c.name: (c / 'results.json').stat().st_mtime_ns for c in cells}
-    victim = work / 'cells' / 'attention_seed1'
+    victim = work / 'cells' / 'l1_proximal_seed1'
     (victim / 'results.json').unlink()          # interrupted after its last checkpoint
     (work / 'results.csv').unlink()
     c = tiny_sweep_config(sweep_dir.parent)
     run_sweep(c, work, 'test')
     after = {c.name: (c / 'results.json').stat().st_mtime_ns for c in cells}
-    assert {k for k in before if before[k] != after[k]} == {'attention_seed1'}
+    assert {k for k in before if before[k] != after[k]} == {'l1_proximal_seed1'}
     assert read_csv(work / 'results.csv') == read_csv(sweep_dir / 'results.csv')
 
 
@@ -91,12 +90,23 @@ def test_cifar10_config_smoke_on_mock_data(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = apply_smoke(mod.get_config())
-    c = mlc.ConfigDict(c.to_dict())
     c.data.data_dir = str(tmp_path / 'tfds')
-    c.sweep.seeds, c.sweep.variants, c.prune.ratios = 1, 'baseline,attention', '0.5'
+    c.sweep.seeds, c.sweep.variants, c.prune.ratios = 1, ('attention',), (0.5,)
     c.sweep.finetune_steps = 2
     with tfds.testing.mock_data(num_examples=256):
         rows = run_sweep(c, tmp_path / 'run', 'test')
     variants = {r['variant'] for r in rows}
-    assert variants == {'baseline', 'attention', 'baseline+ft', 'attention+ft'}
+    assert variants == {'attention', 'attention+ft'}
     assert all(0 <= r['accuracy'] <= 1 for r in rows)
+
+
+def test_sweep_command_honours_smoke(tmp_path, data_dir):
+    """`--config.smoke=True` turns the sweep into a few-step run of the tiny model."""
+    from helpers import main_here
+    r = main_here(tmp_path / 'run', '--config=configs/digits.py', '--config.smoke=True',
+                  '--config.sweep.seeds=1', '--config.sweep.variants=baseline',
+                  '--config.prune.ratios=(0.5,)', data_dir=data_dir, module='sweep')
+    assert 'training 6 steps' in r.stdout and '| 0.5 |' in r.stdout
+    rows = read_csv(tmp_path / 'run' / 'results.csv')
+    assert [(x['variant'], float(x['ratio'])) for x in rows] == [('baseline', 0.0),
+                                                                 ('baseline', 0.5)]

@@ -1,109 +1,149 @@
-"""The training engine end to end, through the main command in fresh processes."""
+"""The engine and the main command end to end (in this process unless a process boundary or
+another device count is the point)."""
 
 import json
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from helpers import SMOKE, params, results, run_main
+from clu import metrics
+from helpers import SMOKE, main_here, params, results, run_main
 
 from sparse_vit_jax.configs import base_config, from_saved, validate
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.train.optim import onecycle
+from sparse_vit_jax.train.schedules import onecycle
 
 
 @pytest.fixture(scope='module')
-def one_device_run(tmp_path_factory, data_dir):
-    wd = tmp_path_factory.mktemp('run1')
-    run_main(wd, *SMOKE, devices=1, data_dir=data_dir)
+def run8(tmp_path_factory, data_dir):
+    wd = tmp_path_factory.mktemp('run8')
+    main_here(wd, *SMOKE, data_dir=data_dir)
     return wd
 
 
-def test_loss_goes_down_and_outputs_written(one_device_run):
-    r = results(one_device_run)
-    assert (one_device_run / 'results.csv').read_text().startswith('stage,ratio,accuracy')
+def test_outputs_written(run8):
+    r = results(run8)
+    assert (run8 / 'results.csv').read_text().startswith('stage,ratio,accuracy')
     assert r['eval']['examples'] == 360
     assert r['prune'][0]['pool_sparsity'] == pytest.approx(0.5, abs=1e-4)
-    assert list((one_device_run / 'tensorboard').iterdir())
-    assert {'4', '8'} <= {p.name for p in (one_device_run / 'checkpoints').iterdir()}
+    assert list((run8 / 'tensorboard').iterdir())
+    assert {p.name for p in (run8 / 'checkpoints').iterdir()} == {'4', '8'}
+    assert r['train']['steps'] == 8 and np.isfinite(r['train']['loss'])
 
 
 def test_training_lowers_loss(tmp_path, data_dir):
-    out = run_main(tmp_path, *SMOKE, '--config.num_steps=120', '--config.log_every_steps=30',
-                   '--config.checkpoint_every_steps=60', '--config.schedule.warmup_steps=5',
-                   '--config.stages=train',
-                   data_dir=data_dir).stdout
+    out = main_here(tmp_path, *SMOKE, '--config.num_steps=120', '--config.log_every_steps=30',
+                    '--config.checkpoint_every_steps=60', '--config.schedule.warmup_steps=5',
+                    '--config.stages=train', data_dir=data_dir).stdout
     losses = [float(line.split('loss ')[1].split()[0]) for line in out.splitlines()
               if line.startswith('step ')]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
     assert all(a > b for a, b in zip(losses, losses[1:])), losses
 
 
-def test_eight_devices_and_fsdp_match_one_device(tmp_path, one_device_run, data_dir):
-    ref = params(one_device_run)
-    for name, extra in (('dp8', []), ('fsdp8', ['--config.mesh.fsdp=True'])):
-        run_main(tmp_path / name, *SMOKE, *extra, devices=8, data_dir=data_dir)
+def test_one_device_and_fsdp_match_eight(tmp_path, run8, data_dir):
+    ref = params(run8)
+    run_main(tmp_path / 'dp1', *SMOKE, devices=1, data_dir=data_dir)
+    main_here(tmp_path / 'fsdp8', *SMOKE, '--config.mesh.fsdp=True', data_dir=data_dir)
+    for name in ('dp1', 'fsdp8'):
         got = params(tmp_path / name)
         for k, v in ref.items():
             np.testing.assert_allclose(got[k], v, atol=2e-5, rtol=1e-4, err_msg=f'{name} {k}')
 
 
-def test_resume_is_bit_identical(tmp_path, one_device_run, data_dir):
-    import shutil
+def test_resume_is_bit_identical(tmp_path, run8, data_dir):
     wd = tmp_path / 'resume'
-    shutil.copytree(one_device_run / 'checkpoints', wd / 'checkpoints')
+    shutil.copytree(run8 / 'checkpoints', wd / 'checkpoints')
     shutil.rmtree(wd / 'checkpoints' / '8')  # as if killed after the step-4 checkpoint
-    out = run_main(wd, *SMOKE, data_dir=data_dir).stdout
+    out = main_here(wd, *SMOKE, data_dir=data_dir).stdout
     assert 'resuming from' in out and 'at step 4' in out
-    ref, got = params(one_device_run), params(wd)
+    ref, got = params(run8), params(wd)
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
-def test_init_from_in_fresh_process_on_other_device_count(tmp_path, one_device_run, data_dir):
+def test_rerun_of_a_finished_run_keeps_its_training_metrics(tmp_path, run8, data_dir):
+    wd = tmp_path / 'again'
+    shutil.copytree(run8, wd)
+    main_here(wd, *SMOKE, data_dir=data_dir)
+    a, b = results(run8)['train'], results(wd)['train']
+    assert b['loss'] == a['loss'] and b['resumed_from'] == 8
+
+
+def test_eval_and_prune_in_another_process_without_the_training_split(tmp_path, run8,
+                                                                        data_dir):
+    """A finished run is evaluated on 1 device after its training split is deleted."""
+    data = tmp_path / 'tfds'
+    shutil.copytree(data_dir, data)
+    train_files = [p for p in data.rglob('*train*') if p.is_file()]
+    assert train_files
+    for p in train_files:
+        p.unlink()
     wd = tmp_path / 'eval'
-    run_main(wd, *SMOKE, f'--config.init_from={one_device_run}', '--config.stages=eval,prune',
-             devices=8, data_dir=data_dir)
-    a, b = results(one_device_run), results(wd)
+    run_main(wd, *SMOKE, f'--config.init_from={run8}', '--config.stages=eval,prune',
+             devices=1, data_dir=data)
+    a, b = results(run8), results(wd)
     assert b['eval']['accuracy'] == a['eval']['accuracy']
     assert b['prune'][0]['accuracy'] == a['prune'][0]['accuracy']
-    wd2 = tmp_path / 'eval_npz'
-    run_main(wd2, *SMOKE, f'--config.init_from={one_device_run / "params.npz"}',
-             '--config.stages=eval', data_dir=data_dir)
-    assert results(wd2)['eval']['accuracy'] == a['eval']['accuracy']
+    r = run_main(tmp_path / 'needs_train', *SMOKE, devices=1, data_dir=data, check=False)
+    assert r.returncode == 2 and 'error: ' in r.stderr  # training does need it
 
 
-def test_checkpoint_of_an_older_config_schema_still_loads(tmp_path, one_device_run, data_dir):
+def test_init_from_npz_and_odd_eval_batch(tmp_path, run8, data_dir):
+    wd = tmp_path / 'eval_npz'
+    main_here(wd, *SMOKE, f'--config.init_from={run8 / "params.npz"}', '--config.stages=eval',
+              '--config.eval_batch_size=13', data_dir=data_dir)
+    assert results(wd)['eval']['accuracy'] == results(run8)['eval']['accuracy']
+
+
+def test_checkpoint_of_an_older_config_schema_still_loads(tmp_path, run8, data_dir):
     old = tmp_path / 'old_run'
-    shutil.copytree(one_device_run, old)
+    shutil.copytree(run8, old)
     metas = list((old / 'checkpoints').glob('*/meta/metadata'))
     assert metas
-    for m in metas:  # as written before model.attention_impl existed
+    for m in metas:  # as written before model.attention_impl and tuples existed
         meta = json.loads(m.read_text())
         del meta['config']['model']['attention_impl']
+        meta['config']['stages'] = 'train,eval,prune'
+        meta['config']['prune']['ratios'] = '0.5'
+        meta['config']['sparsity']['attention']['layers'] = 'last'
+        meta['config']['sweep']['variants'] = 'baseline,attention'
         m.write_text(json.dumps(meta))
     wd = tmp_path / 'eval'
-    run_main(wd, *SMOKE, f'--config.init_from={old}', '--config.stages=eval', data_dir=data_dir)
-    assert results(wd)['eval']['accuracy'] == results(one_device_run)['eval']['accuracy']
+    main_here(wd, *SMOKE, f'--config.init_from={old}', '--config.stages=eval',
+              data_dir=data_dir)
+    assert results(wd)['eval']['accuracy'] == results(run8)['eval']['accuracy']
 
 
-def test_from_saved_fills_new_keys_and_rejects_unknown_ones():
+def test_from_saved_fills_new_keys_converts_old_forms_and_rejects_unknown_ones():
     saved = base_config().to_dict()
     del saved['model']['attention_impl']
     saved['batch_size'] = 48
+    saved['prune']['ratios'] = '0.1,0.3'
+    saved['sparsity']['attention']['layers'] = 'all'
+    saved['sparsity']['l1']['include'] = ''
     c = from_saved(saved)
     assert c.model.attention_impl == 'xla' and c.batch_size == 48
+    assert c.prune.ratios == (0.1, 0.3) and c.sparsity.attention.layers == tuple(range(12))
+    assert c.sparsity.l1.include == ()
+    validate(c)
     saved['model']['flux'] = 1
     with pytest.raises(UserError, match='model.flux, unknown to this version'):
         from_saved(saved)
 
 
-def test_validate_in_process():
+def test_config_is_locked_and_typed():
     c = base_config()
+    with pytest.raises(AttributeError):
+        c.no_such_key = 1
+    with pytest.raises(TypeError):
+        c.batch_size = 'big'
+    c.prune.include = (r'encoderblock_\d{1,2}/.*',)  # a comma inside a regex stays one regex
     validate(c)
-    c.num_steps = -3
-    with pytest.raises(UserError, match='num_steps must be >= 0'):
-        validate(c)
+    assert len(c.prune.include) == 1
 
 
 def test_onecycle_matches_torch():
@@ -124,7 +164,7 @@ def test_onecycle_matches_torch():
 
 @pytest.mark.slow
 def test_digits_default_reaches_95_percent(tmp_path, data_dir):
-    run_main(tmp_path, '--config=configs/digits.py', data_dir=data_dir)
+    run_main(tmp_path, '--config=configs/digits.py', data_dir=data_dir)  # 1 device, as README
     r = results(tmp_path)
     assert r['eval']['accuracy'] >= 0.95, r['eval']
     assert len(r['prune']) == 9
@@ -132,13 +172,66 @@ def test_digits_default_reaches_95_percent(tmp_path, data_dir):
 
 def test_gradient_accumulation_matches_full_batch_and_bf16_runs(tmp_path, data_dir):
     common = [*SMOKE, '--config.model.dropout_rate=0.0', '--config.stages=train']
-    run_main(tmp_path / 'full', *common, '--config.num_steps=8', data_dir=data_dir)
-    run_main(tmp_path / 'accum', *common, '--config.num_steps=16', '--config.batch_size=8',
-             '--config.optimizer.accumulate=2', data_dir=data_dir)
+    main_here(tmp_path / 'full', *common, '--config.num_steps=8', data_dir=data_dir)
+    main_here(tmp_path / 'accum', *common, '--config.num_steps=16', '--config.batch_size=8',
+              '--config.optimizer.accumulate=2', data_dir=data_dir)
     a, b = params(tmp_path / 'full'), params(tmp_path / 'accum')
     for k in a:
         np.testing.assert_allclose(b[k], a[k], atol=2e-6, rtol=1e-4, err_msg=k)
-    out = run_main(tmp_path / 'bf16', *common, '--config.model.dtype=bfloat16',
-                   data_dir=data_dir).stdout
+    out = main_here(tmp_path / 'bf16', *common, '--config.model.dtype=bfloat16',
+                    data_dir=data_dir).stdout
     assert 'step 8/8' in out and all(np.isfinite(v).all() for v in params(tmp_path / 'bf16')
                                      .values())
+
+
+# ---- the engine without any data pipeline ------------------------------------------------------
+
+def test_engine_steps_on_synthetic_batches(tmp_path):
+    """State, steps, loop and checkpoints with a linear model: no TFDS, no ViT, no paper."""
+    import flax
+
+    from sparse_vit_jax.train.checkpointing import Checkpointer
+    from sparse_vit_jax.train.loop import LoopConfig, train_loop
+    from sparse_vit_jax.train.sharding import make_mesh, state_shardings
+    from sparse_vit_jax.train.state import abstract_state, create_state, with_shardings
+    from sparse_vit_jax.train.steps import evaluate, make_eval_step, make_train_step
+
+    @flax.struct.dataclass
+    class Metrics(metrics.Collection):
+        loss: metrics.Average.from_output('per_example')
+
+    w_true = jnp.arange(4.0)
+
+    def loss_fn(p, batch, rng, train):
+        err = (batch['x'] @ p['w'] - batch['y']) ** 2
+        return jnp.mean(err), {'per_example': err}
+
+    def batches(seed):
+        key = jax.random.key(seed)
+        while True:
+            key, k = jax.random.split(key)
+            x = jax.random.normal(k, (16, 4))
+            yield {'x': x, 'y': x @ w_true, 'mask': jnp.ones(16)}
+
+    mesh = make_mesh()
+    tx = optax.sgd(0.2)
+    init = lambda rng: {'w': jnp.zeros(4)}
+    shardings = state_shardings(abstract_state(init, tx), mesh, fsdp=False)
+    state = create_state(init, tx, 0, shardings)
+    step = make_train_step(loss_fn, tx, Metrics, shardings, mesh)
+    ckpt = Checkpointer(tmp_path, every_steps=10, keep=1)
+    state, scalars = train_loop(state, step, batches(0), LoopConfig(60, 20, 16), ckpt)
+    ckpt.close()
+    np.testing.assert_allclose(state.params['w'], w_true, atol=1e-3)
+    assert scalars['loss'] < 1e-5
+    # eval: the metrics count only mask-1 examples
+    data = next(batches(1))
+    data['mask'] = jnp.arange(16) < 10
+    data['y'] = jnp.where(data['mask'], data['y'], 1e6)  # padding that would ruin the mean
+    m = evaluate(make_eval_step(loss_fn, Metrics), state.params, [data])
+    assert int(m.loss.count) == 10 and float(m.loss.compute()) < 1e-4
+    # restore onto the abstract state's shardings
+    again = Checkpointer(tmp_path, every_steps=10, keep=1).restore_latest(
+        with_shardings(abstract_state(init, tx), shardings))
+    assert int(again.step) == 60
+    np.testing.assert_array_equal(again.params['w'], state.params['w'])

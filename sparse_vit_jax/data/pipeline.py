@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -127,7 +128,25 @@ def _count(ds: Any) -> int:
     n = int(ds.cardinality())
     if n >= 0:
         return n
-    return int(ds.map(lambda ex: 0).reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
+    with _readable():
+        return int(ds.map(lambda ex: 0).reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
+
+
+@contextlib.contextmanager
+def _readable() -> Iterator[None]:
+    """A missing or damaged record file -> one UserError naming it."""
+    import tensorflow as tf
+    try:
+        yield
+    except (tf.errors.NotFoundError, tf.errors.DataLossError) as e:
+        what = (e.message or str(e)).split('}')[-1].strip().split(' [Op:')[0][:300]
+        raise UserError(f'cannot read the prepared dataset: {what}; prepare it again (delete '
+                        'its directory under the data dir, then re-run)') from None
+
+
+def _numpy(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    with _readable():
+        yield from ds.as_numpy_iterator()
 
 
 def _my_slice(ds: Any, global_batch: int, local: int) -> Any:
@@ -200,8 +219,9 @@ class TrainData:
     num_classes: int
 
     @classmethod
-    def create(cls, cfg: Any, global_batch: int, mesh: Mesh) -> TrainData:
-        source = get_source(cfg)
+    def create(cls, cfg: Any, global_batch: int, mesh: Mesh, source: Source | None = None
+               ) -> TrainData:
+        source = source or get_source(cfg)
         local = local_batch_size(global_batch, mesh)
         n = _count(_open(source, source.train_split))
         if n < global_batch:
@@ -239,13 +259,17 @@ class TrainData:
 
             ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             ds = ds.batch(self.local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-            yield from ds.as_numpy_iterator()
+            yield from _numpy(ds)
             epoch, skip = epoch + 1, 0
 
 
 def eval_batches(cfg: Any, image_size: int, global_batch: int, mesh: Mesh,
-                 source: Source | None = None) -> tuple[Iterator[Batch], int]:
-    """(global batches with a 0/1 'mask', number of real examples in the split)."""
+                 source: Source | None = None, count: int | None = None
+                 ) -> tuple[Iterator[Batch], int]:
+    """(global batches with a 0/1 'mask', number of real examples in the split).
+
+    `count`: the split's size if known (counting a filtered split reads it whole).
+    """
     import tensorflow as tf
 
     from sparse_vit_jax.data.preprocess import eval_image
@@ -253,7 +277,7 @@ def eval_batches(cfg: Any, image_size: int, global_batch: int, mesh: Mesh,
     source = source or get_source(cfg)
     local = local_batch_size(global_batch, mesh)
     ds = _open(source, source.eval_split)
-    n = _count(ds)
+    n = _count(ds) if count is None else count
     padded = math.ceil(n / global_batch) * global_batch
     ds = ds.map(lambda ex: {**ex, 'mask': tf.constant(1.0, tf.float32)})
     pad = tf.data.Dataset.from_tensors({'image': tf.constant(b''), 'label': tf.constant(
@@ -267,4 +291,4 @@ def eval_batches(cfg: Any, image_size: int, global_batch: int, mesh: Mesh,
 
     ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
-    return prefetch(_to_global(b, mesh) for b in ds.as_numpy_iterator()), n
+    return prefetch(_to_global(b, mesh) for b in _numpy(ds)), n

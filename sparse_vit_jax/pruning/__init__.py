@@ -1,5 +1,6 @@
 """Pruning: pure mask functions, mask-keeping optimizers, and structured removal."""
 
+from sparse_vit_jax.pruning.evaluate import evaluate_at_ratios, weight_stats
 from sparse_vit_jax.pruning.keep import (
                                          GradualPruningState,
                                          KeepMasksState,
@@ -26,4 +27,4 @@ from sparse_vit_jax.pruning.structured import (
 __all__ = ['magnitude_masks', 'nm_masks', 'apply_masks', 'check_masks', 'sparsity_report',
            'format_report', 'keep_masks', 'gradual_pruning', 'polynomial_sparsity',
            'KeepMasksState', 'GradualPruningState', 'prune_structured', 'prune_zero_units',
-           'remove_units', 'unit_scores', 'matmul_flops']
+           'remove_units', 'unit_scores', 'matmul_flops', 'evaluate_at_ratios', 'weight_stats']

@@ -26,7 +26,6 @@ import ctypes.util
 import importlib.util
 import os
 import pkgutil
-from typing import Any
 
 from sparse_vit_jax.errors import UserError
 
@@ -48,16 +47,6 @@ def _accelerator_plugin_installed() -> bool:
     return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
 
 
-def step_activation_bytes(c: Any) -> int:
-    """Rough float32 bytes a train step of config `c` keeps for its backward pass."""
-    from sparse_vit_jax.models import VARIANTS
-    v = VARIANTS[c.model.name]
-    hidden, layers, heads, mlp, patch = (c.model[k] or v[k] for k in (
-        'hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'patch_size'))
-    tokens = (c.model.image_size // patch) ** 2 + 1
-    return 4 * c.batch_size * layers * tokens * (12 * hidden + 4 * mlp + 3 * heads * tokens)
-
-
 def _wanted(step_bytes: int | None) -> bool:
     mode = os.environ.get(ENV, 'auto')
     if mode not in ('auto', 'retain', 'system'):
@@ -73,7 +62,7 @@ def _wanted(step_bytes: int | None) -> bool:
 def retain_freed_memory(step_bytes: int | None = None) -> bool:
     """Applies the malloc options if wanted and possible; returns whether they are set.
 
-    step_bytes: the step's activation estimate (`step_activation_bytes`); None
+    step_bytes: the step's activation estimate (`cli.step_activation_bytes`); None
     means large (the benchmarks' ViT steps).
     """
     if not _wanted(step_bytes):
@@ -88,12 +77,3 @@ def retain_freed_memory(step_bytes: int | None = None) -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
                                                (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
-
-
-def retain_for_config(c: Any) -> bool:
-    """The CLIs' call: decide from config `c` (validated), say so when memory is kept."""
-    kept = retain_freed_memory(step_activation_bytes(c))
-    if kept:
-        print(f'note: freed host memory is kept in the process (large CPU steps); '
-              f'{ENV}=system turns that off', flush=True)
-    return kept

@@ -1,10 +1,15 @@
-"""Results files, written atomically (temp file + rename) by process 0 only."""
+"""Results files, written atomically (temp file + rename) by process 0 only.
+
+JSON is strict: non-finite numbers are written as null (Python's json would write
+a bare NaN, which no other parser accepts).
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +18,20 @@ import jax
 from sparse_vit_jax.checkpoints.io import atomic_write_bytes
 
 
+def finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     if jax.process_index() == 0:
-        atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + '\n').encode())
-
+        text = json.dumps(finite_or_none(obj), indent=1, sort_keys=True, allow_nan=False)
+        atomic_write_bytes(path, (text + '\n').encode())
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -4,9 +4,10 @@
          -> [L1 proximal]      (all inside inject_hyperparams: lr, momentum logged)
     wrapped by keep_masks (after pruning) and MultiSteps (gradient accumulation).
 
-The OneCycle schedule reproduces torch.optim.lr_scheduler.OneCycleLR (cosine
-annealing, div_factor 25, final_div_factor 1e4, momentum cycled 0.95 -> 0.85 ->
-0.95), which the paper's implementation uses with its defaults.
+The OneCycle schedule (train.schedules.onecycle) reproduces
+torch.optim.lr_scheduler.OneCycleLR (cosine annealing, div_factor 25, final_div_factor
+1e4, momentum cycled 0.95 -> 0.85 -> 0.95), which the paper's implementation uses with
+its defaults.
 """
 
 from __future__ import annotations
@@ -19,26 +20,9 @@ import optax
 
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.pruning import keep_masks
+from sparse_vit_jax.selection import select
 from sparse_vit_jax.sparsity import add_l1_penalty, l1_proximal
-
-
-def _cos(start: float, end: float, pct: jnp.ndarray) -> jnp.ndarray:
-    return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * pct) + 1.0)
-
-
-def onecycle(total_steps: int, warmup_steps: int, start: float, peak: float, end: float
-             ) -> optax.Schedule:
-    """torch OneCycleLR's two-phase cosine: start -> peak (warmup) -> end, by step."""
-    up = float(warmup_steps) - 1.0
-    down = float(total_steps) - 1.0
-
-    def schedule(step: jnp.ndarray) -> jnp.ndarray:
-        s = jnp.asarray(step, jnp.float32)
-        first = _cos(start, peak, jnp.clip(s / max(up, 1e-9), 0.0, 1.0))
-        second = _cos(peak, end, jnp.clip((s - up) / max(down - up, 1e-9), 0.0, 1.0))
-        return jnp.where(s <= up, first, second)
-
-    return schedule
+from sparse_vit_jax.train.schedules import onecycle
 
 
 def schedules(cfg: Any, total_steps: int) -> tuple[optax.Schedule, optax.Schedule | float]:
@@ -75,8 +59,7 @@ def build_optimizer(cfg: Any, total_steps: int, masks: Any = None
     o, l1 = cfg.optimizer, cfg.sparsity.l1
     lr_schedule, mom_schedule = schedules(cfg, total_steps)
     strength = _l1_strength(cfg, total_steps)
-    include = l1.include or None
-    l1_mask = (lambda p: _select(p, include)) if include else None
+    l1_mask = (lambda p: select(p, list(l1.include))) if l1.include else None
 
     def chain(learning_rate: jnp.ndarray, momentum: jnp.ndarray) -> optax.GradientTransformation:
         parts = []
@@ -109,11 +92,6 @@ def build_optimizer(cfg: Any, total_steps: int, masks: Any = None
     if o.accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=o.accumulate)
     return tx
-
-
-def _select(params: Any, include: str) -> Any:
-    from sparse_vit_jax.selection import select
-    return select(params, include.split(','))
 
 
 def current_hparams(opt_state: Any) -> dict[str, jnp.ndarray]:

@@ -1,0 +1,120 @@
+"""What `main` and `sweep` share: flags, --help, smoke, validation, CPU settings, multi-process.
+
+    run(argv, job, doc) -> exit code
+
+parses `--config=FILE [--config.KEY=VALUE ...] --workdir=DIR` into a fresh flag
+set (so it can run many times in one process, as the tests do), applies
+`config.smoke`, validates the config before JAX starts, keeps freed host memory
+for large CPU steps, starts multi-process JAX, then calls `job(config, workdir,
+command)`. Problems the user can fix end as one line `error: ...` and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sparse_vit_jax.errors import UserError, run_cli  # noqa: E402
+
+Job = Callable[[Any, str, str], Any]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().strip('"\'')
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def parse(argv: list[str]) -> tuple[Any, str]:
+    """(config, workdir) from the command line; UserError for anything malformed."""
+    path = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), None)
+    if path is None:
+        raise UserError('--config is required, e.g. --config=configs/digits.py')
+    if not os.path.isfile(path):
+        raise UserError(f'config file {path} not found; pass a configs/*.py path (relative to '
+                        f'{os.getcwd()}) e.g. --config=configs/digits.py')
+    fv = flags.FlagValues()
+    try:
+        config = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
+                                                 flag_values=fv, lock_config=True,
+                                                 sys_argv=argv)
+        workdir = flags.DEFINE_string('workdir', None, 'Where checkpoints and results go.',
+                                      flag_values=fv)
+        rest = fv(argv)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - absl / ml_collections / the config file
+        msg = _first_line(e)
+        if ' ' not in msg:  # a bare key name: an override of an unknown key
+            msg = f'unknown config key {msg} in an override'
+        raise UserError(f'{msg}; see the keys in sparse_vit_jax/configs.py') from None
+    if len(rest) > 1:
+        raise UserError(f'unexpected arguments {rest[1:]}; use --config.KEY=VALUE overrides')
+    if not workdir.value:
+        raise UserError('--workdir is required, e.g. --workdir=runs/digits')
+    return config.value, workdir.value
+
+
+def prepare(config: Any) -> Any:
+    """Smoke, word lists, validation; then the process settings that precede JAX."""
+    from sparse_vit_jax.configs import apply_smoke, normalize, validate
+    config = apply_smoke(config) if config.smoke else config
+    validate(normalize(config))
+    retain_for_config(config)  # before JAX starts its threads
+    from sparse_vit_jax.train.distributed import maybe_initialize
+    logging.set_verbosity(logging.WARNING)  # keep TFDS/orbax chatter off the progress lines
+    maybe_initialize()
+    return config
+
+
+def step_activation_bytes(c: Any) -> int:
+    """Rough float32 bytes a train step of config `c` keeps for its backward pass."""
+    from sparse_vit_jax.configs import model_shape
+    s = model_shape(c)
+    tokens = (c.model.image_size // s['patch_size']) ** 2 + 1
+    return 4 * c.batch_size * s['num_layers'] * tokens * (
+        12 * s['hidden_size'] + 4 * s['mlp_dim'] + 3 * s['num_heads'] * tokens)
+
+
+def retain_for_config(c: Any) -> bool:
+    """Keeps freed host memory for large CPU steps (train.host_memory); says so when it does."""
+    from sparse_vit_jax.train.host_memory import ENV, retain_freed_memory
+    kept = retain_freed_memory(step_activation_bytes(c))
+    if kept:
+        print(f'note: freed host memory is kept in the process (large CPU steps); '
+              f'{ENV}=system turns that off', flush=True)
+    return kept
+
+
+def run(argv: list[str], job: Job, doc: str = '') -> int:
+    """Runs `job` for the command line `argv`; returns the exit code (0, or 2 for a UserError)."""
+    if any(a in ('--help', '-h', '--helpfull') for a in argv[1:]):
+        print(doc.strip() + '\n\nEvery config key, its default and meaning: '
+              'sparse_vit_jax/configs.py')
+        return 0
+
+    def body() -> int:
+        config, workdir = parse(argv)
+        config = prepare(config)
+        job(config, workdir, 'python -m ' + ' '.join([_module(argv[0]), *argv[1:]]))
+        return 0
+
+    try:
+        return run_cli(body)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def _module(prog: str) -> str:
+    name = os.path.basename(prog)
+    return f'sparse_vit_jax.{name[:-3]}' if name.endswith('.py') else name
+
+
+def main(job: Job, doc: str) -> None:
+    sys.exit(run(sys.argv, job, doc))

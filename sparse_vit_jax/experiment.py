@@ -1,0 +1,246 @@
+"""The paper's experiment on the engine: config -> model, data, optimizer; train -> eval -> prune.
+
+    results = run(config, workdir)
+
+`Experiment.create` builds only what every stage needs (mesh, model, the data
+source, parameter shapes and shardings) and checks the config's selections on
+shapes, before any compute. Training data and the optimizer are built by the
+train stage alone, so `stages=('eval', 'prune')` of a finished run needs neither
+its training split nor its optimizer. Writes to the workdir: checkpoints/
+(orbax), params.npz, results.json/.csv, sparsity_report.md and tensorboard/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+from etils import epath
+from jax.sharding import Mesh
+
+from sparse_vit_jax.checkpoints import load_pretrained, save_params
+from sparse_vit_jax.configs import validate
+from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.models import NUMERICS, VisionTransformer, create_model
+from sparse_vit_jax.objective import EvalMetrics, TrainMetrics, make_loss_fn
+from sparse_vit_jax.optimizer import build_optimizer, current_hparams, steps_for
+from sparse_vit_jax.pruning import evaluate_at_ratios, weight_stats
+from sparse_vit_jax.selection import PAPER_POOL, select
+from sparse_vit_jax.train import results as results_io
+from sparse_vit_jax.train.checkpointing import Checkpointer, latest_meta, restore_params
+from sparse_vit_jax.train.loop import LoopConfig, log, train_loop
+from sparse_vit_jax.train.sharding import make_mesh, state_shardings, to_host
+from sparse_vit_jax.train.state import (
+    TrainState,
+    abstract_state,
+    create_state,
+    with_shardings,
+)
+from sparse_vit_jax.train.steps import evaluate, make_eval_step, make_train_step
+
+
+def build_model(c: Any, num_classes: int, numerics: str = 'jax') -> VisionTransformer:
+    m = c.model
+    overrides = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
+                                   'patch_size') if m[k] > 0}
+    return create_model(m.name, num_classes=num_classes, image_size=m.image_size,
+                        dropout_rate=m.dropout_rate,
+                        attention_dropout_rate=m.attention_dropout_rate,
+                        dtype=jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32,
+                        attention_impl=m.attention_impl, **NUMERICS[numerics], **overrides)
+
+
+def resolve_numerics(c: Any) -> str:
+    """model.numerics, with 'auto' read from the weights' format or the run it continues."""
+    if c.model.numerics != 'auto':
+        return c.model.numerics
+    if c.pretrained and not c.pretrained.endswith('.npz'):
+        from sparse_vit_jax.checkpoints.io import read_checkpoint
+        return read_checkpoint(c.pretrained, 1)[1]
+    if c.init_from and epath.Path(c.init_from).is_dir():
+        return latest_meta(c.init_from)[1].get('numerics', 'jax')
+    return 'jax'
+
+
+def _pool(c: Any) -> list[str]:
+    return list(c.prune.include) or list(PAPER_POOL)
+
+
+@dataclass
+class Experiment:
+    """What every stage needs; the train stage builds its data and optimizer itself."""
+
+    config: Any
+    workdir: epath.Path
+    mesh: Mesh
+    model: VisionTransformer
+    numerics: str
+    source: Source
+    abstract_params: Any
+    param_shardings: Any
+    _eval: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, c: Any, workdir: Any) -> Experiment:
+        if c.model.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
+            raise UserError(f'model.attention_impl=cudnn needs an NVIDIA GPU; this run is on '
+                            f'{jax.default_backend()}: use model.attention_impl=xla')
+        if jax.default_backend() == 'cpu':
+            from sparse_vit_jax.train.cpu_threefry import use_unrolled_threefry_on_cpu
+            use_unrolled_threefry_on_cpu()  # same random bits, ~5x faster dropout masks on CPU
+        mesh = make_mesh()
+        source = get_source(c.data)
+        numerics = resolve_numerics(c)
+        model = build_model(c, source.num_classes, numerics)
+        abstract = jax.eval_shape(lambda: _init_params(model, c, jax.random.PRNGKey(0)))
+        # Selection regexes that match nothing fail here, on shapes, before any compute.
+        select(abstract, _pool(c))
+        if c.sparsity.l1.weight > 0 and c.sparsity.l1.include:
+            select(abstract, list(c.sparsity.l1.include))
+        shardings = state_shardings(abstract, mesh, c.mesh.fsdp)
+        return cls(c, epath.Path(workdir), mesh, model, numerics, source, abstract, shardings)
+
+    def meta(self) -> dict[str, Any]:
+        return {'config': json.loads(self.config.to_json()), 'numerics': self.numerics,
+                'num_classes': self.source.num_classes}
+
+    # ---- parameters ----------------------------------------------------------------------
+    def load_params(self, path: str, reinit_head: bool = False) -> Any:
+        """Weights from a run directory (its checkpoints) or a weights file, onto the mesh."""
+        p = epath.Path(path)
+        if p.is_dir():
+            return restore_params(p, with_shardings(self.abstract_params, self.param_shardings))
+        params, fmt = load_pretrained(p, self.abstract_params, reinit_head=reinit_head)
+        log(f'loaded {p} ({fmt} format, model numerics {self.numerics!r})')
+        return jax.device_put(params, self.param_shardings)
+
+    # ---- stages --------------------------------------------------------------------------
+    def train(self) -> tuple[Any, dict[str, Any]]:
+        """Fine-tunes (resuming from the workdir's checkpoints); returns params and a summary."""
+        c = self.config
+        data = TrainData.create(c.data, c.batch_size, self.mesh, source=self.source)
+        total = steps_for(c, data.steps_per_epoch)
+        tx = build_optimizer(c, total // c.optimizer.accumulate)
+        abstract = abstract_state(lambda rng: _init_params(self.model, c, rng), tx)
+        shardings = state_shardings(abstract, self.mesh, c.mesh.fsdp)
+        ckpt = Checkpointer(self.workdir, every_steps=c.checkpoint_every_steps,
+                            keep=c.keep_checkpoints)
+        try:
+            return self._train(ckpt, data, tx, total, abstract, shardings)
+        finally:
+            ckpt.close()
+
+    def _train(self, ckpt: Checkpointer, data: TrainData, tx: Any, total: int, abstract: Any,
+               shardings: Any) -> tuple[Any, dict[str, Any]]:
+        c = self.config
+        init_params = lambda rng: _init_params(self.model, c, rng)
+        state = ckpt.restore_latest(with_shardings(abstract, shardings))
+        resumed_scalars = {}
+        if state is None:
+            start = c.pretrained or c.init_from
+            params = self.load_params(start, c.reinit_head and bool(c.pretrained)) \
+                if start else None
+            state = create_state(init_params, tx, c.seed, shardings, params)
+        else:
+            resumed_scalars = ckpt.meta(int(state.step)).get('scalars', {})
+        step0 = int(state.step)
+        loss_fn = make_loss_fn(self.model, c.sparsity.attention.weight,
+                               c.sparsity.attention.layers)
+        step_fn = make_train_step(loss_fn, tx, TrainMetrics, shardings, self.mesh)
+        pool = select(self.abstract_params, _pool(c))
+        zero_fraction = jax.jit(lambda p: _zero_fraction(p, pool))
+
+        def extra(s: TrainState) -> dict[str, float]:
+            hp = {k: float(v) for k, v in current_hparams(s.opt_state).items()}
+            return {'pool_sparsity': float(to_host(zero_fraction(s.params))), **hp}
+
+        from clu import metric_writers  # imports TensorFlow, which the data needs anyway
+        writer = metric_writers.create_default_writer(
+            str(self.workdir / 'tensorboard'), just_logging=jax.process_index() > 0)
+        batches = data.batches(c.data, c.model.image_size, c.seed, step0, self.mesh)
+        log(f'training {total} steps ({data.steps_per_epoch} per epoch), batch '
+            f'{c.batch_size}, {jax.device_count()} devices, {self.model.num_layers} blocks')
+        try:
+            state, scalars = train_loop(
+                state, step_fn, batches, LoopConfig(total, c.log_every_steps, c.batch_size,
+                                                    self.meta()),
+                ckpt, writer, extra)
+        finally:
+            batches.close()
+            writer.close()
+        return state.params, {'steps': total, 'resumed_from': step0,
+                              **(scalars or resumed_scalars)}
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """Accuracy and loss over every example of the eval split (padding not counted)."""
+        c = self.config
+        if not self._eval:
+            n = self.mesh.size  # any eval batch works on any device count
+            self._eval['batch'] = math.ceil(c.eval_batch_size / n) * n
+            self._eval['step'] = make_eval_step(make_loss_fn(self.model), EvalMetrics)
+        batches, self._eval['count'] = eval_batches(
+            c.data, c.model.image_size, self._eval['batch'], self.mesh, self.source,
+            self._eval.get('count'))
+        m = evaluate(self._eval['step'], params, batches)
+        return {'accuracy': float(m.accuracy.compute()), 'loss': float(m.loss.compute()),
+                'examples': int(m.accuracy.count)}
+
+    def prune(self, params: Any) -> list[dict[str, Any]]:
+        """Prunes the same (unpruned) params at every ratio and evaluates each."""
+        c = self.config
+        rows, report = evaluate_at_ratios(params, c.prune.ratios, self.evaluate,
+                                          scope=c.prune.scope, include=c.prune.include or None,
+                                          to_host=to_host, log=log)
+        results_io.write_text(self.workdir / 'sparsity_report.md', report)
+        return rows
+
+
+def _init_params(model: VisionTransformer, c: Any, rng: jax.Array) -> Any:
+    images = jnp.zeros((1, c.model.image_size, c.model.image_size, 3), jnp.float32)
+    return model.init(rng, images)['params']
+
+
+def _zero_fraction(params: Any, pool: Any) -> jax.Array:
+    chosen = [w for w, s in zip(jax.tree.leaves(params), jax.tree.leaves(pool)) if s]
+    return sum(jnp.sum(w == 0) for w in chosen) / sum(w.size for w in chosen)
+
+
+def run(c: mlc.ConfigDict, workdir: Any) -> dict[str, Any]:
+    """The stages of a validated config, in order; returns (and writes) the results."""
+    validate(c)
+    workdir = epath.Path(workdir)  # local or gs://
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f'--workdir {workdir} is a file; choose a directory')
+    exp = Experiment.create(c, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {'config': json.loads(c.to_json()), 'numerics': exp.numerics}
+    t0 = time.time()
+    if 'train' in c.stages:
+        params, out['train'] = exp.train()
+        host_params = to_host(params)  # every process takes part in the gather
+        if jax.process_index() == 0:
+            save_params(workdir / 'params.npz', host_params)
+    else:
+        params = exp.load_params(c.init_from)
+        host_params = to_host(params)
+    out['weights'] = weight_stats(host_params, c.prune.include or None)
+    if 'eval' in c.stages:
+        out['eval'] = exp.evaluate(params)
+        log(f'test accuracy {out["eval"]["accuracy"]:.4f} on {out["eval"]["examples"]} '
+            f'examples (loss {out["eval"]["loss"]:.4f})')
+    if 'prune' in c.stages:
+        out['prune'] = exp.prune(params)
+    out['seconds'] = time.time() - t0
+    results_io.write_json(workdir / 'results.json', out)
+    rows = ([{'stage': 'eval', 'ratio': 0.0, **out['eval']}] if 'eval' in out else []) + \
+        [{'stage': 'prune', **r} for r in out.get('prune', [])]
+    results_io.write_csv(workdir / 'results.csv', rows)
+    return out
+

@@ -1,0 +1,178 @@
+"""Checkpoints: one orbax CheckpointManager with its cadence, and restores that never lie.
+
+Each step holds the train state (`StandardSave`) and a JSON `meta` item (the
+caller's run description plus the state's layout). Orbax writes a step into a
+temporary directory and renames it when complete, so a write interrupted by a
+kill is never listed. A listed step that fails to restore (files truncated or
+deleted afterwards) is moved to `<workdir>/damaged_checkpoints/` and the
+previous step is used. A step whose layout differs from what the caller now
+builds (another model or optimizer) is not damaged: it is left where it is and
+the run is refused. `restore_params` reads only the parameters of a run, so a
+finished run can be evaluated without its data or optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from sparse_vit_jax.errors import UserError
+
+CKPT_DIR = 'checkpoints'
+
+
+def absolute(path: Any) -> Any:
+    return path if str(path).startswith('gs://') else epath.Path(path).absolute()
+
+
+def layout(tree: Any) -> str:
+    """A fingerprint of a pytree's paths, shapes and dtypes."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    text = ';'.join(f'{jax.tree_util.keystr(k)}:{tuple(v.shape)}:{v.dtype}' for k, v in leaves)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:160] if str(e) else ''
+
+
+def _say(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+class Checkpointer:
+    """Saves every `every_steps` (or when forced), keeps the newest `keep`."""
+
+    def __init__(self, workdir: Any, *, every_steps: int, keep: int,
+                 log: Callable[[str], None] = _say) -> None:
+        self.workdir = epath.Path(workdir)
+        self.directory = self.workdir / CKPT_DIR
+        self.log = log
+        policy = ocp.checkpoint_managers.AnySavePolicy([
+            ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+        self.manager = ocp.CheckpointManager(
+            absolute(self.directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 save_decision_policy=policy))
+
+    def save(self, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
+        """Saves `state` at its step if the cadence (or `force`) says so; returns whether."""
+        step = int(state.step)
+        meta = {**meta, 'step': step, 'layout': layout(state),
+                'params_layout': layout(state.params)}
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
+
+    def restore_latest(self, target: Any) -> Any | None:
+        """The newest usable step restored onto `target` (ShapeDtypeStructs with shardings).
+
+        None when there is no checkpoint; UserError when there are some but none is usable,
+        or when they hold another layout than `target`.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        want = layout(target)
+        for step in steps:
+            try:
+                meta = self.meta(step)
+                if meta.get('layout', want) != want:
+                    raise UserError(
+                        f'{self.directory / str(step)} holds a different model or optimizer '
+                        'layout than this config builds; re-run with the config that wrote it, '
+                        'or use a new --workdir')
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target)))['state']
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+                self._set_aside(step, e)
+                continue
+            self.log(f'resuming from {self.directory} at step {step}')
+            return state
+        if steps:
+            raise UserError(f'no usable checkpoint in {self.directory} (all {len(steps)} '
+                            f'damaged, moved to {self.workdir / "damaged_checkpoints"}); '
+                            're-run to start over')
+        return None
+
+    def _set_aside(self, step: int, e: BaseException) -> None:
+        aside = self.workdir / 'damaged_checkpoints' / f'{step}-{int(time.time())}'
+        self.log(f'warning: checkpoint {self.directory / str(step)} is damaged '
+                 f'({type(e).__name__}: {_first_line(e)}); moved to {aside}, trying the '
+                 'previous one')
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(aside)
+        self.manager.reload()
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def checkpoint_dir(path: Any) -> epath.Path:
+    """A run directory or its checkpoints/ directory -> the checkpoints/ directory."""
+    path = epath.Path(path)
+    return path / CKPT_DIR if (path / CKPT_DIR).is_dir() else path
+
+
+def latest_meta(path: Any) -> tuple[int, dict[str, Any]]:
+    """(step, meta) of the newest checkpoint under a run directory."""
+    d = checkpoint_dir(path)
+    with ocp.CheckpointManager(absolute(d)) as mngr:
+        step = mngr.latest_step()
+        if step is None:
+            raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
+        return step, mngr.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
+
+
+def restore_params(path: Any, target: Any, log: Callable[[str], None] = _say) -> Any:
+    """Only the parameters of a run's newest usable checkpoint, onto `target`'s shardings.
+
+    `target`: the parameters' ShapeDtypeStructs (with shardings). Neither the
+    run's data nor its optimizer is needed. A damaged step is reported and the
+    previous one is used (nothing is moved: the run may belong to someone else).
+    """
+    d = checkpoint_dir(path)
+    item = {'params': target}
+    want = layout(target)
+    with ocp.CheckpointManager(absolute(d)) as mngr:
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if not steps:
+            raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
+        for step in steps:
+            try:
+                meta = mngr.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))['meta']
+                if meta.get('params_layout', want) != want:
+                    raise UserError(f'checkpoint {d / str(step)} holds a different model than '
+                                    'the config asks for')
+                state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True)))['state']
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+                log(f'warning: checkpoint {d / str(step)} is damaged ({type(e).__name__}: '
+                    f'{_first_line(e)}); trying the previous one')
+                continue
+            return state['params']
+    raise UserError(f'no usable checkpoint in {d} (all {len(steps)} damaged)')

@@ -1,0 +1,152 @@
+"""The training loop: steps, clu metrics and progress, checkpoints, stop on request or NaN.
+
+The loop knows nothing of the model or the objective: it runs a step function over
+batches, merges the step's `clu.metrics.Collection` on the device, and at each log
+boundary brings the metrics to the host once (the only host synchronisation), checks
+them, prints a progress line and writes them through a clu `MetricWriter` (any object
+with `write_scalars(step, dict)`). Checkpoints follow the `Checkpointer`'s cadence and
+the last step. SIGTERM (what preemption sends) stops at the next step with a checkpoint;
+on several hosts orbax's preemption sync point makes every host stop at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.train.checkpointing import Checkpointer
+from sparse_vit_jax.train.sharding import to_host
+from sparse_vit_jax.train.state import TrainState
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def format_eta(seconds: float) -> str:
+    """HH:MM:SS, with a day count in front past 24 hours ('2d 03:04:05')."""
+    days, rest = divmod(int(max(seconds, 0)), 86_400)
+    clock = time.strftime('%H:%M:%S', time.gmtime(rest))
+    return f'{days}d {clock}' if days else clock
+
+
+class StopSignal:
+    """Turns SIGTERM into a flag the loop reads between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopSignal:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread: nothing to install
+            self._previous = None
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handler(self, *_: Any) -> None:
+        self.received = True
+
+
+@dataclass
+class LoopConfig:
+    total_steps: int
+    log_every: int
+    batch_size: int                       # global, for images/s
+    meta: dict[str, Any] = field(default_factory=dict)   # stored with every checkpoint
+
+
+def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[TrainState, Any]],
+               batches: Iterator[Any], cfg: LoopConfig, checkpointer: Checkpointer | None = None,
+               writer: Any = None,
+               extra_scalars: Callable[[TrainState], dict[str, float]] | None = None,
+               ) -> tuple[TrainState, dict[str, float]]:
+    """Steps `state` to `cfg.total_steps`; returns it and the last logged scalars.
+
+    Checkpoints carry `cfg.meta` and the last logged scalars under 'scalars'.
+    """
+    step = int(state.step)
+    progress = _progress(cfg, writer)
+    acc, last = None, {}
+    t_last, steps_last = None, 0
+    with StopSignal() as stop:
+        while step < cfg.total_steps:
+            state, m = step_fn(state, next(batches))
+            step += 1
+            acc = m if acc is None else acc.merge(m)
+            if t_last is None:  # rates and ETA leave out the first step (compilation)
+                jax.block_until_ready(state.step)
+                t_last = time.monotonic()
+            else:
+                steps_last += 1
+            if progress is not None:
+                progress(step)
+            final = step == cfg.total_steps
+            stopping = stop.received or (jax.process_count() > 1 and checkpointer is not None
+                                         and checkpointer.reached_preemption(step))
+            if step % cfg.log_every == 0 or final or stopping:
+                last = _report(step, state, acc, steps_last, t_last, cfg, checkpointer, writer,
+                               extra_scalars)
+                acc, t_last, steps_last = None, time.monotonic(), 0
+            if checkpointer is not None:
+                checkpointer.save(state, {**cfg.meta, 'scalars': last}, force=final or stopping)
+            if stopping:
+                if checkpointer is not None:
+                    checkpointer.wait()
+                raise UserError(f'stopped by SIGTERM at step {step}; checkpoint saved, re-run '
+                                'the same command to resume')
+    if writer is not None:
+        writer.flush()
+    return state, last
+
+
+def _progress(cfg: LoopConfig, writer: Any) -> Any:
+    """clu's ReportProgress (steps/s and uptime to the writer) when there is a writer.
+
+    clu's writers and periodic actions import TensorFlow, so a loop without a
+    writer (synthetic batches on a machine without TensorFlow) does without them.
+    """
+    if writer is None:
+        return None
+    from clu import periodic_actions
+    return periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer,
+                                           every_steps=cfg.log_every, every_secs=None)
+
+
+def _report(step: int, state: TrainState, acc: Any, steps: int, t0: float, cfg: LoopConfig,
+            checkpointer: Checkpointer | None, writer: Any, extra: Any) -> dict[str, float]:
+    scalars = {k: float(v) for k, v in to_host(acc.compute()).items()}
+    bad = [k for k in ('loss', 'grad_norm') if k in scalars and not math.isfinite(scalars[k])]
+    if bad:
+        kept = checkpointer.manager.latest_step() if checkpointer is not None else None
+        where = f'the last good checkpoint (step {kept}) is kept' if kept is not None else \
+            'no checkpoint was saved'
+        raise UserError(f'{bad[0]} became {scalars[bad[0]]} by step {step}; stopped without '
+                        f'saving ({where}); lower optimizer.lr or set optimizer.grad_clip')
+    dt = max(time.monotonic() - t0, 1e-9)
+    if steps:
+        scalars['images_per_s'] = steps * cfg.batch_size / dt
+    if extra is not None:
+        scalars.update(extra(state))
+    eta = format_eta((cfg.total_steps - step) * dt / steps) if steps else '--:--:--'
+    parts = [f'step {step}/{cfg.total_steps}']
+    parts += [f'{k} {scalars[k]:.4f}' for k in ('loss',) if k in scalars]
+    parts += [f'acc {scalars["accuracy"]:.3f}'] if 'accuracy' in scalars else []
+    parts += [f'{scalars["images_per_s"]:.0f} img/s'] if steps else []
+    parts += [f'lr {scalars["learning_rate"]:.2e}'] if 'learning_rate' in scalars else []
+    log(' | '.join([*parts, f'ETA {eta}']))
+    if writer is not None:
+        writer.write_scalars(step, scalars)
+    return scalars

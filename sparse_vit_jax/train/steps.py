@@ -1,0 +1,64 @@
+"""Step builders: a jitted train step and eval step from a loss, an optimizer and metrics.
+
+The loss is `loss_fn(params, batch, rng, train) -> (loss, outputs)`; `outputs`
+(per-example arrays or scalars) feed a `clu.metrics.Collection`, whose
+`single_from_model_output` also receives `loss`, `grad_norm` (training) and the
+batch's `mask` (evaluation: padded examples have mask 0 and are not counted).
+Metrics stay on the device; nothing here waits for the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import optax
+from clu import metrics as clu_metrics
+from jax.sharding import Mesh
+
+from sparse_vit_jax.train.sharding import batch_sharding, replicated, to_host
+from sparse_vit_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[Any, Batch, jax.Array | None, bool], tuple[jax.Array, dict[str, jax.Array]]]
+Metrics = type[clu_metrics.Collection]
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, metrics: Metrics,
+                    shardings: TrainState, mesh: Mesh
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Any]]:
+    """step(state, batch) -> (state, metrics); the input state's buffers are donated."""
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Any]:
+        rng, drop = jax.random.split(state.rng)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, out), grads = grad_fn(state.params, batch, drop, True)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        m = metrics.single_from_model_output(loss=loss, grad_norm=optax.tree.norm(grads), **out)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             rng=rng), m
+
+    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(loss_fn: LossFn, metrics: Metrics) -> Callable[[Any, Batch], Any]:
+    """step(params, batch) -> metrics of the batch's real (mask 1) examples."""
+    def step(params: Any, batch: Batch) -> Any:
+        loss, out = loss_fn(params, batch, None, False)
+        return metrics.single_from_model_output(loss=loss, mask=batch['mask'], **out)
+
+    return jax.jit(step)
+
+
+def evaluate(eval_step: Callable[[Any, Batch], Any], params: Any, batches: Iterable[Batch]
+             ) -> Any:
+    """The metrics merged over every batch, on the host (numpy leaves)."""
+    total = None
+    for batch in batches:
+        m = eval_step(params, batch)
+        total = m if total is None else total.merge(m)
+    if total is None:
+        raise ValueError('evaluate() got no batches')
+    return to_host(total)
