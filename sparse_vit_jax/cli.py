@@ -6,7 +6,9 @@ parses `--config=FILE [--config.KEY=VALUE ...] --workdir=DIR` into a fresh flag
 set (so it can run many times in one process, as the tests do), applies
 `config.smoke`, validates the config before JAX starts, keeps freed host memory
 for large CPU steps, starts multi-process JAX, then calls `job(config, workdir,
-command)`. Problems the user can fix end as one line `error: ...` and exit 2.
+command)` with SIGTERM and SIGINT turned into a stop at the next safe point
+(`train.signals`). Problems the user can fix end as one line `error: ...` and exit
+2; a stop by signal ends as one line and exit 3 (see `errors`).
 """
 
 from __future__ import annotations
@@ -102,7 +104,14 @@ def run(argv: list[str], job: Job, doc: str = '') -> int:
     def body() -> int:
         config, workdir = parse(argv)
         config = prepare(config)
-        job(config, workdir, 'python -m ' + ' '.join([_module(argv[0]), *argv[1:]]))
+        import jax
+
+        from sparse_vit_jax.train import signals
+        restore = signals.install(sigterm=jax.process_count() == 1)
+        try:
+            job(config, workdir, 'python -m ' + ' '.join([_module(argv[0]), *argv[1:]]))
+        finally:
+            restore()
         return 0
 
     try:

@@ -12,6 +12,8 @@ keeps its type (ml_collections enforces both). Lists are tuples:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from typing import Any
 
@@ -181,6 +183,53 @@ def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
     c = base_config()
     merge(c, saved, '')
     return c
+
+
+# ---- re-runs of a workdir ---------------------------------------------------------------------
+
+# Keys a re-run of the same workdir may change: they do not shape its checkpoints or the
+# training that produced them (how often to log and save, what to evaluate and prune after).
+RERUN_FREE = ('stages', 'smoke', 'init_from', 'log_every_steps', 'checkpoint_every_steps',
+              'keep_checkpoints', 'eval_batch_size', 'data.data_dir', 'data.root',
+              'mesh.fsdp', 'model.attention_impl', 'prune.', 'sweep.')
+
+
+def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def training_keys(c: Any) -> dict[str, Any]:
+    """The config's keys that shape training and its checkpoints, flattened."""
+    return {k: v for k, v in _flat(json.loads(c.to_json())).items()
+            if not k.startswith(RERUN_FREE)}
+
+
+def training_fingerprint(c: Any) -> str:
+    return hashlib.sha256(json.dumps(training_keys(c), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def training_differences(saved: dict[str, Any], now: Any) -> list[str]:
+    """'key (saved -> now)' for each training key in which `now` differs from a saved run.
+
+    More steps are accepted when nothing depends on the total (constant schedules): the
+    run just goes on, and the new count is recorded with its next checkpoint.
+    """
+    old, new = training_keys(from_saved(saved)), training_keys(now)
+    constant = now.schedule.name == 'constant' and now.sparsity.l1.schedule == 'constant'
+    diffs = []
+    for k, v in new.items():
+        if old.get(k) == v:
+            continue
+        if constant and k in ('num_steps', 'num_epochs') and v >= old.get(k, 0):
+            continue
+        diffs.append(f'{k} ({old.get(k)!r} -> {v!r})')
+    return diffs
 
 
 # ---- validation ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from sparse_vit_jax.checkpoints import load_pretrained, save_params
-from sparse_vit_jax.configs import validate
+from sparse_vit_jax.configs import training_differences, validate
 from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import NUMERICS, VisionTransformer, create_model
@@ -34,6 +34,7 @@ from sparse_vit_jax.optimizer import build_optimizer, current_hparams, steps_for
 from sparse_vit_jax.pruning import evaluate_at_ratios, weight_stats
 from sparse_vit_jax.selection import PAPER_POOL, select
 from sparse_vit_jax.train import results as results_io
+from sparse_vit_jax.train import signals
 from sparse_vit_jax.train.checkpointing import Checkpointer, latest_meta, restore_params
 from sparse_vit_jax.train.loop import LoopConfig, log, train_loop
 from sparse_vit_jax.train.sharding import make_mesh, state_shardings, to_host
@@ -44,6 +45,7 @@ from sparse_vit_jax.train.state import (
     with_shardings,
 )
 from sparse_vit_jax.train.steps import evaluate, make_eval_step, make_train_step
+from sparse_vit_jax.train.workdir import WorkdirLock
 
 
 def build_model(c: Any, num_classes: int, numerics: str = 'jax') -> VisionTransformer:
@@ -141,7 +143,7 @@ class Experiment:
                shardings: Any) -> tuple[Any, dict[str, Any]]:
         c = self.config
         init_params = lambda rng: _init_params(self.model, c, rng)
-        state = ckpt.restore_latest(with_shardings(abstract, shardings))
+        state = ckpt.restore_latest(with_shardings(abstract, shardings), self._same_run)
         resumed_scalars = {}
         if state is None:
             start = c.pretrained or c.init_from
@@ -178,8 +180,17 @@ class Experiment:
         return state.params, {'steps': total, 'resumed_from': step0,
                               **(scalars or resumed_scalars)}
 
+    def _same_run(self, meta: dict[str, Any]) -> None:
+        """Refuses to continue a workdir's run with other training settings."""
+        diffs = training_differences(meta.get('config', {}), self.config)
+        if diffs:
+            raise UserError(f'{self.workdir} holds a run with other training settings: '
+                            f'{", ".join(diffs)}; re-run with its values, or use a new '
+                            '--workdir')
+
     def evaluate(self, params: Any) -> dict[str, float]:
         """Accuracy and loss over every example of the eval split (padding not counted)."""
+        signals.check('before an evaluation (training is checkpointed; evaluations are redone)')
         c = self.config
         if not self._eval:
             n = self.mesh.size  # any eval batch works on any device count
@@ -219,7 +230,13 @@ def run(c: mlc.ConfigDict, workdir: Any) -> dict[str, Any]:
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f'--workdir {workdir} is a file; choose a directory')
     exp = Experiment.create(c, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir, log):
+        return stages(exp, c, workdir)
+
+
+def stages(exp: Experiment, c: Any, workdir: Any, write: bool = True) -> dict[str, Any]:
+    """train -> eval -> prune as `c.stages` says; results.json/.csv written if `write`."""
+    workdir = epath.Path(workdir)
     out: dict[str, Any] = {'config': json.loads(c.to_json()), 'numerics': exp.numerics}
     t0 = time.time()
     if 'train' in c.stages:
@@ -238,6 +255,8 @@ def run(c: mlc.ConfigDict, workdir: Any) -> dict[str, Any]:
     if 'prune' in c.stages:
         out['prune'] = exp.prune(params)
     out['seconds'] = time.time() - t0
+    if not write:
+        return out
     results_io.write_json(workdir / 'results.json', out)
     rows = ([{'stage': 'eval', 'ratio': 0.0, **out['eval']}] if 'eval' in out else []) + \
         [{'stage': 'prune', **r} for r in out.get('prune', [])]

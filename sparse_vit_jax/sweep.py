@@ -9,8 +9,11 @@ config.prune.ratios (each from its own unpruned weights) and evaluated on the
 whole test split; with config.sweep.finetune_steps > 0 each pruned model is also
 fine-tuned with its masks kept (reported as '<variant>+ft'). Writes
 results.csv, results.md (the paper's table with mean +- std over seeds) and
-accuracy_vs_sparsity.png. Each (variant, seed) cell lives in cells/<name>/ and
-resumes from its checkpoints; finished cells are read, not recomputed.
+accuracy_vs_sparsity.png. Each (variant, seed) cell lives in
+cells/<variant>_seed<seed>_<fingerprint of its training settings>/ and resumes
+from its checkpoints; a cell finished for the same config is read, not
+recomputed; a cell whose evaluation settings changed (ratios, fine-tuning) is
+evaluated again without retraining.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import ml_collections as mlc
 import numpy as np
 
 from sparse_vit_jax import cli
-from sparse_vit_jax.configs import SWEEP_VARIANTS, copy
+from sparse_vit_jax.configs import SWEEP_VARIANTS, copy, training_fingerprint
 
 
 def _attention(c: Any) -> None:
@@ -60,21 +63,47 @@ def cell_config(c: Any, variant: str, seed: int) -> mlc.ConfigDict:
     return cell
 
 
+def cell_dir(root: Path, cfg: Any, variant: str) -> Path:
+    """cells/<variant>_seed<seed>_<fingerprint of the training settings>: a changed training
+    config is a new cell, trained from scratch; the old one stays as it was."""
+    return root / 'cells' / f'{variant}_seed{cfg.seed}_{training_fingerprint(cfg)}'
+
+
+def _finished(path: Path, cfg: Any) -> dict[str, Any] | None:
+    """The cell's results if they were written for exactly this config, with all it owes."""
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    if r.get('cell_config') != json.loads(cfg.to_json()):
+        return None  # other ratios, fine-tuning steps...: evaluated again, not retrained
+    if cfg.sweep.finetune_steps > 0 and 'prune_finetuned' not in r:
+        return None
+    return r
+
+
 def run_cell(cfg: Any, workdir: Path) -> dict[str, Any]:
-    """One (variant, seed): read if finished, else train (resuming) and prune."""
-    from sparse_vit_jax.experiment import run
+    """One (variant, seed): read if finished for this config, else train (resuming) and prune.
+
+    results.json is written once, when everything the cell owes (fine-tuning included) is
+    done; a cell killed before that resumes from its checkpoints.
+    """
+    from sparse_vit_jax.experiment import Experiment, stages
     from sparse_vit_jax.train import results as results_io
+    from sparse_vit_jax.train.workdir import WorkdirLock
     done = workdir / 'results.json'
-    if done.exists():
-        return json.loads(done.read_text())
-    out = run(cfg, workdir)
-    if cfg.sweep.finetune_steps > 0:
-        out['prune_finetuned'] = finetune_pruned(cfg, workdir)
+    if (r := _finished(done, cfg)) is not None:
+        return r
+    exp = Experiment.create(cfg, workdir)
+    with WorkdirLock(workdir):
+        out = stages(exp, cfg, workdir, write=False)
+        if cfg.sweep.finetune_steps > 0:
+            out['prune_finetuned'] = finetune_pruned(cfg, workdir, exp)
+        out['cell_config'] = json.loads(cfg.to_json())
         results_io.write_json(done, out)
     return out
 
 
-def finetune_pruned(c: Any, workdir: Path) -> list[dict[str, Any]]:
+def finetune_pruned(c: Any, workdir: Path, exp: Any) -> list[dict[str, Any]]:
     """Prunes the cell's trained params at every ratio, fine-tunes each with masks kept.
 
     config.sweep.finetune_steps steps at a constant tenth of the learning rate;
@@ -83,7 +112,7 @@ def finetune_pruned(c: Any, workdir: Path) -> list[dict[str, Any]]:
     import jax
 
     from sparse_vit_jax.data import TrainData
-    from sparse_vit_jax.experiment import Experiment, _init_params
+    from sparse_vit_jax.experiment import _init_params
     from sparse_vit_jax.objective import TrainMetrics, make_loss_fn
     from sparse_vit_jax.optimizer import build_optimizer
     from sparse_vit_jax.pruning import apply_masks, magnitude_masks, sparsity_report
@@ -95,7 +124,6 @@ def finetune_pruned(c: Any, workdir: Path) -> list[dict[str, Any]]:
     ft = copy(c)
     ft.num_steps, ft.schedule.name = c.sweep.finetune_steps, 'constant'
     ft.optimizer.lr, ft.optimizer.accumulate = c.optimizer.lr / 10, 1
-    exp = Experiment.create(ft, workdir)
     params = exp.load_params(str(workdir / 'params.npz'))
     include = list(c.prune.include) or None
     all_masks = magnitude_masks(params, list(c.prune.ratios), scope=c.prune.scope,
@@ -228,10 +256,13 @@ def run_sweep(c: Any, workdir: str | Path, command: str = '') -> list[dict[str, 
     validate(c)
     workdir = Path(workdir)
     cells, weights = {}, {}
+    from sparse_vit_jax.train import signals
     for i in range(c.sweep.seeds):
         for v in c.sweep.variants:
+            signals.check('between sweep cells (finished cells are kept)')
             seed = c.seed + i
-            r = run_cell(cell_config(c, v, seed), workdir / 'cells' / f'{v}_seed{seed}')
+            cfg = cell_config(c, v, seed)
+            r = run_cell(cfg, cell_dir(workdir, cfg, v))
             cells[(v, seed)] = r
             weights.setdefault(v, []).append(r['weights'])
             print(f'[sweep] {v} seed {seed}: accuracy {r["eval"]["accuracy"]:.4f}', flush=True)

@@ -1,7 +1,9 @@
 """Kills, damaged checkpoints, preemption, NaN, and a catalogue of bad inputs."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -21,12 +23,12 @@ def reference(tmp_path_factory, data_dir):
     return params(wd)
 
 
-def start(workdir, data_dir):
+def start(workdir, data_dir, args=RUN):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
                TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
                TFDS_DATA_DIR=str(data_dir))
     return subprocess.Popen([sys.executable, '-m', 'sparse_vit_jax.main', f'--workdir={workdir}',
-                             *RUN], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -62,13 +64,91 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, data_dir, reference):
     wait_for_step(proc, 6)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode == 3  # stopped by a signal: re-run resumes
     line = err.strip().splitlines()[-1]
     assert line.startswith('error: stopped by SIGTERM at step ') and 'checkpoint saved' in line
     stopped = int(line.split('at step ')[1].split(';')[0])
     assert str(stopped) in {p.name for p in (wd / 'checkpoints').iterdir()}
     main_here(wd, *RUN, data_dir=data_dir)
     assert_same(params(wd), reference)
+
+
+def test_sigint_in_training_and_sigterm_in_pruning_stop_with_one_line(tmp_path, data_dir):
+    """Ctrl-C while training: checkpoint, one line, exit 3. SIGTERM while pruning: the same,
+    and the re-run finishes the job."""
+    wd = tmp_path / 'interrupted'
+    proc = start(wd, data_dir)
+    wait_for_step(proc, 5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3 and 'Traceback' not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith('error: stopped by SIGINT at step ') and 'checkpoint saved' in line
+    args = [a for a in RUN if not a.startswith(('--config.stages', '--config.prune.ratios'))] + [
+        '--config.prune.ratios=(0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9)']
+    proc = start(wd, data_dir, args)
+    for out in proc.stdout:
+        if out.startswith('prune 0.10'):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3 and 'Traceback' not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith('error: stopped by SIGTERM before an eval')
+    assert not (wd / 'results.json').exists()
+    r = main_here(wd, *args, data_dir=data_dir)
+    assert len(json.loads((wd / 'results.json').read_text())['prune']) == 9, r.stdout
+
+
+def test_rerun_with_other_training_settings_is_refused_and_nothing_moved(tmp_path, data_dir):
+    wd = tmp_path / 'run'
+    short = [*RUN[:-1], '--config.num_steps=8', '--config.stages=train']
+    main_here(wd, *short, data_dir=data_dir)
+    before = sorted(p.name for p in (wd / 'checkpoints').iterdir())
+    for extra, says in ((['--config.model.num_layers=3'], 'model.num_layers (2 -> 3)'),
+                        (['--config.optimizer.accumulate=2'], 'optimizer.accumulate (1 -> 2)'),
+                        (['--config.num_steps=4'], 'num_steps (8 -> 4)'),
+                        (['--config.num_steps=12'], 'num_steps (8 -> 12)')):  # schedule: cosine
+        r = main_here(wd, *short, *extra, data_dir=data_dir, check=False)
+        assert r.returncode == 2, r.stdout[-1000:]
+        line = r.stderr.strip().splitlines()[-1]
+        assert 'holds a run with other training settings' in line and says in line, line
+        assert sorted(p.name for p in (wd / 'checkpoints').iterdir()) == before
+        assert not (wd / 'damaged_checkpoints').exists()
+    out = main_here(wd, *short, data_dir=data_dir).stdout
+    assert 'at step 8' in out
+    # With a constant schedule more steps change nothing already done: accepted, recorded.
+    const = [*short, '--config.schedule.name=constant']
+    main_here(tmp_path / 'const', *const, data_dir=data_dir)
+    main_here(tmp_path / 'const', *const, '--config.num_steps=12', data_dir=data_dir)
+    r = json.loads((tmp_path / 'const' / 'results.json').read_text())
+    assert r['train']['steps'] == 12 and r['config']['num_steps'] == 12
+    assert r['train']['resumed_from'] == 8
+
+
+def test_a_workdir_belongs_to_one_process(tmp_path, data_dir):
+    wd = tmp_path / 'run'
+    wd.mkdir()
+    (wd / '.lock').write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid()}))
+    r = main_here(wd, *RUN, data_dir=data_dir, check=False)
+    assert r.returncode == 2 and f'is in use by process {os.getpid()}' in r.stderr
+    assert not (wd / 'checkpoints').exists()
+    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True).stdout.strip()
+    (wd / '.lock').write_text(json.dumps({'host': socket.gethostname(), 'pid': int(gone)}))
+    r = main_here(wd, *RUN[:-1], '--config.num_steps=4', '--config.stages=train',
+                  data_dir=data_dir)
+    assert 'taking over the lock' in r.stdout and not (wd / '.lock').exists()
+
+
+def flip_bytes(step_dir):
+    """Bytes changed inside every array data file, sizes kept (no truncation)."""
+    files = [p for p in step_dir.rglob('*') if p.is_file() and p.parent.name == 'd']
+    assert files
+    for f in files:
+        data = bytearray(f.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 16] = bytes(b ^ 0x5A for b in data[mid:mid + 16])
+        f.write_bytes(bytes(data))
 
 
 def damage(step_dir):
@@ -96,6 +176,21 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, data_dir, reference):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith('error: no usable checkpoint in')
     assert not (wd / 'params.npz').exists()
+
+
+def test_flipped_bytes_are_caught_and_init_from_falls_back(tmp_path, data_dir, reference):
+    wd = tmp_path / 'flipped'
+    main_here(wd, *RUN, data_dir=data_dir)
+    ev = tmp_path / 'eval'
+    flip_bytes(wd / 'checkpoints' / '24')
+    r = main_here(ev, *RUN[:-1], '--config.stages=eval', f'--config.init_from={wd}',
+                  data_dir=data_dir)
+    assert 'checkpoint' in r.stdout and 'is damaged' in r.stdout  # falls back to step 20
+    assert (wd / 'checkpoints' / '24').exists()  # not ours to move
+    (wd / 'params.npz').unlink()
+    r = main_here(wd, *RUN, data_dir=data_dir)
+    assert 'is damaged' in r.stdout and 'at step 20' in r.stdout
+    assert_same(params(wd), reference)
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_good_checkpoint(tmp_path, data_dir):

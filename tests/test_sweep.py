@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import re
 
 import numpy as np
@@ -74,13 +75,13 @@ def test_resume_recomputes_nothing_finished(sweep_dir, tmp_path):
     shutil.copytree(sweep_dir, work)
     cells = sorted((work / 'cells').iterdir())
     before = {c.name: (c / 'results.json').stat().st_mtime_ns for c in cells}
-    victim = work / 'cells' / 'l1_proximal_seed1'
+    victim, = (work / 'cells').glob('l1_proximal_seed1_*')
     (victim / 'results.json').unlink()          # interrupted after its last checkpoint
     (work / 'results.csv').unlink()
     c = tiny_sweep_config(sweep_dir.parent)
     run_sweep(c, work, 'test')
     after = {c.name: (c / 'results.json').stat().st_mtime_ns for c in cells}
-    assert {k for k in before if before[k] != after[k]} == {'l1_proximal_seed1'}
+    assert {k for k in before if before[k] != after[k]} == {victim.name}
     assert read_csv(work / 'results.csv') == read_csv(sweep_dir / 'results.csv')
 
 
@@ -110,3 +111,39 @@ def test_sweep_command_honours_smoke(tmp_path, data_dir):
     rows = read_csv(tmp_path / 'run' / 'results.csv')
     assert [(x['variant'], float(x['ratio'])) for x in rows] == [('baseline', 0.0),
                                                                  ('baseline', 0.5)]
+
+
+def test_changed_config_recomputes_what_changed(sweep_dir, tmp_path):
+    """Other ratios: cells evaluated again, not retrained. Other training steps: new cells."""
+    import shutil
+    work = tmp_path / 'copy'
+    shutil.copytree(sweep_dir, work)
+    old_cells = {p.name for p in (work / 'cells').iterdir()}
+    c = tiny_sweep_config(sweep_dir.parent)
+    c.prune.ratios = (0.3,)
+    rows = run_sweep(c, work, 'test')
+    assert {p.name for p in (work / 'cells').iterdir()} == old_cells  # same training
+    assert sorted({float(r['ratio']) for r in rows}) == [0.0, 0.3]
+    ckpts = {p.name for p in (work / 'cells').glob('*/checkpoints/*')}
+    assert ckpts == {'8', '16'}  # nothing trained further
+    c.num_steps = 8
+    rows = run_sweep(c, work, 'test')
+    new = {p.name for p in (work / 'cells').iterdir()} - old_cells
+    assert len(new) == 4 and len(rows) == 2 * 2 * 2
+    for d in new:
+        assert {p.name for p in (work / 'cells' / d / 'checkpoints').iterdir()} == {'8'}
+
+
+def test_cell_killed_during_finetuning_is_finished_on_rerun(tmp_path):
+    """A cell owes its '+ft' rows: results written without them do not count as done."""
+    c = tiny_sweep_config(tmp_path)
+    c.sweep.variants, c.sweep.seeds, c.prune.ratios = ('baseline',), 1, (0.5,)
+    c.num_steps, c.sweep.finetune_steps = 8, 2
+    run_sweep(c, tmp_path / 'run', 'test')
+    cell, = (tmp_path / 'run' / 'cells').iterdir()
+    r = json.loads((cell / 'results.json').read_text())
+    assert len(r['prune_finetuned']) == 1
+    del r['prune_finetuned']  # as if killed between training and fine-tuning
+    (cell / 'results.json').write_text(json.dumps(r))
+    rows = run_sweep(c, tmp_path / 'run', 'test')
+    assert {x['variant'] for x in rows} == {'baseline', 'baseline+ft'}

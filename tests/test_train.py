@@ -235,3 +235,11 @@ def test_engine_steps_on_synthetic_batches(tmp_path):
         with_shardings(abstract_state(init, tx), shardings))
     assert int(again.step) == 60
     np.testing.assert_array_equal(again.params['w'], state.params['w'])
+
+
+def test_eval_batch_and_device_count_independent_of_the_training_batch(tmp_path, run8, data_dir):
+    """A training batch that 8 devices do not divide does not matter to evaluation."""
+    wd = tmp_path / 'eval'
+    main_here(wd, *SMOKE, f'--config.init_from={run8}', '--config.stages=eval',
+              '--config.batch_size=12', '--config.eval_batch_size=10', data_dir=data_dir)
+    assert results(wd)['eval']['accuracy'] == results(run8)['eval']['accuracy']

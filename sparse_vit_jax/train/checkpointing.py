@@ -4,8 +4,9 @@ Each step holds the train state (`StandardSave`) and a JSON `meta` item (the
 caller's run description plus the state's layout). Orbax writes a step into a
 temporary directory and renames it when complete, so a write interrupted by a
 kill is never listed. A listed step that fails to restore (files truncated or
-deleted afterwards) is moved to `<workdir>/damaged_checkpoints/` and the
-previous step is used. A step whose layout differs from what the caller now
+deleted afterwards), or whose arrays differ from the checksums saved with them
+or hold NaN/inf, is moved to `<workdir>/damaged_checkpoints/` and the previous
+step is used. A step whose layout differs from what the caller now
 builds (another model or optimizer) is not damaged: it is left where it is and
 the run is refused. `restore_params` reads only the parameters of a run, so a
 finished run can be evaluated without its data or optimizer.
@@ -19,10 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
 from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.train.sharding import to_host
 
 CKPT_DIR = 'checkpoints'
 
@@ -36,6 +39,50 @@ def layout(tree: Any) -> str:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     text = ';'.join(f'{jax.tree_util.keystr(k)}:{tuple(v.shape)}:{v.dtype}' for k, v in leaves)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words (wider types split, narrower ones widened)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size in (4, 8):
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    narrow = {2: jnp.uint16, 1: jnp.uint8}[size]
+    return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+
+
+@jax.jit
+def _sums_and_finite(leaves: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
+    sums = [jnp.sum(_words(x), dtype=jnp.uint32) for x in leaves]
+    finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+    return sums, jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
+
+
+def checksums(tree: Any) -> tuple[dict[str, int], bool]:
+    """({path: wrap-around sum of the array's 32-bit words}, whether every float is finite).
+
+    Computed on the devices, whatever the sharding; only a few numbers reach the host.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums, finite = to_host(_sums_and_finite([x for _, x in flat]))
+    return {jax.tree_util.keystr(p): int(v) for (p, _), v in zip(flat, sums)}, bool(finite)
+
+
+class Damaged(Exception):
+    """A checkpoint that restores but holds other bytes than were saved, or non-finite ones."""
+
+
+def verify(tree: Any, saved: dict[str, int] | None, prefix: str = '') -> None:
+    """Raises Damaged unless `tree` matches the checksums saved with it (keys under `prefix`)."""
+    got, finite = checksums(tree)
+    if not finite:
+        raise Damaged('it holds NaN or infinite values')
+    if saved is None:
+        return  # written before checksums were stored
+    bad = [k for k, v in got.items() if saved.get(prefix + k, v) != v]
+    if bad:
+        raise Damaged(f'{len(bad)} arrays differ from what was saved (first: {bad[0]})')
 
 
 def _first_line(e: BaseException) -> str:
@@ -67,7 +114,7 @@ class Checkpointer:
         """Saves `state` at its step if the cadence (or `force`) says so; returns whether."""
         step = int(state.step)
         meta = {**meta, 'step': step, 'layout': layout(state),
-                'params_layout': layout(state.params)}
+                'params_layout': layout(state.params), 'checksums': checksums(state)[0]}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
@@ -75,17 +122,21 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))['meta']
 
-    def restore_latest(self, target: Any) -> Any | None:
+    def restore_latest(self, target: Any,
+                       check_meta: Callable[[dict[str, Any]], None] | None = None) -> Any | None:
         """The newest usable step restored onto `target` (ShapeDtypeStructs with shardings).
 
         None when there is no checkpoint; UserError when there are some but none is usable,
-        or when they hold another layout than `target`.
+        or when they hold another layout than `target`, or when `check_meta` (called with
+        the step's meta before anything is restored) refuses it.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         want = layout(target)
         for step in steps:
             try:
                 meta = self.meta(step)
+                if check_meta is not None:
+                    check_meta(meta)
                 if meta.get('layout', want) != want:
                     raise UserError(
                         f'{self.directory / str(step)} holds a different model or optimizer '
@@ -93,6 +144,7 @@ class Checkpointer:
                         'or use a new --workdir')
                 state = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target)))['state']
+                verify(state, meta.get('checksums'))
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
@@ -168,6 +220,7 @@ def restore_params(path: Any, target: Any, log: Callable[[str], None] = _say) ->
                 state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                     item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                     partial_restore=True)))['state']
+                verify(state['params'], meta.get('checksums'), prefix='.params')
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds

@@ -5,14 +5,13 @@ batches, merges the step's `clu.metrics.Collection` on the device, and at each l
 boundary brings the metrics to the host once (the only host synchronisation), checks
 them, prints a progress line and writes them through a clu `MetricWriter` (any object
 with `write_scalars(step, dict)`). Checkpoints follow the `Checkpointer`'s cadence and
-the last step. SIGTERM (what preemption sends) stops at the next step with a checkpoint;
-on several hosts orbax's preemption sync point makes every host stop at the same step.
+the last step. A stop signal (`train.signals`) stops at the next step with a checkpoint; on
+several hosts orbax's preemption sync point makes every host stop at the same step.
 """
 
 from __future__ import annotations
 
 import math
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from typing import Any
 
 import jax
 
-from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.errors import Stopped, UserError
+from sparse_vit_jax.train import signals
 from sparse_vit_jax.train.checkpointing import Checkpointer
 from sparse_vit_jax.train.sharding import to_host
 from sparse_vit_jax.train.state import TrainState
@@ -36,28 +36,6 @@ def format_eta(seconds: float) -> str:
     days, rest = divmod(int(max(seconds, 0)), 86_400)
     clock = time.strftime('%H:%M:%S', time.gmtime(rest))
     return f'{days}d {clock}' if days else clock
-
-
-class StopSignal:
-    """Turns SIGTERM into a flag the loop reads between steps (main thread only)."""
-
-    def __init__(self) -> None:
-        self.received = False
-        self._previous: Any = None
-
-    def __enter__(self) -> StopSignal:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread: nothing to install
-            self._previous = None
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _handler(self, *_: Any) -> None:
-        self.received = True
 
 
 @dataclass
@@ -81,35 +59,41 @@ def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[Tra
     progress = _progress(cfg, writer)
     acc, last = None, {}
     t_last, steps_last = None, 0
-    with StopSignal() as stop:
-        while step < cfg.total_steps:
-            state, m = step_fn(state, next(batches))
-            step += 1
-            acc = m if acc is None else acc.merge(m)
-            if t_last is None:  # rates and ETA leave out the first step (compilation)
-                jax.block_until_ready(state.step)
-                t_last = time.monotonic()
-            else:
-                steps_last += 1
-            if progress is not None:
-                progress(step)
-            final = step == cfg.total_steps
-            stopping = stop.received or (jax.process_count() > 1 and checkpointer is not None
-                                         and checkpointer.reached_preemption(step))
-            if step % cfg.log_every == 0 or final or stopping:
-                last = _report(step, state, acc, steps_last, t_last, cfg, checkpointer, writer,
-                               extra_scalars)
-                acc, t_last, steps_last = None, time.monotonic(), 0
+    while step < cfg.total_steps:
+        state, m = step_fn(state, next(batches))
+        step += 1
+        acc = m if acc is None else acc.merge(m)
+        if t_last is None:  # rates and ETA leave out the first step (compilation)
+            jax.block_until_ready(state.step)
+            t_last = time.monotonic()
+        else:
+            steps_last += 1
+        if progress is not None:
+            progress(step)
+        final = step == cfg.total_steps
+        stopping = _stop_requested(step, checkpointer)
+        if step % cfg.log_every == 0 or final or stopping:
+            last = _report(step, state, acc, steps_last, t_last, cfg, checkpointer, writer,
+                           extra_scalars)
+            acc, t_last, steps_last = None, time.monotonic(), 0
+        if checkpointer is not None:
+            checkpointer.save(state, {**cfg.meta, 'scalars': last}, force=final or stopping)
+        if stopping:
             if checkpointer is not None:
-                checkpointer.save(state, {**cfg.meta, 'scalars': last}, force=final or stopping)
-            if stopping:
-                if checkpointer is not None:
-                    checkpointer.wait()
-                raise UserError(f'stopped by SIGTERM at step {step}; checkpoint saved, re-run '
-                                'the same command to resume')
+                checkpointer.wait()
+            raise Stopped(f'stopped by {signals.received() or "preemption"} at step {step}; '
+                          'checkpoint saved, re-run the same command to resume')
     if writer is not None:
         writer.flush()
     return state, last
+
+
+def _stop_requested(step: int, checkpointer: Checkpointer | None) -> bool:
+    """A stop signal in this process; with several processes, the step all of them agreed on
+    (JAX's preemption sync point), since saving is collective."""
+    if jax.process_count() > 1:
+        return checkpointer is not None and checkpointer.reached_preemption(step)
+    return signals.received() is not None
 
 
 def _progress(cfg: LoopConfig, writer: Any) -> Any:

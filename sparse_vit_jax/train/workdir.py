@@ -1,0 +1,86 @@
+"""A workdir belongs to one run at a time: a lock file naming the owner's host and process.
+
+The lock is taken by process 0 (other hosts share its workdir). A lock left by a
+process that no longer runs on this host is taken over; one held by a live
+process, or by another host, is refused with one line. On object stores (gs://)
+there is no atomic create: no lock is taken there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import jax
+from etils import epath
+
+from sparse_vit_jax.errors import UserError
+
+LOCK = '.lock'
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WorkdirLock:
+    def __init__(self, workdir: Any, log: Any = print) -> None:
+        self.workdir = epath.Path(workdir)
+        self.path = self.workdir / LOCK
+        self.log = log
+        self.held = False
+
+    def __enter__(self) -> WorkdirLock:
+        if jax.process_index() != 0 or str(self.workdir).startswith('gs://'):
+            return self
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        me = {'host': socket.gethostname(), 'pid': os.getpid()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None and time.time() - self._mtime() < 10:
+                    owner = {'pid': '?', 'host': 'a process starting now'}
+                if owner is None or (owner.get('host') == me['host']
+                                     and not _alive(int(owner.get('pid', -1)))):
+                    self.log(f'note: taking over the lock of a process that is gone ({owner})')
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise UserError(
+                    f'{self.workdir} is in use by process {owner.get("pid")} on '
+                    f'{owner.get("host")}; wait for it to end, or delete {self.path} if it '
+                    'is gone') from None
+            with os.fdopen(fd, 'w') as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise UserError(f'could not take the lock {self.path}; delete it and re-run')
+
+    def _mtime(self) -> float:
+        try:
+            return os.stat(self.path).st_mtime
+        except OSError:
+            return 0.0
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None  # half-written by a process killed while creating it
+
+    def __exit__(self, *_: Any) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
