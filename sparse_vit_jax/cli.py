@@ -107,9 +107,14 @@ def run(argv: list[str], job: Job, doc: str = '') -> int:
         import jax
 
         from sparse_vit_jax.train import signals
-        restore = signals.install(sigterm=jax.process_count() == 1)
+        several = jax.process_count() > 1
+        restore = signals.install(sigterm=not several)
         try:
             job(config, workdir, 'python -m ' + ' '.join([_module(argv[0]), *argv[1:]]))
+        except BaseException as e:
+            if several:
+                _exit_now(e)
+            raise
         finally:
             restore()
         return 0
@@ -118,6 +123,21 @@ def run(argv: list[str], job: Job, doc: str = '') -> int:
         return run_cli(body)
     except SystemExit as e:
         return int(e.code or 0)
+
+
+def _exit_now(e: BaseException) -> None:
+    """One of several processes failed: say why and exit now. Waiting at JAX's shutdown
+    barrier would hang this process, and the others with it, for minutes."""
+    import traceback
+    if isinstance(e, UserError):
+        print(f'error: {e}', file=sys.stderr)
+        code = e.exit_code
+    else:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _module(prog: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script,expect', [
     ('pruning.py', '| 0.5 |'),
     ('input_pipeline.py', '| 32 |'),

@@ -18,7 +18,7 @@ from sparse_vit_jax.checkpoints.io import save_npz
 from sparse_vit_jax.models import NUMERICS, VARIANTS, abstract_params, create_model, init_params
 
 # (variant, image sizes): two variants, two image sizes each.
-PARITY = [('testing', (16, 32)), ('ViT-Ti_16', (96, 64))]
+PARITY = [('testing', (16, 32)), pytest.param('ViT-Ti_16', (96, 64), marks=pytest.mark.slow)]
 
 
 def hf_model(variant, image_size, eps, num_labels=5, seed=0):

@@ -18,6 +18,36 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start(workdir, pid, port, data_dir, *args, timeout_s=None):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+               JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', TFDS_DATA_DIR=str(data_dir),
+               SPARSE_VIT_COORDINATOR=f'127.0.0.1:{port}', SPARSE_VIT_NUM_PROCESSES='2',
+               SPARSE_VIT_PROCESS_ID=str(pid))
+    if timeout_s:
+        env['SPARSE_VIT_HEARTBEAT_TIMEOUT'] = str(timeout_s)
+    return subprocess.Popen(
+        [sys.executable, '-m', 'sparse_vit_jax.main', f'--workdir={workdir}', *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_process_ends_both_in_bounded_time(tmp_path):
+    """Both start on an empty data dir (process 0 prepares it, process 1 waits); then a
+    pretrained file that exists on one host only fails process 1: both exit non-zero."""
+    import time
+    port, t0 = free_port(), time.time()
+    gone = [f'--config.pretrained={tmp_path / "gone.npz"}']
+    procs = [start(tmp_path / 'w', pid, port, tmp_path / 'tfds', *ARGS, *(gone if pid else []),
+                   timeout_s=10) for pid in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode not in (0, None) for p in procs), [o[1][-1500:] for o in outs]
+    assert outs[1][1].strip().splitlines()[-1].startswith('error: '), outs[1][1][-1500:]
+    assert 'checkpoint not found' in outs[1][1]
+    assert time.time() - t0 < 200
+    assert 'FileExistsError' not in outs[0][1] + outs[1][1]
+
+
+@pytest.mark.slow
 def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
     data_dir = tmp_path / 'tfds'
     single = tmp_path / 'single'

@@ -45,6 +45,7 @@ def assert_same(got, ref):
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_steps_resumes_bit_identical(tmp_path, data_dir, reference):
     wd = tmp_path / 'killed'
     for step in (8, 17):  # 8 is a checkpoint step: killed while it is being written
@@ -58,45 +59,34 @@ def test_sigkill_at_several_steps_resumes_bit_identical(tmp_path, data_dir, refe
     assert_same(params(wd), reference)
 
 
-def test_sigterm_checkpoints_then_resumes(tmp_path, data_dir, reference):
+def test_signals_stop_training_and_pruning_with_one_line_and_resume_bit_identical(
+        tmp_path, data_dir, reference):
+    """SIGTERM while training: checkpoint, one line, exit 3. Ctrl-C while pruning: the same.
+    The re-run finishes the job with the weights of an uninterrupted run."""
     wd = tmp_path / 'preempted'
     proc = start(wd, data_dir)
     wait_for_step(proc, 6)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3  # stopped by a signal: re-run resumes
+    assert proc.returncode == 3 and 'Traceback' not in err, err[-2000:]
     line = err.strip().splitlines()[-1]
     assert line.startswith('error: stopped by SIGTERM at step ') and 'checkpoint saved' in line
     stopped = int(line.split('at step ')[1].split(';')[0])
     assert str(stopped) in {p.name for p in (wd / 'checkpoints').iterdir()}
-    main_here(wd, *RUN, data_dir=data_dir)
-    assert_same(params(wd), reference)
-
-
-def test_sigint_in_training_and_sigterm_in_pruning_stop_with_one_line(tmp_path, data_dir):
-    """Ctrl-C while training: checkpoint, one line, exit 3. SIGTERM while pruning: the same,
-    and the re-run finishes the job."""
-    wd = tmp_path / 'interrupted'
-    proc = start(wd, data_dir)
-    wait_for_step(proc, 5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3 and 'Traceback' not in err, err[-2000:]
-    line = err.strip().splitlines()[-1]
-    assert line.startswith('error: stopped by SIGINT at step ') and 'checkpoint saved' in line
     args = [a for a in RUN if not a.startswith(('--config.stages', '--config.prune.ratios'))] + [
         '--config.prune.ratios=(0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9)']
     proc = start(wd, data_dir, args)
     for out in proc.stdout:
         if out.startswith('prune 0.10'):
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3 and 'Traceback' not in err, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith('error: stopped by SIGTERM before an eval')
+    assert err.strip().splitlines()[-1].startswith('error: stopped by SIGINT before an eval')
     assert not (wd / 'results.json').exists()
-    r = main_here(wd, *args, data_dir=data_dir)
-    assert len(json.loads((wd / 'results.json').read_text())['prune']) == 9, r.stdout
+    main_here(wd, *args, data_dir=data_dir)
+    assert len(json.loads((wd / 'results.json').read_text())['prune']) == 9
+    assert_same(params(wd), reference)
 
 
 def test_rerun_with_other_training_settings_is_refused_and_nothing_moved(tmp_path, data_dir):
@@ -354,3 +344,22 @@ def test_full_disk_is_one_line_and_leaves_old_file(tmp_path, monkeypatch, capsys
     assert len(err) == 1 and err[0].startswith('error: cannot write') and 'No space' in err[0]
     assert target.read_text() == 'previous results'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['results.json']
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='mounting a small tmpfs needs root')
+def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial_step(tmp_path,
+                                                                             data_dir):
+    """A real full disk (a 300 KiB tmpfs): one line with the space needed, no temp step."""
+    disk = tmp_path / 'small'
+    disk.mkdir()
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=300k', 'tmpfs', str(disk)], check=True)
+    try:
+        r = main_here(disk / 'run', *RUN[:-1], '--config.num_steps=8', '--config.stages=train',
+                      data_dir=data_dir, check=False)
+        assert r.returncode == 2, r.stderr[-2000:]
+        lines = r.stderr.strip().splitlines()
+        assert lines[-1].startswith('error: no space left on the device of '), r.stderr[-2000:]
+        assert 'MiB free' in lines[-1] and 'Traceback' not in r.stderr
+        assert not [p for p in (disk / 'run' / 'checkpoints').iterdir() if not p.name.isdigit()]
+    finally:
+        subprocess.run(['umount', str(disk)], check=True)

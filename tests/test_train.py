@@ -44,6 +44,7 @@ def test_training_lowers_loss(tmp_path, data_dir):
     assert all(a > b for a, b in zip(losses, losses[1:])), losses
 
 
+@pytest.mark.slow
 def test_one_device_and_fsdp_match_eight(tmp_path, run8, data_dir):
     ref = params(run8)
     run_main(tmp_path / 'dp1', *SMOKE, devices=1, data_dir=data_dir)

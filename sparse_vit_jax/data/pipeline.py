@@ -54,6 +54,24 @@ def data_dir_of(cfg: Any) -> str:
                               or '~/tensorflow_datasets')
 
 
+def _prepare_once(make: Any, prepare: Any) -> Any:
+    """The builder `make()`, prepared by `prepare(builder)` in process 0 only, once.
+
+    The other processes wait for it (a barrier), then open the prepared files; so
+    several processes starting on a fresh data directory do not race to write it.
+    """
+    builder = make()
+    if builder.is_prepared():
+        return builder
+    if jax.process_index() == 0:
+        prepare(builder)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f'prepared {builder.name}')
+        builder = make()
+    return builder
+
+
 def get_source(cfg: Any) -> Source:
     """Resolves config.data into a TFDS builder. Nothing is downloaded."""
     import tensorflow_datasets as tfds
@@ -61,10 +79,9 @@ def get_source(cfg: Any) -> Source:
     from sparse_vit_jax.data.builders import Digits, Imagenet100Folder, read_class_list
 
     name, data_dir = cfg.name, data_dir_of(cfg)
-    if name == 'digits':
-        builder = Digits(data_dir=data_dir)
-        if not builder.is_prepared():
-            builder.download_and_prepare()  # generated from scikit-learn, offline
+    if name == 'digits':  # generated from scikit-learn, offline
+        builder = _prepare_once(lambda: Digits(data_dir=data_dir),
+                                lambda b: b.download_and_prepare())
         return Source(builder, 'train', 'test', 10)
     if name in ('cifar10', 'cifar100'):
         return Source(tfds.builder(name, data_dir=data_dir), 'train', 'test',
@@ -72,14 +89,16 @@ def get_source(cfg: Any) -> Source:
     if name == 'imagenet100':
         ids = read_class_list(cfg.class_list)
         if cfg.source == 'folder':
-            builder = Imagenet100Folder(class_ids=ids, data_dir=data_dir)
-            if not builder.is_prepared():
+            def prepare(b: Any) -> None:
                 if not cfg.root or not os.path.isdir(cfg.root):
                     raise UserError(f'imagenet100 is not prepared in {data_dir} and '
                                     f'config.data.root={cfg.root!r} is not a folder; point it '
                                     'at root/{train,val}/<wnid>/*.JPEG')
-                builder.download_and_prepare(
+                b.download_and_prepare(
                     download_config=tfds.download.DownloadConfig(manual_dir=cfg.root))
+
+            builder = _prepare_once(
+                lambda: Imagenet100Folder(class_ids=ids, data_dir=data_dir), prepare)
             return Source(builder, 'train', 'validation', len(ids))
         if cfg.source == 'imagenet2012':
             builder = tfds.builder('imagenet2012', data_dir=data_dir)

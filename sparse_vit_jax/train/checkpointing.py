@@ -14,9 +14,12 @@ finished run can be evaluated without its data or optimizer.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -108,15 +111,39 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             absolute(self.directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 save_decision_policy=policy))
+                                                 save_decision_policy=policy,
+                                                 cleanup_tmp_directories=True))
+        self._bytes = 0
 
     def save(self, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
         """Saves `state` at its step if the cadence (or `force`) says so; returns whether."""
         step = int(state.step)
+        if not force and not self.manager.should_save(step):
+            return False
         meta = {**meta, 'step': step, 'layout': layout(state),
                 'params_layout': layout(state.params), 'checksums': checksums(state)[0]}
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        self._bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+        with self._disk_errors():
+            return self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+    @contextlib.contextmanager
+    def _disk_errors(self) -> Iterator[None]:
+        """A full disk (or quota) while writing a checkpoint -> one line; no partial step."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - orbax wraps the OSError in its own errors
+            if not _is_disk_full(e):
+                raise
+            if jax.process_index() == 0:  # orbax lists only finished steps; drop the rest
+                for tmp in self.directory.glob('*.orbax-checkpoint-tmp*'):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            free = _free_bytes(self.directory)
+            raise UserError(
+                f'no space left on the device of {self.directory} while saving a checkpoint '
+                f'(it needs about {self._bytes / 2**20:.1f} MiB of arrays plus metadata per '
+                f'step; {free / 2**20:.1f} MiB free); free space and re-run the same command '
+                'to resume from the last complete checkpoint') from None
 
     def meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(
@@ -172,11 +199,32 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if 'No space left on device' in str(e) or 'ENOSPC' in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _free_bytes(path: Any) -> int:
+    try:
+        return shutil.disk_usage(str(path)).free
+    except OSError:
+        return 0
 
 
 def checkpoint_dir(path: Any) -> epath.Path:

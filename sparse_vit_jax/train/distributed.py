@@ -3,6 +3,10 @@
 TPU VMs and Slurm are detected by JAX itself. Elsewhere set
 SPARSE_VIT_COORDINATOR=host:port, SPARSE_VIT_NUM_PROCESSES and
 SPARSE_VIT_PROCESS_ID (e.g. from a launch script). On CPU the collectives use gloo.
+
+A process that fails exits at once (`cli`), without waiting at JAX's shutdown
+barrier; the others learn it from the coordination service within
+SPARSE_VIT_HEARTBEAT_TIMEOUT seconds (JAX's default: 100) and end too.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import jax
 
 def maybe_initialize() -> None:
     coordinator = os.environ.get('SPARSE_VIT_COORDINATOR')
+    timeout = os.environ.get('SPARSE_VIT_HEARTBEAT_TIMEOUT')
+    extra = {'heartbeat_timeout_seconds': int(timeout)} if timeout else {}
     if coordinator:
         # Only affects CPU devices; must be set before any backend starts.
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=int(os.environ['SPARSE_VIT_NUM_PROCESSES']),
-            process_id=int(os.environ['SPARSE_VIT_PROCESS_ID']))
+            process_id=int(os.environ['SPARSE_VIT_PROCESS_ID']), **extra)
     elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('SLURM_NTASKS', '1') != '1':
-        jax.distributed.initialize()
+        jax.distributed.initialize(**extra)
