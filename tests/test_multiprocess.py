@@ -1,6 +1,7 @@
 """Two JAX processes on 127.0.0.1 (gloo collectives) train exactly like one process."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +46,29 @@ def test_a_failure_on_one_process_ends_both_in_bounded_time(tmp_path):
     assert 'checkpoint not found' in outs[1][1]
     assert time.time() - t0 < 200
     assert 'FileExistsError' not in outs[0][1] + outs[1][1]
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
+    """Preemption is agreed: the process that got SIGTERM and the other one stop at one step,
+    save one checkpoint together, and the re-run resumes from it."""
+    port = free_port()
+    args = [*ARGS, '--config.num_steps=400', '--config.log_every_steps=1',
+            '--config.stages=train']
+    procs = [start(tmp_path / 'w', pid, port, tmp_path / 'tfds', *args, timeout_s=30)
+             for pid in range(2)]
+    for line in procs[0].stdout:
+        if line.startswith('step 5/'):
+            break
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=240) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert codes == [3, 3], [o[1][-1500:] for o in outs]
+    lines = [o[1].strip().splitlines()[-1] for o in outs]
+    assert all(x.startswith('error: stopped by ') for x in lines), lines
+    steps = {int(x.split('at step ')[1].split(';')[0]) for x in lines}
+    assert len(steps) == 1
+    assert str(steps.pop()) in {p.name for p in (tmp_path / 'w' / 'checkpoints').iterdir()}
 
 
 @pytest.mark.slow

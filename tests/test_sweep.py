@@ -147,3 +147,13 @@ def test_cell_killed_during_finetuning_is_finished_on_rerun(tmp_path):
     (cell / 'results.json').write_text(json.dumps(r))
     rows = run_sweep(c, tmp_path / 'run', 'test')
     assert {x['variant'] for x in rows} == {'baseline', 'baseline+ft'}
+
+
+def test_sweep_stops_between_cells_on_a_signal(tmp_path, monkeypatch):
+    """A stop signal that arrived while a cell finished stops the sweep before the next."""
+    from sparse_vit_jax.errors import Stopped
+    from sparse_vit_jax.train import signals
+    monkeypatch.setattr(signals, '_received', ['SIGTERM'])
+    with pytest.raises(Stopped, match='stopped by SIGTERM between sweep cells'):
+        run_sweep(tiny_sweep_config(tmp_path), tmp_path / 'run', 'test')
+    assert not (tmp_path / 'run' / 'cells').exists()
