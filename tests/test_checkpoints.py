@@ -15,6 +15,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from sparse_vit_jax import convert
 from sparse_vit_jax.checkpoints import flatten, load_pretrained, unflatten
 from sparse_vit_jax.checkpoints.io import save_npz
+from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import NUMERICS, VARIANTS, abstract_params, create_model, init_params
 
 # (variant, image sizes): two variants, two image sizes each.
@@ -281,3 +282,45 @@ def test_missing_block_named(tmp_path):
     with pytest.raises(Exception, match='missing parameter Transformer/encoderblock_1/'):
         load_pretrained(tmp_path / 'short.npz', init_params(model, 16))
     assert unflatten(flat)['Transformer']['encoderblock_0']
+
+
+def test_bfloat16_weights_load_convert_and_resize_like_their_float32_values(tmp_path):
+    """bf16 safetensors (how many checkpoints ship) and a bf16 .npz load as the exact float32
+    values torch gives the same bf16 tensors, also when position embeddings are resized."""
+    from safetensors.torch import save_file
+    sd = {k: v.to(torch.bfloat16) for k, v in hf_model('testing', 16, eps=1e-12)
+          .state_dict().items() if v.is_floating_point()}
+    save_file(sd, str(tmp_path / 'bf16.safetensors'))
+    torch.save({k: v.float() for k, v in sd.items()}, tmp_path / 'f32.pth')  # torch's upcast
+    for size in (16, 32):  # 32: the position embeddings are resized
+        _, got, _ = ours(tmp_path / 'bf16.safetensors', 'testing', size, 'hf')
+        _, ref, _ = ours(tmp_path / 'f32.pth', 'testing', size, 'hf')
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            assert a.dtype == np.float32
+            np.testing.assert_array_equal(a, b)
+    import ml_dtypes
+    flat = {k: np.asarray(v).astype(ml_dtypes.bfloat16) for k, v in
+            flatten(jax.tree.map(np.asarray, ref)).items()}
+    np.savez(tmp_path / 'bf16.npz', **flat)  # numpy writes them as 2-byte void
+    _, got, _ = ours(tmp_path / 'bf16.npz', 'testing', 32, 'jax')
+    for k, v in flatten(got).items():
+        np.testing.assert_array_equal(v, flat[k].astype(np.float32), err_msg=k)
+    r = subprocess.run([sys.executable, '-m', 'sparse_vit_jax.convert',
+                        str(tmp_path / 'bf16.safetensors'), str(tmp_path / 'out.npz'),
+                        '--model', 'testing'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(tmp_path / 'out.npz') as f:
+        assert {f[k].dtype for k in f.files} == {np.dtype(np.float32)}
+
+
+def test_integer_or_nonfinite_weights_are_refused(tmp_path):
+    model = create_model('testing', num_classes=5)
+    flat = flatten(jax.tree.map(np.asarray, init_params(model, 16)))
+    np.savez(tmp_path / 'int8.npz', **{k: v.astype(np.int8) for k, v in flat.items()})
+    bad = dict(flat)
+    bad['head/kernel'] = np.full_like(flat['head/kernel'], np.nan)
+    np.savez(tmp_path / 'nan.npz', **bad)
+    with pytest.raises(UserError, match='is int8, not floating point'):
+        load_pretrained(tmp_path / 'int8.npz', init_params(model, 16))
+    with pytest.raises(UserError, match='head/kernel holds NaN or infinite'):
+        load_pretrained(tmp_path / 'nan.npz', init_params(model, 16))

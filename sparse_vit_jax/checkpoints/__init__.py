@@ -64,6 +64,13 @@ def load_pretrained(path: str | os.PathLike, target: Any, *,
     """
     want = flatten(target)
     got, source = read_checkpoint(path, num_heads_of(want))
+    for k, v in sorted(got.items()):
+        if v.dtype.kind not in 'f':
+            raise UserError(f'{path}: parameter {k} is {v.dtype}, not floating point; '
+                            'quantised or corrupt weights are not loaded')
+        if not np.isfinite(v).all():
+            raise UserError(f'{path}: parameter {k} holds NaN or infinite values; the file '
+                            'is damaged or came from a diverged run')
     if not any(k.startswith('pre_logits/') for k in want):
         got = {k: v for k, v in got.items() if not k.startswith('pre_logits/')}
     head_differs = any(k in got and tuple(got[k].shape) != tuple(want[k].shape)

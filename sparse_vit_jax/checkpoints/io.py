@@ -22,10 +22,20 @@ Flat = dict[str, np.ndarray]
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
 
 
+def _widen(a: np.ndarray) -> np.ndarray:
+    """bfloat16 / float16 -> float32 (exact). numpy stores bfloat16 in .npz as 2-byte void."""
+    if a.dtype.kind == 'V' and a.dtype.itemsize == 2:
+        import ml_dtypes
+        a = a.view(ml_dtypes.bfloat16)
+    if a.dtype.kind == 'f' or a.dtype.name == 'bfloat16':
+        return a.astype(np.float32) if a.dtype.itemsize < 4 else a
+    return a
+
+
 def _read_npz(path: Path) -> Flat:
     try:
         with np.load(path, allow_pickle=False) as f:
-            return {k: np.asarray(f[k]) for k in f.files}
+            return {k: _widen(np.asarray(f[k])) for k in f.files}
     except ValueError as e:
         if 'pickle' in str(e):
             raise UserError(f'{path} contains pickled objects, which are never loaded '
@@ -72,12 +82,22 @@ def _read_torch(path: Path) -> Flat:
 
 
 def _read_safetensors(path: Path) -> Flat:
-    from safetensors.numpy import load_file
-
+    """Through torch when it is installed (numpy has no bfloat16, in which many ship)."""
     try:
-        return load_file(str(path))
+        import torch  # noqa: F401
+        from safetensors.torch import load_file
+        convert = _torch_to_numpy
+    except ImportError:
+        from safetensors.numpy import load_file
+        convert = lambda d: {k: _widen(v) for k, v in d.items()}  # noqa: E731
+    try:
+        flat = load_file(str(path))
+    except TypeError as e:  # numpy's loader meeting bfloat16
+        raise UserError(f'{path} holds {e}; install PyTorch to read it: pip install '
+                        '"sparse_vit_jax[torch]"') from None
     except Exception as e:  # noqa: BLE001
         raise UserError(f'{path} is not a valid safetensors file ({e}); re-download it') from None
+    return convert(flat)
 
 
 def read_checkpoint(path: str | os.PathLike, num_heads: int) -> tuple[Flat, str]:
