@@ -188,3 +188,23 @@ def test_mock_imagenet2012_filtered_by_class_list(tmp_path):
     with tfds.testing.mock_data(num_examples=10), pytest.raises(
             UserError, match='not ImageNet-1k classes'):
         get_source(cfg)
+
+
+def test_imagenet100_folder_with_broken_images_is_refused_whole(tmp_path):
+    """Every undecodable file named in one line; nothing prepared, so a fix + re-run works."""
+    classes = ['n01440764', 'n02102040']
+    write_tree(tmp_path / 'tree', classes)
+    good = tmp_path / 'tree' / 'train' / 'n01440764' / 'n01440764_0.JPEG'
+    truncated = tmp_path / 'tree' / 'train' / 'n02102040' / 'n02102040_1.JPEG'
+    truncated.write_bytes(good.read_bytes()[:40])
+    garbage = tmp_path / 'tree' / 'val' / 'n01440764' / 'n01440764_1.JPEG'
+    garbage.write_bytes(b'\x00not an image' * 10)
+    (tmp_path / 'classes.txt').write_text('\n'.join(classes) + '\n')
+    cfg = data_cfg(tmp_path, name='imagenet100', root=str(tmp_path / 'tree'),
+                   class_list=str(tmp_path / 'classes.txt'))
+    with pytest.raises(UserError, match='2 images under .* do not decode') as e:
+        get_source(cfg)
+    assert str(truncated) in str(e.value) and str(garbage) in str(e.value)
+    truncated.unlink()
+    garbage.unlink()
+    assert get_source(cfg).builder.info.splits['train'].num_examples == 5

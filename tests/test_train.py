@@ -244,3 +244,9 @@ def test_eval_batch_and_device_count_independent_of_the_training_batch(tmp_path,
     main_here(wd, *SMOKE, f'--config.init_from={run8}', '--config.stages=eval',
               '--config.batch_size=12', '--config.eval_batch_size=10', data_dir=data_dir)
     assert results(wd)['eval']['accuracy'] == results(run8)['eval']['accuracy']
+
+
+def test_eta_counts_days():
+    from sparse_vit_jax.train.loop import format_eta
+    assert format_eta(59) == '00:00:59'
+    assert format_eta(2 * 86_400 + 3 * 3_600 + 4 * 60 + 5) == '2d 03:04:05'

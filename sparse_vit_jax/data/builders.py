@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -100,18 +101,37 @@ class Imagenet100Folder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = Path(dl_manager.manual_dir)
-        splits = {}
+        files = {}
         for split, folder in (('train', 'train'), ('validation', 'val')):
             missing = [c for c in self.class_ids if not (root / folder / c).is_dir()]
             if missing:
                 raise UserError(f'{root / folder} lacks {len(missing)} of the listed classes '
                                 f'(first: {missing[0]}); expected {root}/{folder}/<wnid>/*.JPEG')
-            splits[split] = self._generate_examples(root / folder)
-        return splits
+            files[split] = [(label, f) for label, wnid in enumerate(self.class_ids)
+                            for f in sorted((root / folder / wnid).iterdir())
+                            if f.suffix.lower() in IMAGE_SUFFIXES]
+        bad = undecodable([f for fs in files.values() for _, f in fs])
+        if bad:  # before anything is written: nothing is half-prepared
+            raise UserError(f'{len(bad)} images under {root} do not decode: {"; ".join(bad)}; '
+                            'replace or remove them, then re-run')
+        return {split: self._generate_examples(fs) for split, fs in files.items()}
 
-    def _generate_examples(self, folder: Path):
-        for label, wnid in enumerate(self.class_ids):
-            for f in sorted((folder / wnid).iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    yield f'{wnid}/{f.name}', {'image': str(f), 'label': label,
-                                               'file_name': f.name}
+    def _generate_examples(self, files: list[tuple[int, Path]]):
+        for label, f in files:
+            yield f'{f.parent.name}/{f.name}', {'image': str(f), 'label': label,
+                                                'file_name': f.name}
+
+
+def undecodable(files: list[Path]) -> list[str]:
+    """'path (why)' for every file that TensorFlow's decoder (the pipeline's) cannot read."""
+    import tensorflow as tf
+
+    def why(f: Path) -> str | None:
+        try:
+            tf.io.decode_image(tf.io.read_file(str(f)), channels=3, expand_animations=False)
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, ValueError) as e:
+            return f'{f} ({(e.message if hasattr(e, "message") else str(e)).strip()[:80]})'
+        return None
+
+    with ThreadPoolExecutor(8) as pool:
+        return [w for w in pool.map(why, files) if w]

@@ -9,9 +9,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
-
-from sparse_vit_jax.train.sharding import state_shardings
 
 
 @flax.struct.dataclass
@@ -54,7 +51,3 @@ def create_state(init_params: InitParams, tx: optax.GradientTransformation, seed
         opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
         state = state.replace(params=params, opt_state=opt_state)
     return state
-
-
-def shardings_for(abstract: TrainState, mesh: Mesh, fsdp: bool) -> TrainState:
-    return state_shardings(abstract, mesh, fsdp)
