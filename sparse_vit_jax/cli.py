@@ -129,6 +129,8 @@ def _exit_now(e: BaseException) -> None:
     """One of several processes failed: say why and exit now. Waiting at JAX's shutdown
     barrier would hang this process, and the others with it, for minutes."""
     import traceback
+
+    from sparse_vit_jax.errors import Stopped
     if isinstance(e, UserError):
         print(f'error: {e}', file=sys.stderr)
         code = e.exit_code
@@ -137,6 +139,12 @@ def _exit_now(e: BaseException) -> None:
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    if isinstance(e, Stopped):  # an agreed stop: every process is here; leave together
+        import jax
+        try:
+            jax.distributed.shutdown()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
     os._exit(code)
 
 
