@@ -59,6 +59,7 @@ def test_sigkill_at_several_steps_resumes_bit_identical(tmp_path, data_dir, refe
     assert_same(params(wd), reference)
 
 
+@pytest.mark.slow
 def test_signals_stop_training_and_pruning_with_one_line_and_resume_bit_identical(
         tmp_path, data_dir, reference):
     """SIGTERM while training: checkpoint, one line, exit 3. Ctrl-C while pruning: the same.

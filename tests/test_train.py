@@ -171,6 +171,7 @@ def test_digits_default_reaches_95_percent(tmp_path, data_dir):
     assert len(r['prune']) == 9
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_full_batch_and_bf16_runs(tmp_path, data_dir):
     common = [*SMOKE, '--config.model.dropout_rate=0.0', '--config.stages=train']
     main_here(tmp_path / 'full', *common, '--config.num_steps=8', data_dir=data_dir)
