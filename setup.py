@@ -14,7 +14,7 @@ setup(
     # orbax-checkpoint 0.12.8, tensorflow-cpu 2.21.0, tensorflow-datasets 4.9.10, clu 0.0.12,
     # tensorboard 2.21.0.
     install_requires=[
-        'jax>=0.10.2,<0.11',
+        'jax>=0.10.2,<0.13',
         'flax>=0.12.8,<0.13',
         'optax>=0.2.8,<0.3',
         'orbax-checkpoint>=0.12.8,<0.13',

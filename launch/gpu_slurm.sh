@@ -14,15 +14,17 @@ Usage: launch/gpu_slurm.sh --nodes N --workdir DIR [options] [-- CONFIG_OVERRIDE
   --gpus-per-node G   GPUs per node (default: 8)
   --partition P       Slurm partition
   --time HH:MM:SS     time limit (default: 24:00:00)
-  --config FILE       config file (default: configs/imagenet100.py)
+  --config FILE       config file (default: configs/imagenet100.py of this checkout)
   --workdir DIR       shared directory for checkpoints and results (required)
   --dry-run           print the sbatch command without submitting it
   -h, --help          this help
-Re-submitting the same command after a preemption resumes from the workdir.
+Re-submitting the same command after a preemption resumes from the workdir. Relative paths
+(--config, --workdir, and the path keys init_from, pretrained, data.data_dir, data.root,
+data.class_list) are taken from the directory you run this in.
 USAGE
 }
 
-nodes="" gpn=8 partition="" limit="24:00:00" config="configs/imagenet100.py" workdir=""
+nodes="" gpn=8 partition="" limit="24:00:00" config="" workdir=""
 overrides=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -42,8 +44,12 @@ done
 [[ "$gpn" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive integer"
 [[ -n "$workdir" ]] || die "--workdir is required (on a filesystem every node shares)"
 
+repo=$(cd "$here/.." && pwd)
+config=$(abspath "${config:-$repo/configs/imagenet100.py}")
+workdir=$(abspath "$workdir")
+absolute_overrides "${overrides[@]}"
 extra=()
 [[ -n "$partition" ]] && extra=(--partition "$partition")
 run sbatch --job-name sparse_vit --nodes "$nodes" --ntasks-per-node 1 \
   --gpus-per-node "$gpn" --time "$limit" --output "slurm-%j.out" "${extra[@]}" \
-  --wrap "cd $(quote "$(cd "$here/.." && pwd)") && srun $(main_command "$config" "$workdir" "${overrides[@]}")"
+  --wrap "cd $(quote "$repo") && srun $(main_command "$config" "$workdir" "${OVERRIDES[@]}")"

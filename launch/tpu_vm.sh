@@ -11,7 +11,7 @@ Usage: launch/tpu_vm.sh ACTION --name NAME --zone ZONE [options] [-- CONFIG_OVER
 
 Actions:
   create   create the TPU VM (queued resource for v5e/v6e, tpu-vm create for v4)
-  setup    copy this checkout to every worker and install jax[tpu] and the package
+  setup    copy this checkout's source tree to every worker; install the package with jax[tpu]
   run      run the main job on all workers at once, streaming their logs
   fetch    copy results.{json,csv} and the plot from --workdir to ./results/NAME/
   delete   delete the TPU VM (and its queued resource)
@@ -24,11 +24,13 @@ Options:
   --accelerator TYPE     v5litepod-8 (default), v6e-8, v4-8, ...
   --runtime VERSION      TPU runtime (default: per accelerator family)
   --spot                 spot / preemptible capacity
-  --config FILE          config file (default: configs/imagenet100.py)
+  --config FILE          config file inside this checkout (default: configs/imagenet100.py)
   --workdir URL          gs://bucket/run: checkpoints and results (required for run/fetch)
   --dry-run              print the exact commands without running them
   -h, --help             this help
-Everything after -- is passed to the main command (e.g. --config.batch_size=64).
+Everything after -- is passed to the main command (e.g. --config.batch_size=64); paths in it
+(init_from, pretrained, data.data_dir, data.root, data.class_list) must be gs:// URLs or
+absolute paths on the workers.
 Re-running 'run' after a preemption resumes from the workdir's checkpoints.
 USAGE
 }
@@ -38,7 +40,7 @@ action=${1:-}
 [[ -n "$action" ]] || die "missing ACTION (see --help)"
 shift
 name="" zone="" project="" accel="v5litepod-8" runtime="" spot=0
-config="configs/imagenet100.py" workdir=""
+config="" workdir=""
 overrides=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -69,6 +71,21 @@ esac
 if [[ "$action" == run || "$action" == fetch || "$action" == all ]]; then
   [[ "$workdir" == gs://* ]] || die "--workdir must be a gs:// URL that every worker can reach"
 fi
+repo=$(cd "$here/.." && pwd)
+# The workers run from their copy of the source tree: the config is named relative to it.
+config_path=$(abspath "${config:-$repo/configs/imagenet100.py}")
+[[ -f "$config_path" || "$action" == create || "$action" == delete ]] ||
+  die "--config $config not found (from $PWD)"
+[[ "$config_path" == "$repo"/* ]] ||
+  die "--config $config is outside this checkout ($repo); only the checkout reaches the workers"
+config=${config_path#"$repo"/}
+for a in "${overrides[@]}"; do
+  if [[ "$a" =~ ^--config\.($PATH_KEYS)=([^/].*)$ && "${BASH_REMATCH[2]}" != *://* ]]; then
+    die "$a: the workers cannot see local relative paths; give a gs:// URL or an absolute path"
+  fi
+done
+# What setup copies: the package and what installs and runs it; no virtualenv, runs or data.
+SOURCE_TREE=(sparse_vit_jax configs launch setup.py pyproject.toml README.md)
 
 gc=(gcloud)
 [[ -n "$project" ]] && gc+=(--project "$project")
@@ -92,9 +109,12 @@ on_all() {  # on_all COMMAND: run a shell command on every worker at once
 }
 
 setup() {
+  local sources=()
+  for f in "${SOURCE_TREE[@]}"; do sources+=("$repo/$f"); done
+  on_all "mkdir -p ~/sparse_vit_jax"
   run "${gc[@]}" compute tpus tpu-vm scp --recurse --zone "$zone" --worker=all \
-    "$(cd "$here/.." && pwd)" "$name:~/sparse_vit_jax"
-  on_all "cd ~/sparse_vit_jax && pip install -q 'jax[tpu]' && pip install -q -e ."
+    "${sources[@]}" "$name:~/sparse_vit_jax/"
+  on_all "cd ~/sparse_vit_jax && pip install -q -e '.[tpu]'"
 }
 
 run_job() {

@@ -106,6 +106,9 @@ def run(argv: list[str], job: Job, doc: str = '') -> int:
         config = prepare(config)
         import jax
 
+        from sparse_vit_jax.train.workdir import check_workdir
+        check_workdir(workdir)
+
         from sparse_vit_jax.train import signals
         several = jax.process_count() > 1
         restore = signals.install(sigterm=not several)

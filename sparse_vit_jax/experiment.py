@@ -25,6 +25,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from sparse_vit_jax.checkpoints import load_pretrained, save_params
+from sparse_vit_jax.checkpoints.io import directory_message
 from sparse_vit_jax.configs import training_differences, validate
 from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
 from sparse_vit_jax.errors import UserError
@@ -35,7 +36,12 @@ from sparse_vit_jax.pruning import evaluate_at_ratios, weight_stats
 from sparse_vit_jax.selection import PAPER_POOL, select
 from sparse_vit_jax.train import results as results_io
 from sparse_vit_jax.train import signals
-from sparse_vit_jax.train.checkpointing import Checkpointer, latest_meta, restore_params
+from sparse_vit_jax.train.checkpointing import (
+    Checkpointer,
+    checkpoint_dir,
+    latest_meta,
+    restore_params,
+)
 from sparse_vit_jax.train.loop import LoopConfig, log, train_loop
 from sparse_vit_jax.train.sharding import make_mesh, state_shardings, to_host
 from sparse_vit_jax.train.state import (
@@ -45,7 +51,7 @@ from sparse_vit_jax.train.state import (
     with_shardings,
 )
 from sparse_vit_jax.train.steps import evaluate, make_eval_step, make_train_step
-from sparse_vit_jax.train.workdir import WorkdirLock
+from sparse_vit_jax.train.workdir import WorkdirLock, check_workdir
 
 
 def build_model(c: Any, num_classes: int, numerics: str = 'jax') -> VisionTransformer:
@@ -118,6 +124,8 @@ class Experiment:
         """Weights from a run directory (its checkpoints) or a weights file, onto the mesh."""
         p = epath.Path(path)
         if p.is_dir():
+            if not any(checkpoint_dir(p).glob('[0-9]*')) and any(p.glob('*.*')):
+                raise UserError(directory_message(p))
             return restore_params(p, with_shardings(self.abstract_params, self.param_shardings))
         params, fmt = load_pretrained(p, self.abstract_params, reinit_head=reinit_head)
         log(f'loaded {p} ({fmt} format, model numerics {self.numerics!r})')
@@ -226,9 +234,7 @@ def _zero_fraction(params: Any, pool: Any) -> jax.Array:
 def run(c: mlc.ConfigDict, workdir: Any) -> dict[str, Any]:
     """The stages of a validated config, in order; returns (and writes) the results."""
     validate(c)
-    workdir = epath.Path(workdir)  # local or gs://
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f'--workdir {workdir} is a file; choose a directory')
+    workdir = check_workdir(workdir)  # local or gs://
     exp = Experiment.create(c, workdir)
     with WorkdirLock(workdir, log):
         return stages(exp, c, workdir)

@@ -13,6 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+try:  # the independent PyTorch references; the [torch] extra (the main CI job has it)
+    import torch
+    import transformers
+except ImportError:
+    torch = transformers = None
+needs_torch = pytest.mark.skipif(
+    torch is None, reason='PyTorch reference: install the [torch] extra (the main CI job has it)')
 
 SMOKE = ['--config=configs/digits.py', '--config.model.name=testing',
          '--config.model.hidden_size=32', '--config.model.num_layers=2',

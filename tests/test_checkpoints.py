@@ -8,9 +8,8 @@ import zipfile
 import jax
 import numpy as np
 import pytest
-import torch
+from helpers import needs_torch, torch, transformers
 from scipy import ndimage
-from transformers import ViTConfig, ViTForImageClassification
 
 from sparse_vit_jax import convert
 from sparse_vit_jax.checkpoints import flatten, load_pretrained, unflatten
@@ -25,11 +24,11 @@ PARITY = [('testing', (16, 32)), pytest.param('ViT-Ti_16', (96, 64), marks=pytes
 def hf_model(variant, image_size, eps, num_labels=5, seed=0):
     v = VARIANTS[variant]
     torch.manual_seed(seed)
-    cfg = ViTConfig(hidden_size=v['hidden_size'], num_hidden_layers=v['num_layers'],
+    cfg = transformers.ViTConfig(hidden_size=v['hidden_size'], num_hidden_layers=v['num_layers'],
                     num_attention_heads=v['num_heads'], intermediate_size=v['mlp_dim'],
                     image_size=image_size, patch_size=v['patch_size'], num_labels=num_labels,
                     layer_norm_eps=eps, hidden_act='gelu')
-    m = ViTForImageClassification(cfg).eval()
+    m = transformers.ViTForImageClassification(cfg).eval()
     with torch.no_grad():  # HF initialises biases and LayerNorms trivially; randomise all.
         for p in m.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -67,6 +66,7 @@ def v4_names(sd):
     return out
 
 
+@needs_torch
 @pytest.mark.parametrize('variant,sizes', PARITY)
 def test_hf_parity(tmp_path, variant, sizes):
     for size in sizes:
@@ -126,6 +126,7 @@ def hf_to_asyml(sd, d, heads):
     return out
 
 
+@needs_torch
 @pytest.mark.parametrize('layout,eps', [('timm', 1e-6), ('asyml', 1e-5)])
 def test_timm_and_asyml_parity(tmp_path, layout, eps):
     v = VARIANTS['testing']
@@ -142,6 +143,7 @@ def test_timm_and_asyml_parity(tmp_path, layout, eps):
     np.testing.assert_allclose(model.apply({'params': params}, x), torch_logits(m, x), atol=1e-4)
 
 
+@needs_torch
 def test_safetensors(tmp_path):
     from safetensors.torch import save_file
     m = hf_model('testing', 16, eps=1e-12)
@@ -208,6 +210,7 @@ def test_official_npz_testing_variant_roundtrip(tmp_path):
     assert not np.asarray(again['head']['kernel']).any()
 
 
+@needs_torch
 def test_convert_cli_is_lossless(tmp_path):
     m = hf_model('testing', 16, eps=1e-12)
     torch.save(m.state_dict(), tmp_path / 'hf.pth')
@@ -266,6 +269,7 @@ class _Evil:
         return (os.system, (f'touch {_Evil.marker}',))
 
 
+@needs_torch
 def test_malicious_pickle_is_refused(tmp_path, capsys):
     _Evil.marker = tmp_path / 'pwned'
     torch.save({'state_dict': {'x': _Evil()}}, tmp_path / 'evil.pth')
@@ -284,6 +288,7 @@ def test_missing_block_named(tmp_path):
     assert unflatten(flat)['Transformer']['encoderblock_0']
 
 
+@needs_torch
 def test_bfloat16_weights_load_convert_and_resize_like_their_float32_values(tmp_path):
     """bf16 safetensors (how many checkpoints ship) and a bf16 .npz load as the exact float32
     values torch gives the same bf16 tensors, also when position embeddings are resized."""

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
-import torch.nn.utils.prune as tprune
+from helpers import needs_torch, torch
 
 from sparse_vit_jax.checkpoints import flatten
 from sparse_vit_jax.errors import UserError
@@ -39,6 +38,7 @@ def pool_of(params, masks):
 
 
 def torch_masks(pool, ratio, scope):
+    import torch.nn.utils.prune as tprune
     mods = {}
     for k, (w, _) in pool.items():
         m = torch.nn.Module()
@@ -53,6 +53,7 @@ def torch_masks(pool, ratio, scope):
     return {k: m.weight_mask.numpy().astype(bool) for k, m in mods.items()}
 
 
+@needs_torch
 @pytest.mark.parametrize('scope', ['global', 'layerwise'])
 def test_identical_to_torch_prune(scope):
     _, params = random_vit(num_layers=4)  # 1.8 M weights in the pool, 25 tensors

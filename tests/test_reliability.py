@@ -9,8 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from helpers import ROOT, SMOKE, main_here, params, run_main
+from helpers import ROOT, SMOKE, main_here, needs_torch, params, run_main, torch
 
 RUN = [*SMOKE, '--config.num_steps=24', '--config.checkpoint_every_steps=4',
        '--config.log_every_steps=1', '--config.keep_checkpoints=2', '--config.stages=train']
@@ -200,12 +199,24 @@ def test_nan_loss_stops_with_one_line_and_keeps_good_checkpoint(tmp_path, data_d
 
 # ---- a catalogue of bad inputs: one line, non-zero exit, nothing half-written ------------------
 
+class Payload:
+    """A class a checkpoint pickles beside its tensors: loading it would run its module's code."""
+
+
 def write_bad_files(d):
     np.savez(d / 'pickled.npz', cls=np.array([object()], dtype=object))
+    (d / 'random.npz').write_bytes(b'\x17' + np.random.default_rng(0).bytes(4095))
+    (d / 'lfs.npz').write_text('version https://git-lfs.github.com/spec/v1\noid sha256:'
+                               f'{"ab" * 32}\nsize 346000000\n')
+    (d / 'hf_model').mkdir()
+    (d / 'hf_model' / 'config.json').write_text('{}')
+    (d / 'hf_model' / 'model.safetensors').write_bytes(b'')
     np.savez(d / 'good.npz', cls=np.zeros((1, 1, 8)))
     (d / 'truncated.npz').write_bytes((d / 'good.npz').read_bytes()[:50])
     (d / 'weights.txt').write_text('not weights')
-    torch.save({'state_dict': {'blocks.0.x': torch.zeros(1)}}, d / 'unknown_layout.pth')
+    if torch is not None:
+        torch.save({'state_dict': {'a': torch.zeros(1)}, 'extra': Payload()}, d / 'code.pth')
+        torch.save({'state_dict': {'blocks.0.x': torch.zeros(1)}}, d / 'unknown_layout.pth')
     (d / 'bad_classes.txt').write_text('n1234\n')
     (d / 'a_file').write_text('x')
 
@@ -238,11 +249,20 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.stages=evaluate'], 'config stages must be some of'),
     (['--config.sweep.variants=baseline,magic'], 'sweep.variants must be some of'),
     (['--config.stages=eval', '--config.init_from={d}/nowhere.npz'], 'checkpoint not found'),
-    (['--config.pretrained={d}/pickled.npz'], 'pickled objects'),
+    (['--config.pretrained={d}/pickled.npz'], 'holds an array of Python objects'),
+    (['--config.pretrained={d}/random.npz'], 'is not an .npz archive (no zip header'),
+    (['--config.pretrained={d}/lfs.npz'], 'is a git-LFS pointer (134 bytes), not the weights'),
+    (['--config.pretrained={d}/hf_model'], 'is a directory, not a run with checkpoints; give the '
+     'weights file itself (it holds model.safetensors)'),
+    pytest.param(['--config.pretrained={d}/code.pth'],
+                 'Payload), which torch.load(weights_only=True) refuses: loading them could run '
+                 'arbitrary code. If you trust its source', marks=needs_torch),
+    (['--workdir=gs://sparse-vit-jax-no-such-bucket/run'], 'cannot reach --workdir gs://'),
     (['--config.pretrained={d}/truncated.npz'], 'truncated or not an .npz'),
     (['--config.pretrained={d}/good.npz'], 'missing parameter'),
     (['--config.pretrained={d}/weights.txt'], 'unsupported checkpoint format'),
-    (['--config.pretrained={d}/unknown_layout.pth'], 'unrecognised PyTorch ViT layout'),
+    pytest.param(['--config.pretrained={d}/unknown_layout.pth'],
+                 'unrecognised PyTorch ViT layout', marks=needs_torch),
     (['--config.data.name=cifar10', '--config.data.data_dir={d}/empty'], 'is not prepared'),
     (['--config.data.name=imagenet100'], 'data.class_list is required'),
     (['--config.data.name=imagenet100', '--config.data.class_list={d}/bad_classes.txt'],
@@ -261,7 +281,8 @@ CATALOGUE = [  # (arguments, what the one line must say)
 ]
 
 
-@pytest.mark.parametrize('args,message', CATALOGUE, ids=[m for _, m in CATALOGUE])
+@pytest.mark.parametrize('args,message', CATALOGUE, ids=[
+    (c.values if hasattr(c, 'values') else c)[1] for c in CATALOGUE])
 def test_bad_input_catalogue(tmp_path, data_dir, args, message):
     """In this process (8 CPU devices): one line, exit 2, nothing written."""
     write_bad_files(tmp_path)
@@ -364,3 +385,23 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial_step(tm
         assert not [p for p in (disk / 'run' / 'checkpoints').iterdir() if not p.name.isdigit()]
     finally:
         subprocess.run(['umount', str(disk)], check=True)
+
+
+def test_damaged_record_file_is_one_line_naming_it(tmp_path):
+    """A prepared dataset whose record file was damaged on disk (bytes changed, size kept):
+    one line that names the split and its directory and says to prepare it again."""
+    from sparse_vit_jax.data.builders import Digits
+
+    Digits(data_dir=str(tmp_path / 'tfds')).download_and_prepare()
+    (record,) = (tmp_path / 'tfds').rglob('*-train.tfrecord-*')
+    data = bytearray(record.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    record.write_bytes(bytes(data))
+    wd = tmp_path / 'work'
+    r = main_here(wd, *SMOKE, '--config.stages=train', data_dir=tmp_path / 'tfds', check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot read the prepared dataset (split 'train' in "
+                           f'{record.parent}): corrupted record at '), line
+    assert f'prepare it again: delete {record.parent}' in line and 'Traceback' not in r.stderr
+    assert not (wd / 'params.npz').exists()

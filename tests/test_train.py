@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from clu import metrics
-from helpers import SMOKE, main_here, params, results, run_main
+from helpers import SMOKE, main_here, needs_torch, params, results, run_main, torch
 
 from sparse_vit_jax.configs import base_config, from_saved, validate
 from sparse_vit_jax.errors import UserError
@@ -147,8 +147,8 @@ def test_config_is_locked_and_typed():
     assert len(c.prune.include) == 1
 
 
+@needs_torch
 def test_onecycle_matches_torch():
-    import torch
     total, warmup, peak = 60, 13, 1e-3
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak, momentum=0.9)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=total,

@@ -12,6 +12,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,19 +33,44 @@ def _widen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+LFS_POINTER = b'version https://git-lfs'
+
+
+def _sniff_npz(path: Path) -> None:
+    """UserError unless the file starts like a zip archive, naming what it is instead."""
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    if head.startswith((b'PK\x03\x04', b'PK\x05\x06')):
+        return
+    if head.startswith(LFS_POINTER):
+        raise UserError(f'{path} is a git-LFS pointer ({path.stat().st_size} bytes), not the '
+                        'weights: fetch the file itself (git lfs pull, or download it again)')
+    if head.startswith(b'\x93NUMPY'):
+        raise UserError(f'{path} is a single .npy array, not an .npz archive of named '
+                        'parameters; save the parameters with numpy.savez')
+    if not head:
+        raise UserError(f'{path} is empty; download or convert it again')
+    if head[:1] == b'\x80':
+        raise UserError(f'{path} is a Python pickle, not an .npz archive; pickles are never '
+                        'loaded (they can run code): convert the weights to .npz or safetensors')
+    raise UserError(f'{path} is not an .npz archive (no zip header: the file is damaged or of '
+                    'another format); download or convert it again')
+
+
 def _read_npz(path: Path) -> Flat:
+    _sniff_npz(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: _widen(np.asarray(f[k])) for k in f.files}
     except ValueError as e:
         if 'pickle' in str(e):
-            raise UserError(f'{path} contains pickled objects, which are never loaded '
+            raise UserError(f'{path} holds an array of Python objects, which is never loaded '
                             '(allow_pickle=False); re-save it with plain numeric arrays') from None
-        raise UserError(f'{path} is not a readable .npz file ({e}); re-download or '
-                        're-convert it') from None
+        raise UserError(f'{path} is not a readable .npz file ({e}); download or convert it '
+                        'again') from None
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise UserError(f'{path} is truncated or not an .npz archive ({type(e).__name__}: '
-                        f'{e}); re-download or re-convert it') from None
+                        f'{e}); download or convert it again') from None
 
 
 def _torch_to_numpy(obj: object) -> Flat:
@@ -74,10 +100,18 @@ def _read_torch(path: Path) -> Flat:
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f'{path} could not be loaded as a PyTorch checkpoint with '
-                        f'weights_only=True ({type(e).__name__}: {msg[:200]}); it may be '
-                        'truncated or contain pickled code, which is refused') from None
+        if type(e).__name__ != 'UnpicklingError':
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f'{path} is truncated or not a PyTorch checkpoint '
+                            f'({type(e).__name__}: {msg.split(". ")[0]}); download or convert '
+                            'it again') from None
+        why = next((line.strip().split(' was not')[0].replace('WeightsUnpickler error: ', '')
+                    for line in str(e).splitlines() if 'Unsupported' in line), 'objects')
+        raise UserError(f'{path} holds pickled Python objects besides tensors ({why}), which '
+                        'torch.load(weights_only=True) refuses: loading them could run '
+                        'arbitrary code. If you trust its '
+                        'source, re-save only its tensors (torch.save(state_dict, ...)), or '
+                        'convert it to safetensors') from None
     return _torch_to_numpy(obj)
 
 
@@ -100,6 +134,14 @@ def _read_safetensors(path: Path) -> Flat:
     return convert(flat)
 
 
+def directory_message(path: Any) -> str:
+    """What to say when a directory is given where a weights file is expected."""
+    inside = sorted(p.name for p in path.iterdir()
+                    if p.suffix.lower() in ('.npz', '.safetensors', *TORCH_SUFFIXES))
+    hint = f' (it holds {", ".join(inside[:3])})' if inside else ''
+    return f'{path} is a directory, not a run with checkpoints; give the weights file itself{hint}'
+
+
 def read_checkpoint(path: str | os.PathLike, num_heads: int) -> tuple[Flat, str]:
     """Returns ({official name: array}, source) where source names the numerics.
 
@@ -107,6 +149,8 @@ def read_checkpoint(path: str | os.PathLike, num_heads: int) -> tuple[Flat, str]
     ('asyml', 'hf', 'timm'). `num_heads` is needed to split fused torch kernels.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(directory_message(path))
     if not path.is_file():
         raise UserError(f'checkpoint not found: {path}')
     suffix = path.suffix.lower()

@@ -141,30 +141,35 @@ def _open(source: Source, split: str, *, shuffle_seed: int | None = None) -> Any
     return ds
 
 
-def _count(ds: Any) -> int:
+def _count(ds: Any, where: tuple[str, str]) -> int:
     import tensorflow as tf
 
     n = int(ds.cardinality())
     if n >= 0:
         return n
-    with _readable():
+    with _readable(where):
         return int(ds.map(lambda ex: 0).reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
 
 
 @contextlib.contextmanager
-def _readable() -> Iterator[None]:
-    """A missing or damaged record file -> one UserError naming it."""
+def _readable(where: tuple[str, str]) -> Iterator[None]:
+    """A missing or damaged record file -> one UserError naming the split and its directory."""
     import tensorflow as tf
     try:
         yield
     except (tf.errors.NotFoundError, tf.errors.DataLossError) as e:
         what = (e.message or str(e)).split('}')[-1].strip().split(' [Op:')[0][:300]
-        raise UserError(f'cannot read the prepared dataset: {what}; prepare it again (delete '
-                        'its directory under the data dir, then re-run)') from None
+        split, directory = where
+        raise UserError(f'cannot read the prepared dataset (split {split!r} in {directory}): '
+                        f'{what}; prepare it again: delete {directory}, then re-run') from None
 
 
-def _numpy(ds: Any) -> Iterator[dict[str, np.ndarray]]:
-    with _readable():
+def _where(source: Source, split: str) -> tuple[str, str]:
+    return split, str(source.builder.data_dir)
+
+
+def _numpy(ds: Any, where: tuple[str, str]) -> Iterator[dict[str, np.ndarray]]:
+    with _readable(where):
         yield from ds.as_numpy_iterator()
 
 
@@ -242,7 +247,7 @@ class TrainData:
                ) -> TrainData:
         source = source or get_source(cfg)
         local = local_batch_size(global_batch, mesh)
-        n = _count(_open(source, source.train_split))
+        n = _count(_open(source, source.train_split), _where(source, source.train_split))
         if n < global_batch:
             raise UserError(f'{cfg.name} train split has {n} examples, fewer than the batch '
                             f'{global_batch}; lower config.batch_size')
@@ -278,7 +283,7 @@ class TrainData:
 
             ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             ds = ds.batch(self.local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-            yield from _numpy(ds)
+            yield from _numpy(ds, _where(self.source, self.source.train_split))
             epoch, skip = epoch + 1, 0
 
 
@@ -296,7 +301,8 @@ def eval_batches(cfg: Any, image_size: int, global_batch: int, mesh: Mesh,
     source = source or get_source(cfg)
     local = local_batch_size(global_batch, mesh)
     ds = _open(source, source.eval_split)
-    n = _count(ds) if count is None else count
+    where = _where(source, source.eval_split)
+    n = _count(ds, where) if count is None else count
     padded = math.ceil(n / global_batch) * global_batch
     ds = ds.map(lambda ex: {**ex, 'mask': tf.constant(1.0, tf.float32)})
     pad = tf.data.Dataset.from_tensors({'image': tf.constant(b''), 'label': tf.constant(
@@ -310,4 +316,4 @@ def eval_batches(cfg: Any, image_size: int, global_batch: int, mesh: Mesh,
 
     ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
-    return prefetch(_to_global(b, mesh) for b in _numpy(ds)), n
+    return prefetch(_to_global(b, mesh) for b in _numpy(ds, where)), n

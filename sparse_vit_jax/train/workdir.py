@@ -34,6 +34,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def check_workdir(workdir: Any) -> epath.Path:
+    """The workdir as a path, or a UserError if it is a file or cannot be reached (a gs://
+    bucket with no network, no credentials or no such bucket): before anything is computed."""
+    path = epath.Path(workdir)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f'--workdir {workdir} is a file; choose a directory')
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every filesystem backend has its own errors
+        text = ' '.join(str(e).split()) or type(e).__name__
+        raise UserError(f'cannot reach --workdir {workdir} ({text[:240]}); check the path, the '
+                        'bucket name, your credentials (gcloud auth application-default login) '
+                        'and the network') from None
+    return path
+
+
 class WorkdirLock:
     def __init__(self, workdir: Any, log: Any = print) -> None:
         self.workdir = epath.Path(workdir)
