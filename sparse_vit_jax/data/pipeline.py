@@ -72,9 +72,23 @@ def _prepare_once(make: Any, prepare: Any) -> Any:
     return builder
 
 
+def hide_accelerators_from_tensorflow() -> None:
+    """TensorFlow only feeds the input pipeline: with the full `tensorflow` package on a GPU
+    machine it would otherwise reserve the GPUs' memory (and TPUs) that JAX needs. Must run
+    before TensorFlow's first operation; later it is too late and changes nothing."""
+    import tensorflow as tf
+    for kind in ('GPU', 'TPU'):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):  # already initialised, or no such device type
+            pass
+
+
 def get_source(cfg: Any) -> Source:
     """Resolves config.data into a TFDS builder. Nothing is downloaded."""
     import tensorflow_datasets as tfds
+
+    hide_accelerators_from_tensorflow()
 
     from sparse_vit_jax.data.builders import Digits, Imagenet100Folder, read_class_list
 
