@@ -21,14 +21,15 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import ml_collections as mlc
 import numpy as np
+from etils import epath
 
 from sparse_vit_jax import cli
 from sparse_vit_jax.configs import SWEEP_VARIANTS, copy, training_fingerprint
+from sparse_vit_jax.train.workdir import check_workdir
 
 
 def _attention(c: Any) -> None:
@@ -63,13 +64,13 @@ def cell_config(c: Any, variant: str, seed: int) -> mlc.ConfigDict:
     return cell
 
 
-def cell_dir(root: Path, cfg: Any, variant: str) -> Path:
+def cell_dir(root: epath.Path, cfg: Any, variant: str) -> epath.Path:
     """cells/<variant>_seed<seed>_<fingerprint of the training settings>: a changed training
     config is a new cell, trained from scratch; the old one stays as it was."""
     return root / 'cells' / f'{variant}_seed{cfg.seed}_{training_fingerprint(cfg)}'
 
 
-def _finished(path: Path, cfg: Any) -> dict[str, Any] | None:
+def _finished(path: epath.Path, cfg: Any) -> dict[str, Any] | None:
     """The cell's results if they were written for exactly this config, with all it owes."""
     if not path.exists():
         return None
@@ -81,7 +82,7 @@ def _finished(path: Path, cfg: Any) -> dict[str, Any] | None:
     return r
 
 
-def run_cell(cfg: Any, workdir: Path) -> dict[str, Any]:
+def run_cell(cfg: Any, workdir: epath.Path) -> dict[str, Any]:
     """One (variant, seed): read if finished for this config, else train (resuming) and prune.
 
     results.json is written once, when everything the cell owes (fine-tuning included) is
@@ -103,7 +104,7 @@ def run_cell(cfg: Any, workdir: Path) -> dict[str, Any]:
     return out
 
 
-def finetune_pruned(c: Any, workdir: Path, exp: Any) -> list[dict[str, Any]]:
+def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any]]:
     """Prunes the cell's trained params at every ratio, fine-tunes each with masks kept.
 
     config.sweep.finetune_steps steps at a constant tenth of the learning rate;
@@ -249,12 +250,12 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def run_sweep(c: Any, workdir: str | Path, command: str = '') -> list[dict[str, Any]]:
+def run_sweep(c: Any, workdir: Any, command: str = '') -> list[dict[str, Any]]:
     from sparse_vit_jax.checkpoints.io import atomic_write_bytes
     from sparse_vit_jax.configs import validate
     from sparse_vit_jax.train import results as results_io
     validate(c)
-    workdir = Path(workdir)
+    workdir = check_workdir(workdir)  # local or gs://
     cells, weights = {}, {}
     from sparse_vit_jax.train import signals
     for i in range(c.sweep.seeds):
@@ -275,7 +276,7 @@ def run_sweep(c: Any, workdir: str | Path, command: str = '') -> list[dict[str, 
 
 def job(config: Any, workdir: str, command: str) -> None:
     run_sweep(config, workdir, command)
-    print(Path(workdir, 'results.md').read_text())
+    print((epath.Path(workdir) / 'results.md').read_text())
 
 
 def main() -> None:
