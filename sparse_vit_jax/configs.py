@@ -29,6 +29,8 @@ WORD_LISTS = ('stages', 'sweep.variants')  # tuples of plain words: 'a,b' is acc
 def base_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.seed = 0
+    c.rng_impl = 'auto'            # dropout RNG: auto (threefry on CPU, rbg on GPU/TPU) |
+                                   # threefry | rbg | unsafe_rbg
     c.stages = STAGES              # any of train, eval, prune, in this order
     c.smoke = False                # True: a tiny model and a few steps, for a CPU check
     c.init_from = ''               # our run dir or .npz to evaluate/prune/continue
@@ -39,8 +41,11 @@ def base_config() -> mlc.ConfigDict:
     c.model.name = 'ViT-B_16'
     c.model.image_size = 384
     c.model.numerics = 'jax'       # auto (from the weights' format) | jax | timm | hf | asyml
-    c.model.dtype = 'float32'      # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.attention_impl = 'xla'  # xla | cudnn (fused attention; NVIDIA GPU, bfloat16)
+    c.model.dtype = 'float32'      # compute: float32 | bfloat16 | auto (bfloat16 on GPU/TPU,
+                                   # float32 on CPU); parameters and optimizer stay float32
+    c.model.attention_impl = 'auto'  # auto (cudnn on NVIDIA GPUs in bfloat16, else xla) | xla |
+                                     # cudnn (fused, tokens padded) | padded_xla (its check)
+    c.model.remat = 'none'         # none | full | dots: recompute activations, larger batches
     c.model.dropout_rate = 0.1
     c.model.attention_dropout_rate = 0.0
     c.model.hidden_size = 0        # 0 = the variant's; set to build a custom size
@@ -123,6 +128,7 @@ def paper_recipe(c: mlc.ConfigDict, dataset: str) -> mlc.ConfigDict:
     """The paper's fine-tuning recipe (its implementation's values) on `dataset`."""
     c.model.name, c.model.image_size = 'ViT-B_16', 384
     c.model.numerics = 'auto'      # from the weights' format (the paper's .pth: 'asyml')
+    c.model.dtype = 'auto'         # bfloat16 matmuls on GPUs and TPUs, float32 on a CPU
     c.data.name = dataset
     c.data.shuffle_buffer = 50_000  # the paper's code never shuffled; we do
     c.batch_size, c.num_epochs = 16, 20.0
@@ -191,7 +197,7 @@ def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
 # training that produced them (how often to log and save, what to evaluate and prune after).
 RERUN_FREE = ('stages', 'smoke', 'init_from', 'log_every_steps', 'checkpoint_every_steps',
               'keep_checkpoints', 'eval_batch_size', 'data.data_dir', 'data.root',
-              'mesh.fsdp', 'model.attention_impl', 'prune.', 'sweep.')
+              'mesh.fsdp', 'model.attention_impl', 'model.remat', 'prune.', 'sweep.')
 
 
 def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -321,10 +327,12 @@ def validate(c: Any) -> None:
                         f'--config.stages=eval,prune), got {c.stages!r}')
     _one_of(c, 'model.name', tuple(VARIANTS))
     _one_of(c, 'model.numerics', ('auto', *NUMERICS))
-    _one_of(c, 'model.dtype', ('float32', 'bfloat16'))
-    _one_of(c, 'model.attention_impl', ('xla', 'cudnn'))
-    if c.model.attention_impl == 'cudnn' and c.model.dtype != 'bfloat16':
-        raise UserError('config model.attention_impl=cudnn needs model.dtype=bfloat16')
+    _one_of(c, 'model.dtype', ('auto', 'float32', 'bfloat16'))
+    _one_of(c, 'model.attention_impl', ('auto', 'xla', 'cudnn', 'padded_xla'))
+    _one_of(c, 'model.remat', ('none', 'full', 'dots'))
+    _one_of(c, 'rng_impl', ('auto', 'threefry', 'rbg', 'unsafe_rbg'))
+    if c.model.attention_impl == 'cudnn' and c.model.dtype == 'float32':
+        raise UserError('config model.attention_impl=cudnn needs model.dtype=bfloat16 (or auto)')
     _one_of(c, 'data.name', DATASETS)
     _one_of(c, 'data.preprocess', ('paper', 'inception_crop'))
     _one_of(c, 'data.source', ('folder', 'imagenet2012'))

@@ -29,7 +29,13 @@ from sparse_vit_jax.checkpoints.io import directory_message
 from sparse_vit_jax.configs import training_differences, validate
 from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.models import NUMERICS, VisionTransformer, create_model
+from sparse_vit_jax.models import (
+    NUMERICS,
+    VisionTransformer,
+    attention_impl,
+    compute_dtype,
+    create_model,
+)
 from sparse_vit_jax.objective import EvalMetrics, TrainMetrics, make_loss_fn
 from sparse_vit_jax.optimizer import build_optimizer, current_hparams, steps_for
 from sparse_vit_jax.pruning import evaluate_at_ratios, weight_stats
@@ -58,11 +64,28 @@ def build_model(c: Any, num_classes: int, numerics: str = 'jax') -> VisionTransf
     m = c.model
     overrides = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
                                    'patch_size') if m[k] > 0}
+    dtype = compute_dtype(m.dtype)
     return create_model(m.name, num_classes=num_classes, image_size=m.image_size,
                         dropout_rate=m.dropout_rate,
-                        attention_dropout_rate=m.attention_dropout_rate,
-                        dtype=jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32,
-                        attention_impl=m.attention_impl, **NUMERICS[numerics], **overrides)
+                        attention_dropout_rate=m.attention_dropout_rate, dtype=dtype,
+                        attention_impl=attention_impl(m.attention_impl, dtype), remat=m.remat,
+                        **NUMERICS[numerics], **overrides)
+
+
+PRNG_IMPLS = {'threefry': 'threefry2x32', 'rbg': 'rbg', 'unsafe_rbg': 'unsafe_rbg'}
+
+
+def use_rng_impl(name: str) -> str:
+    """Sets JAX's default PRNG (dropout masks, initialisation): 'auto' keeps Threefry on CPUs
+    (with its fast CPU lowering) and takes 'rbg' on GPUs and TPUs, where XLA's RngBitGenerator
+    is cheaper than Threefry's hash rounds. Returns the implementation used."""
+    if name == 'auto':
+        name = 'threefry' if jax.default_backend() == 'cpu' else 'rbg'
+    jax.config.update('jax_default_prng_impl', PRNG_IMPLS[name])
+    if jax.default_backend() == 'cpu' and name == 'threefry':
+        from sparse_vit_jax.train.cpu_threefry import use_unrolled_threefry_on_cpu
+        use_unrolled_threefry_on_cpu()  # same random bits, ~5x faster dropout masks on CPU
+    return name
 
 
 def resolve_numerics(c: Any) -> str:
@@ -100,9 +123,7 @@ class Experiment:
         if c.model.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
             raise UserError(f'model.attention_impl=cudnn needs an NVIDIA GPU; this run is on '
                             f'{jax.default_backend()}: use model.attention_impl=xla')
-        if jax.default_backend() == 'cpu':
-            from sparse_vit_jax.train.cpu_threefry import use_unrolled_threefry_on_cpu
-            use_unrolled_threefry_on_cpu()  # same random bits, ~5x faster dropout masks on CPU
+        use_rng_impl(c.rng_impl)
         mesh = make_mesh()
         source = get_source(c.data)
         numerics = resolve_numerics(c)

@@ -109,3 +109,63 @@ def test_cudnn_attention_branch_computes_the_same_attention(monkeypatch):
     calls.clear()
     fused.apply({'params': params}, x, capture_attention=(1,), mutable=['intermediates'])
     assert calls == ['cudnn']
+
+
+@pytest.mark.parametrize('image_size', [16, 32, 28])  # 17, 65 and 50 tokens: all padded
+def test_padded_fused_attention_equals_unpadded(image_size):
+    """The fused path's padding (to a multiple of 64) and masking, run with XLA's kernel in
+    float32: the logits of the exact attention within 1e-5, also through the gradient."""
+    exact = create_model('testing', num_classes=5)
+    padded = create_model('testing', num_classes=5, attention_impl='padded_xla')
+    params = init_params(exact, image_size)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape),
+                          params)
+    x = jax.random.normal(jax.random.key(1), (3, image_size, image_size, 3))
+    want, got = (np.asarray(m.apply({'params': params}, x)) for m in (exact, padded))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(want).max() > 0.1
+    grads = [jax.grad(lambda p, m=m: jnp.sum(m.apply({'params': p}, x) ** 2))(params)
+             for m in (exact, padded)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+
+def test_fused_attention_masks_padded_keys_against_numpy():
+    """Against a float64 numpy softmax(q k^T) v over the real tokens only."""
+    from sparse_vit_jax.models.vit import fused_attention
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 17, 3, 8)).astype(np.float32) for _ in range(3))
+    got = np.asarray(fused_attention(q, k, v, 'xla'))
+    logits = np.einsum('bqhd,bkhd->bhqk', q.astype(np.float64), k)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum('bhqk,bkhd->bqhd', p / p.sum(-1, keepdims=True), v)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_auto_choices_on_this_cpu():
+    from sparse_vit_jax.models import attention_impl, compute_dtype
+    assert jax.default_backend() == 'cpu'
+    assert compute_dtype('auto') == jnp.float32 and compute_dtype('bfloat16') == jnp.bfloat16
+    assert attention_impl('auto', jnp.bfloat16) == 'xla'
+    assert attention_impl('padded_xla', jnp.float32) == 'padded_xla'
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_keeps_parameters_and_gradients(remat):
+    plain = create_model('testing', num_classes=5, dropout_rate=0.1)
+    again = create_model('testing', num_classes=5, dropout_rate=0.1, remat=remat)
+    params = init_params(plain, 16)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape),
+                          params)
+    assert jax.tree.structure(init_params(again, 16)) == jax.tree.structure(params)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+
+    def loss(p, m):
+        y, st = m.apply({'params': p}, x, train=True, capture_attention=(1,),
+                        rngs={'dropout': jax.random.key(2)}, mutable=['intermediates'])
+        return jnp.sum(y ** 2) + sum(jnp.sum(a ** 2) for a in jax.tree.leaves(st))
+
+    g0, g1 = (jax.jit(jax.grad(loss), static_argnums=1)(params, m) for m in (plain, again))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)

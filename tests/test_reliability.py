@@ -272,6 +272,8 @@ CATALOGUE = [  # (arguments, what the one line must say)
      'matches no parameter'),
     (['--config.prune.include=("nothing/.*",)'], 'matches no parameter'),
     (['--config.model.attention_impl=flash'], 'model.attention_impl must be one of'),
+    (['--config.model.remat=everything'], 'model.remat must be one of'),
+    (['--config.rng_impl=philox'], 'rng_impl must be one of'),
     (['--config.model.attention_impl=cudnn'], 'needs model.dtype=bfloat16'),
     (['--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'],
      'needs an NVIDIA GPU'),

@@ -251,3 +251,23 @@ def test_eta_counts_days():
     from sparse_vit_jax.train.loop import format_eta
     assert format_eta(59) == '00:00:59'
     assert format_eta(2 * 86_400 + 3 * 3_600 + 4 * 60 + 5) == '2d 03:04:05'
+
+
+@pytest.mark.slow
+def test_rbg_dropout_rng_trains_and_resumes_bit_identical(tmp_path, run8, data_dir):
+    """config.rng_impl (the accelerators' default is rbg): a fresh process, as the choice is
+    process-wide. Its own random stream (params differ from the Threefry run's); its 4-word
+    key is checkpointed, so a run resumed from step 4 ends with the same weights."""
+    import shutil
+    wd = tmp_path / 'rbg'
+    args = [*SMOKE, '--config.rng_impl=rbg', '--config.stages=train,eval']
+    run_main(wd, *args, devices=8, data_dir=data_dir)
+    assert results(wd)['eval']['accuracy'] > 0
+    ours, threefry = params(wd), params(run8)
+    assert any(not np.array_equal(ours[k], threefry[k]) for k in ours)
+    (wd / 'params.npz').unlink()
+    shutil.rmtree(wd / 'checkpoints' / '8')
+    again = run_main(wd, *args, devices=8, data_dir=data_dir)
+    assert 'resuming from' in again.stdout
+    for k in ours:
+        np.testing.assert_array_equal(params(wd)[k], ours[k], err_msg=k)

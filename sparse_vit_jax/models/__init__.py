@@ -36,6 +36,23 @@ NUMERICS: dict[str, dict[str, Any]] = {
 }
 
 
+def compute_dtype(name: str) -> Any:
+    """'auto': bfloat16 where matmuls are fast in it (GPU, TPU), float32 on CPUs."""
+    if name == 'auto':
+        name = 'bfloat16' if jax.default_backend() in ('gpu', 'tpu') else 'float32'
+    return jnp.bfloat16 if name == 'bfloat16' else jnp.float32
+
+
+def attention_impl(name: str, dtype: Any) -> str:
+    """'auto': cuDNN's fused kernel on NVIDIA GPUs in a 16-bit dtype, XLA's attention elsewhere
+    (TPUs included: see the README)."""
+    if name != 'auto':
+        return name
+    device = jax.devices()[0]
+    nvidia = device.platform == 'gpu' and 'nvidia' in device.device_kind.lower()
+    return 'cudnn' if nvidia and jnp.dtype(dtype).itemsize == 2 else 'xla'
+
+
 def create_model(name: str, *, num_classes: int, image_size: int | None = None,
                  **overrides: Any) -> VisionTransformer:
     """Builds a VisionTransformer by variant name; `overrides` set any field.
@@ -69,4 +86,4 @@ def abstract_params(model: VisionTransformer, image_size: int, channels: int = 3
 
 
 __all__ = ['VARIANTS', 'NUMERICS', 'VisionTransformer', 'create_model', 'init_params',
-           'abstract_params', 'per_block']
+           'abstract_params', 'per_block', 'compute_dtype', 'attention_impl']

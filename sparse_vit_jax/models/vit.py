@@ -23,6 +23,28 @@ import jax.numpy as jnp
 
 Dtype = Any
 IntOrPerBlock = int | Sequence[int]
+# Fused attention kernels take sequence lengths that are multiples of this (cuDNN refuses
+# 577 = 24 * 24 + 1 tokens, the paper's 384 px): tokens are padded up to it and masked.
+FUSED_ALIGN = 64
+FUSED_IMPLS = {'cudnn': 'cudnn', 'padded_xla': 'xla'}  # attention_impl -> kernel
+REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
+         'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
+                    align: int = FUSED_ALIGN) -> jax.Array:
+    """softmax(q k^T) v for (B, N, H, Dh) inputs (q pre-scaled) by `jax.nn.dot_product_attention`,
+    with N padded up to a multiple of `align`: padded keys are masked out through the
+    kernel's sequence lengths (never attended) and padded queries are sliced off."""
+    b, n = q.shape[:2]
+    pad = -n % align
+    if not pad:
+        return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation)
+    q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+    lengths = jnp.full((b,), n, jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation,
+                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    return out[:, :n]
 
 
 def per_block(value: IntOrPerBlock, depth: int, name: str) -> tuple[int, ...]:
@@ -64,7 +86,9 @@ class MultiHeadDotProductAttention(nn.Module):
     need no transposes; on CPU this is ~15% faster than three DenseGenerals and
     'bqhd,bkhd' einsums (benchmarks/train_step.py). impl='cudnn' runs the
     attention itself as cuDNN's fused kernel (GPU, bf16/fp16) wherever the
-    probabilities are not needed (not sown, no attention dropout).
+    probabilities are not needed (not sown, no attention dropout), on tokens padded
+    to FUSED_ALIGN; impl='padded_xla' runs that same padding and masking with XLA's
+    kernel (any device: it is how the fused path is checked without a GPU).
     """
 
     num_heads: int
@@ -87,10 +111,10 @@ class MultiHeadDotProductAttention(nn.Module):
         bias = jnp.concatenate([bb.reshape(h * k) * s for (_, bb), s in zip(qkv, (scale, 1, 1))])
         y = x.reshape(b * n, d).astype(self.dtype) @ w + bias.astype(self.dtype)
         dropout = not deterministic and self.dropout_rate > 0
-        if self.impl == 'cudnn' and not self.sow_probs and not dropout:
-            # Fused (flash) attention on NVIDIA GPUs; (B, N, H, Dh) in and out.
+        if self.impl in FUSED_IMPLS and not self.sow_probs and not dropout:
+            # Fused (flash) attention; (B, N, H, Dh) in and out.
             q, key, v = (y.reshape(b, n, 3, h, k)[:, :, i] for i in range(3))
-            out = jax.nn.dot_product_attention(q, key, v, scale=1.0, implementation='cudnn')
+            out = fused_attention(q, key, v, FUSED_IMPLS[self.impl])
             return self._out(out, out_kernel, out_bias)
         q, key, v = y.reshape(b, n, 3, h, k).transpose(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
         logits = jnp.einsum('bhqd,bhkd->bhqk', q, key)
@@ -142,7 +166,7 @@ class Encoder1DBlock(nn.Module):
     attention_impl: str = 'xla'
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
         y = MultiHeadDotProductAttention(
             self.num_heads, self.head_dim, dtype=self.dtype,
@@ -178,6 +202,7 @@ class Encoder(nn.Module):
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
     attention_impl: str = 'xla'
+    remat: str = 'none'
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool,
@@ -186,15 +211,18 @@ class Encoder(nn.Module):
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         heads = per_block(self.num_heads, self.num_layers, 'num_heads')
         mlps = per_block(self.mlp_dim, self.num_layers, 'mlp_dim')
+        # Rematerialisation: the backward pass recomputes each block's activations (all, or
+        # all but the matmul outputs) instead of keeping them, so larger batches fit.
+        block = Encoder1DBlock if self.remat == 'none' else nn.remat(
+            Encoder1DBlock, policy=REMAT[self.remat], static_argnums=(2,))
         for i in range(self.num_layers):
-            x = Encoder1DBlock(
+            x = block(
                 heads[i], self.head_dim, mlps[i], dtype=self.dtype,
                 dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
                 sow_probs=i in capture_attention, attention_impl=self.attention_impl,
-                name=f'encoderblock_{i}')(
-                    x, deterministic=deterministic)
+                name=f'encoderblock_{i}')(x, deterministic)
         return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                             name='encoder_norm')(x)
 
@@ -215,7 +243,8 @@ class VisionTransformer(nn.Module):
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
     dtype: Dtype = jnp.float32
-    attention_impl: str = 'xla'    # 'xla' | 'cudnn' (fused kernel on NVIDIA GPUs)
+    attention_impl: str = 'xla'    # 'xla' | 'cudnn' (fused, NVIDIA GPUs) | 'padded_xla'
+    remat: str = 'none'            # 'none' | 'full' | 'dots' (keep only matmul outputs)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -250,7 +279,7 @@ class VisionTransformer(nn.Module):
                     attention_dropout_rate=self.attention_dropout_rate,
                     layer_norm_eps=self.layer_norm_eps,
                     gelu_approximate=self.gelu_approximate,
-                    attention_impl=self.attention_impl, name='Transformer')(
+                    attention_impl=self.attention_impl, remat=self.remat, name='Transformer')(
                         x, deterministic=not train, capture_attention=capture_attention)
         x = x[:, 0]
         if self.representation_size is not None:
