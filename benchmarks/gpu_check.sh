@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# One short GPU check (under 5 minutes): ViT-B/16@384 bf16 train step (batch 32), images/s and
-# MFU (analytic FLOPs over a bf16 matmul peak measured in the same run) for ours with XLA
-# attention and with model.attention_impl=cudnn, and PyTorch's step (HF ViT, SDPA) beside them.
-# No TensorFlow needed: batches are synthetic and live on the device. Never run yet (no GPU lent).
-# Run from the repository root:  bash benchmarks/gpu_check.sh
+# The GPU check (one NVIDIA GPU, under 6 minutes): the trainer's jitted step for
+# configs/imagenet100.py (ViT-B/16 at 384 px, bf16, fused attention, the paper's penalty) on
+# synthetic batches, its variants, the largest batch that fits, and PyTorch's step alternated
+# with it; images/s and MFU against a bf16 matmul peak measured in the same run
+# (benchmarks/gpu_check.py says what each row is). No TensorFlow is needed.
+#
+# Run from the repository root:  bash benchmarks/gpu_check.sh [RESULTS.json]
+# A machine without ml-collections or clu (pure Python) takes them as wheels in .whl/:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       ml-collections==1.1.0 clu==0.0.12
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/sparse_vit_site .whl/*.whl
+  export PYTHONPATH=/tmp/sparse_vit_site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c 'import jax, torch; print("jax", jax.__version__, jax.devices(), "torch", torch.__version__)'
-timeout 280 python3 benchmarks/train_step.py --gpu --reps 10
+# Both frameworks share the device: JAX must not preallocate 75% of it.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
+timeout 340 python3 benchmarks/gpu_check.py --budget-s 270 ${1:+--json "$1"}

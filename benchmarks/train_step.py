@@ -2,8 +2,6 @@
 
     python benchmarks/train_step.py                 # CPU: Ti/16@224 b32, B/16@224 b8, B/16@384 b2
     python benchmarks/train_step.py --tiny          # CI smoke run (asserts nothing)
-    python benchmarks/train_step.py --gpu           # one GPU: B/16@384 bf16, MFU (gpu_check.sh)
-    python benchmarks/train_step.py --gpu --tiny    # that path's CI smoke run, on any device
     python benchmarks/train_step.py --jax-defaults  # ours without the two CPU fixes below
 
 Both steps do forward, cross-entropy, backward and an SGD-momentum update with
@@ -43,15 +41,14 @@ from common import command, environment, median  # noqa: E402
 
 from sparse_vit_jax.models import NUMERICS, VARIANTS, create_model  # noqa: E402
 from sparse_vit_jax.objective import make_loss_fn  # noqa: E402
-from sparse_vit_jax.pruning import keep_masks, magnitude_masks, matmul_flops  # noqa: E402
+from sparse_vit_jax.pruning import keep_masks, magnitude_masks  # noqa: E402
 from sparse_vit_jax.sparsity import add_l1_penalty  # noqa: E402
 from sparse_vit_jax.train.cpu_threefry import use_unrolled_threefry_on_cpu  # noqa: E402
 from sparse_vit_jax.train.host_memory import retain_freed_memory  # noqa: E402
 
 
 def ours(name, size, batch, dtype, variant='plain', return_step=False):
-    model = create_model(name, num_classes=10, dtype=dtype, **NUMERICS['hf'],
-                         attention_impl='cudnn' if variant == 'cudnn' else 'xla')
+    model = create_model(name, num_classes=10, dtype=dtype, **NUMERICS['hf'])
     params = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)))['params'])(
         jax.random.key(0))
     base = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(1e-3, momentum=0.9))
@@ -159,42 +156,13 @@ def peak_bf16_tflops(n: int = 8192) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument('--tiny', action='store_true')
-    ap.add_argument('--gpu', action='store_true')
     ap.add_argument('--reps', type=int, default=5)
     ap.add_argument('--jax-defaults', action='store_true',
                     help='leave out the CPU Threefry lowering and the malloc settings')
     args = ap.parse_args()
-    if args.gpu:  # both frameworks share the device: JAX must not preallocate 75% of it
-        os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.6')
     if not args.jax_defaults:
         print(f'# host memory kept: {use_cpu_fixes()}')
     print(f'# {command()}\n# {environment()}\n')
-    if args.gpu:
-        import torch
-        on_gpu = torch.cuda.is_available()  # --gpu --tiny runs this path on a CPU too (CI)
-        if not on_gpu and not args.tiny:
-            raise SystemExit('error: --gpu needs a CUDA device for PyTorch (and JAX on it)')
-        torch.backends.cuda.matmul.allow_tf32 = True
-        name, size, batch = ('testing', 32, 4) if args.tiny else ('ViT-B_16', 384, 32)
-        variants = ['plain', 'cudnn'] if on_gpu else ['plain']  # cuDNN attention: GPU only
-        rates = compare(name, size, batch, 2 if args.tiny else args.reps, variants,
-                        jnp.bfloat16, gpu=on_gpu)
-        model = create_model(name, num_classes=10)
-        step_tflop = 3 * matmul_flops(model, size) * batch / 1e12  # fwd + 2x for bwd
-        peak = peak_bf16_tflops(512 if args.tiny else 8192)
-        ours_rate, torch_rate = rates['ours (plain)'], rates['pytorch']
-        def mfu(rate: float) -> float:  # percent
-            return 100 * rate / batch * step_tflop / peak
-
-        print(f'{name}@{size} bf16 batch {batch} on {jax.devices()[0].device_kind}: ours '
-              f'{ours_rate:.1f} img/s, pytorch {torch_rate:.1f} img/s, ratio '
-              f'{ours_rate / torch_rate:.2f}; measured bf16 matmul peak {peak:.1f} TFLOP/s, '
-              f'MFU ours {mfu(ours_rate):.1f}%, pytorch {mfu(torch_rate):.1f}%')
-        if 'ours (cudnn)' in rates:
-            r = rates['ours (cudnn)']
-            print(f'ours with model.attention_impl=cudnn: {r:.1f} img/s, ratio '
-                  f'{r / torch_rate:.2f}, MFU {mfu(r):.1f}%')
-        return
     cases = ([('testing', 32, 4)] if args.tiny else
              [('ViT-Ti_16', 224, 32), ('ViT-B_16', 224, 8), ('ViT-B_16', 384, 2)])
     variants = ['plain'] if args.tiny else ['plain', 'attention', 'l1', 'masks']

