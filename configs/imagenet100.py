@@ -9,7 +9,8 @@ Data: a folder tree root/{train,val}/<wnid>/*.JPEG (prepared once into TFRecords
 in data_dir), or --config.data.source=imagenet2012 to filter a prepared TFDS
 imagenet2012 by the class list. Labels are the class list's order. Nothing is
 downloaded. Note: ImageNet-1k fine-tuned weights have seen these classes' images.
-Produces checkpoints, results.json/.csv and TensorBoard logs.
+Produces checkpoints, results.json/.csv and TensorBoard logs. On a GPU or TPU the step runs in
+bfloat16 with fused attention (model.dtype / model.attention_impl 'auto'); on a CPU in float32.
 """
 
 from sparse_vit_jax.configs import base_config, paper_recipe
