@@ -149,6 +149,25 @@ def test_timm_layout_equals_an_independent_construction(tmp_path):
     assert config['model_args']['act_layer'] == 'gelu'
 
 
+def test_timm_itself_loads_the_export(tmp_path):
+    """Where timm imports (not beside the CPU torch here: its torchvision fails): the model
+    from config.json loads the state dict strictly and gives our logits."""
+    timm = pytest.importorskip('timm', exc_type=ImportError)
+    model = our_model('timm')
+    params = random_params(model)
+    save_params(tmp_path / 'p.npz', params)
+    out = tmp_path / 'timm'
+    export_cli.export(str(tmp_path / 'p.npz'), 'timm', str(out), numerics='timm')
+    config = json.loads((out / 'config.json').read_text())
+    m = timm.create_model(config['architecture'], num_classes=config['num_classes'],
+                          **config['model_args']).eval()
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in safetensors_of(out).items()})
+    x = images()
+    with torch.no_grad():
+        got = m(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(got, logits(model, params, x), atol=1e-4)
+
+
 def fake_run(d, params):
     d.mkdir()
     save_params(d / 'params.npz', params)

@@ -89,6 +89,7 @@ def test_signals_stop_training_and_pruning_with_one_line_and_resume_bit_identica
     assert_same(params(wd), reference)
 
 
+@pytest.mark.slow
 def test_rerun_with_other_training_settings_is_refused_and_nothing_moved(tmp_path, data_dir):
     wd = tmp_path / 'run'
     short = [*RUN[:-1], '--config.num_steps=8', '--config.stages=train']

@@ -85,6 +85,7 @@ def test_resume_recomputes_nothing_finished(sweep_dir, tmp_path):
     assert read_csv(work / 'results.csv') == read_csv(sweep_dir / 'results.csv')
 
 
+@pytest.mark.slow
 def test_cifar10_config_smoke_on_mock_data(tmp_path):
     import importlib.util
     spec = importlib.util.spec_from_file_location('c10', 'configs/cifar10.py')
@@ -134,6 +135,7 @@ def test_changed_config_recomputes_what_changed(sweep_dir, tmp_path):
         assert {p.name for p in (work / 'cells' / d / 'checkpoints').iterdir()} == {'8'}
 
 
+@pytest.mark.slow
 def test_cell_killed_during_finetuning_is_finished_on_rerun(tmp_path):
     """A cell owes its '+ft' rows: results written without them do not count as done."""
     c = tiny_sweep_config(tmp_path)

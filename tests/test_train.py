@@ -127,7 +127,7 @@ def test_from_saved_fills_new_keys_converts_old_forms_and_rejects_unknown_ones()
     saved['sparsity']['attention']['layers'] = 'all'
     saved['sparsity']['l1']['include'] = ''
     c = from_saved(saved)
-    assert c.model.attention_impl == 'xla' and c.batch_size == 48
+    assert c.model.attention_impl == 'auto' and c.batch_size == 48
     assert c.prune.ratios == (0.1, 0.3) and c.sparsity.attention.layers == tuple(range(12))
     assert c.sparsity.l1.include == ()
     validate(c)
