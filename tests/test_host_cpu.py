@@ -121,6 +121,7 @@ def test_retained_memory_is_reused_without_page_faults():
     assert int(faults) < 655  # < 1% of the 65,536 pages of 4 KiB: freed memory was kept
 
 
+@pytest.mark.slow
 def test_main_runs_with_host_memory_kept(tmp_path, monkeypatch, data_dir):
     """The trainer, TF input threads included, under the single-arena malloc settings."""
     from helpers import SMOKE, main_here, results, run_main

@@ -170,7 +170,7 @@ def test_remat_keeps_parameters_and_gradients(remat):
 
     g0, g1 = (jax.jit(jax.grad(loss), static_argnums=1)(params, m) for m in (plain, again))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')

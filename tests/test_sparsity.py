@@ -169,6 +169,7 @@ def train_zero_fraction(lam, steps=40):
     return sum(int((np.asarray(w) == 0).sum()) for w in pool) / sum(w.size for w in pool)
 
 
+@pytest.mark.slow
 def test_proximal_zero_fraction_grows_with_strength():
     fractions = [train_zero_fraction(lam) for lam in (0.0, 0.3, 1.0, 3.0)]
     assert fractions[0] == 0.0

@@ -102,6 +102,7 @@ def test_cifar10_config_smoke_on_mock_data(tmp_path):
     assert all(0 <= r['accuracy'] <= 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_sweep_command_honours_smoke(tmp_path, data_dir):
     """`--config.smoke=True` turns the sweep into a few-step run of the tiny model."""
     from helpers import main_here

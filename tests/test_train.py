@@ -74,6 +74,7 @@ def test_rerun_of_a_finished_run_keeps_its_training_metrics(tmp_path, run8, data
     assert b['loss'] == a['loss'] and b['resumed_from'] == 8
 
 
+@pytest.mark.slow
 def test_eval_and_prune_in_another_process_without_the_training_split(tmp_path, run8,
                                                                         data_dir):
     """A finished run is evaluated on 1 device after its training split is deleted."""

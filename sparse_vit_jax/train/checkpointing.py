@@ -136,14 +136,28 @@ class Checkpointer:
             if not _is_disk_full(e):
                 raise
             if jax.process_index() == 0:  # orbax lists only finished steps; drop the rest
-                for tmp in self.directory.glob('*.orbax-checkpoint-tmp*'):
-                    shutil.rmtree(tmp, ignore_errors=True)
+                self._remove_partial_steps()
             free = _free_bytes(self.directory)
             raise UserError(
                 f'no space left on the device of {self.directory} while saving a checkpoint '
                 f'(it needs about {self._bytes / 2**20:.1f} MiB of arrays plus metadata per '
                 f'step; {free / 2**20:.1f} MiB free); free space and re-run the same command '
                 'to resume from the last complete checkpoint') from None
+
+    def _remove_partial_steps(self, patience_s: float = 10.0) -> None:
+        """Removes orbax's temporary step directories. Its writer threads may still be
+        finishing a file in one when the error surfaces, so removal is retried until none
+        is left (for at most `patience_s`)."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            for tmp in self.directory.glob('*.orbax-checkpoint-tmp*'):
+                shutil.rmtree(tmp, ignore_errors=True)
+            if not any(self.directory.glob('*.orbax-checkpoint-tmp*')):
+                return
+            if time.monotonic() > deadline:
+                self.log(f'warning: could not remove the partial checkpoint in {self.directory}')
+                return
+            time.sleep(0.2)
 
     def meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(
