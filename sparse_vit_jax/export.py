@@ -45,7 +45,11 @@ def read_source(src: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     results: dict[str, Any] = {}
     if p.is_dir():
         if (p / 'results.json').is_file():
-            results = json.loads((p / 'results.json').read_text())
+            try:
+                results = json.loads((p / 'results.json').read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f'{p / "results.json"} is not valid JSON ({e}); re-run the '
+                                'run\'s command to rewrite it') from None
         if not (p / 'params.npz').is_file():
             raise UserError(f'{p} holds no params.npz: the run has not finished training '
                             '(re-run its command to finish it), or it is not a run directory')
@@ -62,7 +66,7 @@ def read_source(src: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 def prune(flat: dict[str, np.ndarray], ratio: float, run_config: dict[str, Any]
           ) -> dict[str, np.ndarray]:
-    """Global (or the run's scope) magnitude pruning over the run's pool, as numpy."""
+    """Magnitude pruning over the run's pool with the run's scope (global by default)."""
     import jax
 
     from sparse_vit_jax.pruning import apply_masks, magnitude_masks
@@ -155,12 +159,14 @@ def model_card(src: str, fmt: str, out: str, flat: dict[str, np.ndarray], result
                numerics: str, ratio: float | None, notes: list[str], command: str) -> str:
     s = shape_of(flat)
     table, kernels, every = sparsity_lines(flat)
-    data = results.get('config', {}).get('data', {}).get('name', 'unknown')
+    config = results.get('config', {})
+    data = config.get('data', {}).get('name', 'unknown')
+    scope = config.get('prune', {}).get('scope', 'global')
     act, _, eps = ACTIVATIONS[numerics]
     return '\n'.join([
         f'# ViT exported by sparse_vit_jax ({fmt})', '',
         f'- source: `{src}` (dataset: {data})',
-        f'- pruning: {"global magnitude at " + str(ratio) if ratio else "none at export"}',
+        f'- pruning: {f"{scope} magnitude at {ratio}" if ratio else "none at export"}',
         f'- widths: hidden {s["hidden_size"]}, {s["num_layers"]} blocks, heads per block '
         f'{s["num_heads"]}, MLP units per block {s["mlp_dim"]}, patch {s["patch_size"]}, '
         f'image {s["image_size"]}, {s["num_classes"]} classes',

@@ -207,6 +207,8 @@ def test_bad_inputs_one_line_and_nothing_written(tmp_path, capsys):
     (tmp_path / 'unfinished' / 'results.json').write_text('{}')
     (tmp_path / 'full').mkdir()
     (tmp_path / 'full' / 'keep.txt').write_text('mine')
+    fake_run(tmp_path / 'torn', random_params(model))
+    (tmp_path / 'torn' / 'results.json').write_text('{"eval": ')
     run = str(tmp_path / 'run')
     for args, says in (
             ([str(tmp_path / 'unfinished'), 'OUT', '--format', 'hf'], 'holds no params.npz'),
@@ -215,7 +217,8 @@ def test_bad_inputs_one_line_and_nothing_written(tmp_path, capsys):
                                                                'empty directory'),
             ([run, 'OUT', '--format', 'hf', '--prune', '1.5'], '--prune must be in [0, 1)'),
             ([run, str(tmp_path / 'no' / 'x'), '--format', 'npz'], 'parent directory'),
-            ([str(tmp_path / 'nothing.npz'), 'OUT', '--format', 'npz'], 'not found')):
+            ([str(tmp_path / 'nothing.npz'), 'OUT', '--format', 'npz'], 'not found'),
+            ([str(tmp_path / 'torn'), 'OUT', '--format', 'npz'], 'is not valid JSON')):
         before = sorted(p.name for p in tmp_path.rglob('*'))
         args = [a.replace('OUT', str(tmp_path / 'out')) for a in args]
         with pytest.raises(SystemExit) as e:
