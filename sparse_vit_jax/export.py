@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse_vit_jax.checkpoints import flatten, unflatten
+from sparse_vit_jax.checkpoints import check_values, flatten, unflatten
 from sparse_vit_jax.checkpoints.export import ACTIVATIONS, shape_of, to_hf, to_timm
 from sparse_vit_jax.checkpoints.io import read_checkpoint, save_npz
 from sparse_vit_jax.errors import UserError, run_cli
@@ -58,9 +58,7 @@ def read_source(src: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         raise UserError(f'{src}: export takes a run directory or our .npz; convert other '
                         'formats first (python -m sparse_vit_jax.convert)')
     flat, _ = read_checkpoint(p, 1)
-    for k, v in sorted(flat.items()):
-        if v.dtype.kind != 'f' or not np.isfinite(v).all():
-            raise UserError(f'{p}: parameter {k} is not finite floating point; not exported')
+    check_values(flat, p)
     return {k: np.asarray(v, np.float32) for k, v in flat.items()}, results
 
 
@@ -80,15 +78,10 @@ def prune(flat: dict[str, np.ndarray], ratio: float, run_config: dict[str, Any]
 def remove_empty_units(flat: dict[str, np.ndarray], fmt: str) -> tuple[dict[str, np.ndarray],
                                                                       list[str]]:
     """Drops emptied heads and MLP units as far as `fmt` can express; returns notes."""
-    from sparse_vit_jax.pruning import remove_units, unit_scores
+    from sparse_vit_jax.pruning import nonzero_units, remove_units, unit_scores
     params = unflatten(flat)
     heads, mlps = unit_scores(params)
-
-    def nonzero(scores: np.ndarray) -> np.ndarray:
-        keep = np.flatnonzero(scores > 0)
-        return keep if len(keep) else np.array([int(np.argmax(scores))])
-
-    keep_h, keep_m = [nonzero(s) for s in heads], [nonzero(s) for s in mlps]
+    keep_h, keep_m = nonzero_units(heads), nonzero_units(mlps)
     notes = []
     if fmt != 'npz':
         empty_heads = sum(len(s) - len(k) for s, k in zip(heads, keep_h))
@@ -109,19 +102,17 @@ def remove_empty_units(flat: dict[str, np.ndarray], fmt: str) -> tuple[dict[str,
 
 def sparsity_lines(flat: dict[str, np.ndarray]) -> tuple[str, float, float]:
     """(a markdown table of kernel sparsity per layer, kernels' zero fraction, all weights')."""
-    rows, zeros, total = [], 0, 0
-    for k in sorted(flat, key=_natural):
-        if k.endswith('/kernel'):
-            z, n = int(np.count_nonzero(flat[k] == 0)), flat[k].size
-            zeros, total = zeros + z, total + n
-            rows.append(f'| {k} | {tuple(flat[k].shape)} | {z / n:.4f} |')
-    every = sum(int(np.count_nonzero(v == 0)) for v in flat.values())
-    size = sum(v.size for v in flat.values())
+    from sparse_vit_jax.pruning import sparsity_report
+    params = unflatten(flat)
+    kernels = sparsity_report(params, [r'.*/kernel'])
+    rows = [f'| {r["name"]} | {tuple(flat[r["name"]].shape)} | {r["fraction"]:.4f} |'
+            for r in sorted(kernels['tensors'], key=lambda r: _natural(r['name']))]
     table = '| kernel | shape | zero fraction |\n|---|---|---|\n' + '\n'.join(rows)
-    return table, zeros / max(total, 1), every / max(size, 1)
+    return table, kernels['fraction'], sparsity_report(params, ['.*'])['fraction']
 
 
 def _natural(key: str) -> list[Any]:
+    """encoderblock_2 before encoderblock_10."""
     import re
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', key)]
 

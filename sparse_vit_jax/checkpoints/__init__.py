@@ -64,13 +64,7 @@ def load_pretrained(path: str | os.PathLike, target: Any, *,
     """
     want = flatten(target)
     got, source = read_checkpoint(path, num_heads_of(want))
-    for k, v in sorted(got.items()):
-        if v.dtype.kind not in 'f':
-            raise UserError(f'{path}: parameter {k} is {v.dtype}, not floating point; '
-                            'quantised or corrupt weights are not loaded')
-        if not np.isfinite(v).all():
-            raise UserError(f'{path}: parameter {k} holds NaN or infinite values; the file '
-                            'is damaged or came from a diverged run')
+    check_values(got, path)
     if not any(k.startswith('pre_logits/') for k in want):
         got = {k: v for k, v in got.items() if not k.startswith('pre_logits/')}
     head_differs = any(k in got and tuple(got[k].shape) != tuple(want[k].shape)
@@ -84,6 +78,17 @@ def load_pretrained(path: str | os.PathLike, target: Any, *,
     check_tree(got, want, str(path))
     out = {k: np.asarray(got[k], dtype=want[k].dtype) for k in want}
     return unflatten(out), source
+
+
+def check_values(flat: dict[str, np.ndarray], path: Any) -> None:
+    """UserError naming the first parameter that is not floating point, or not finite."""
+    for k, v in sorted(flat.items()):
+        if v.dtype.kind not in 'f':
+            raise UserError(f'{path}: parameter {k} is {v.dtype}, not floating point; '
+                            'quantised or corrupt weights are not loaded')
+        if not np.isfinite(v).all():
+            raise UserError(f'{path}: parameter {k} holds NaN or infinite values; the file '
+                            'is damaged or came from a diverged run')
 
 
 def _fresh(leaf: Any) -> np.ndarray:
@@ -112,4 +117,5 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
 
 
 __all__ = ['load_pretrained', 'read_checkpoint', 'resize_posemb', 'save_params', 'check_tree',
+           'check_values',
            'flatten', 'unflatten']

@@ -18,6 +18,7 @@ from sparse_vit_jax.pruning.masks import (
 )
 from sparse_vit_jax.pruning.structured import (
                                          matmul_flops,
+                                         nonzero_units,
                                          prune_structured,
                                          prune_zero_units,
                                          remove_units,
@@ -27,4 +28,5 @@ from sparse_vit_jax.pruning.structured import (
 __all__ = ['magnitude_masks', 'nm_masks', 'apply_masks', 'check_masks', 'sparsity_report',
            'format_report', 'keep_masks', 'gradual_pruning', 'polynomial_sparsity',
            'KeepMasksState', 'GradualPruningState', 'prune_structured', 'prune_zero_units',
-           'remove_units', 'unit_scores', 'matmul_flops', 'evaluate_at_ratios', 'weight_stats']
+           'remove_units', 'unit_scores', 'nonzero_units', 'matmul_flops', 'evaluate_at_ratios',
+           'weight_stats']

@@ -106,15 +106,16 @@ def prune_structured(model: VisionTransformer, params: Any, *, head_ratio: float
     return smaller_model(model, keep_h, keep_m), remove_units(params, keep_h, keep_m)
 
 
+def nonzero_units(scores: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per block, the indices of units with any non-zero kernel weight (at least one stays)."""
+    return [np.flatnonzero(s > 0) if (s > 0).any() else np.array([int(np.argmax(s))])
+            for s in scores]
+
+
 def prune_zero_units(model: VisionTransformer, params: Any) -> tuple[VisionTransformer, Any]:
     """Removes every head and MLP unit whose kernels are all zero (one unit per block stays)."""
     heads, mlps = unit_scores(params)
-
-    def nonzero(scores: list[np.ndarray]) -> list[np.ndarray]:
-        return [np.flatnonzero(s > 0) if (s > 0).any() else np.array([int(np.argmax(s))])
-                for s in scores]
-
-    keep_h, keep_m = nonzero(heads), nonzero(mlps)
+    keep_h, keep_m = nonzero_units(heads), nonzero_units(mlps)
     return smaller_model(model, keep_h, keep_m), remove_units(params, keep_h, keep_m)
 
 
