@@ -35,6 +35,7 @@ from train_step import peak_bf16_tflops, timeit, torch_step  # noqa: E402
 
 from sparse_vit_jax.configs import copy  # noqa: E402
 from sparse_vit_jax.experiment import build_model, train_parts, use_rng_impl  # noqa: E402
+from sparse_vit_jax.models import abstract_params  # noqa: E402
 from sparse_vit_jax.optimizer import build_optimizer  # noqa: E402
 from sparse_vit_jax.pruning import magnitude_masks, matmul_flops  # noqa: E402
 from sparse_vit_jax.train.sharding import batch_sharding, make_mesh  # noqa: E402
@@ -81,9 +82,8 @@ def build(c: Any, masks: bool, mesh: Any) -> tuple[Any, Any, Any, Any]:
     model = build_model(c, NUM_CLASSES, 'jax')
     tx = None
     if masks:
-        abstract = jax.eval_shape(lambda: model.init(
-            jax.random.key(0), jnp.zeros((1, c.model.image_size, c.model.image_size, 3))))
-        params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), abstract['params'])
+        params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
+                              abstract_params(model, c.model.image_size))
         tx = build_optimizer(c, 1000, magnitude_masks(params, 0.5))
     parts = train_parts(c, model, mesh, 1000, tx)
     state = create_state(parts.init_params, parts.tx, c.seed, parts.shardings)
@@ -105,7 +105,7 @@ def runner(step: Any, state: Any, batch: Any) -> Any:
     return run
 
 
-def fused_logits_agree(c: Any, mesh: Any) -> tuple[str, bool]:
+def fused_logits_agree(c: Any) -> tuple[str, bool]:
     """bf16 logits: the fused attention against XLA's, on the same parameters and images."""
     fused = build_model(c, NUM_CLASSES, 'jax')
     exact = fused.clone(attention_impl='xla')
@@ -218,7 +218,7 @@ def main() -> None:
         results.append(best)
         print(f'| {batch} | paper, remat dots | {rate:.1f} | {best["mfu_percent"]:.1f} | | | |',
               flush=True)
-    check, ok = fused_logits_agree(with_overrides(base, {}, batches[0]), mesh)
+    check, ok = fused_logits_agree(with_overrides(base, {}, batches[0]))
     print(f'\n{check}')
     if args.json:
         Path(args.json).write_text(json.dumps({
