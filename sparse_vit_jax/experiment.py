@@ -193,16 +193,17 @@ class Experiment:
     def _train(self, ckpt: Checkpointer, data: TrainData, parts: TrainParts, total: int
                ) -> tuple[Any, dict[str, Any]]:
         c = self.config
-        state = ckpt.restore_latest(with_shardings(parts.abstract, parts.shardings),
-                                    self._same_run)
+        restored = ckpt.restore_latest(with_shardings(parts.abstract, parts.shardings),
+                                       self._same_run)
         resumed_scalars = {}
-        if state is None:
+        if restored is None:
             start = c.pretrained or c.init_from
             params = self.load_params(start, c.reinit_head and bool(c.pretrained)) \
                 if start else None
             state = create_state(parts.init_params, parts.tx, c.seed, parts.shardings, params)
         else:
-            resumed_scalars = ckpt.meta(int(state.step)).get('scalars', {})
+            state, meta = restored
+            resumed_scalars = meta.get('scalars', {})
         step0 = int(state.step)
         step_fn = parts.step
         pool = select(self.abstract_params, _pool(c))

@@ -62,11 +62,13 @@ def main_here(workdir: Path | None, *args: str, data_dir: Path | None = None,
 
     from sparse_vit_jax import cli
     mod = importlib.import_module(f'sparse_vit_jax.{module}')
-    first = [f'--config.data.data_dir={data_dir}'] if data_dir is not None else []
-    if first and not any(a.startswith('--config=') for a in args[:1]):
-        first = []  # no config file first: the override cannot come before it
-    argv = [f'{module}.py', *([f'--workdir={workdir}'] if workdir is not None else []),
-            *args[:1], *first, *args[1:]]
+    args = list(args)
+    if data_dir is not None:  # an override must follow its config file
+        where = [i for i, a in enumerate(args) if a.startswith('--config=')]
+        if not where:
+            raise ValueError('main_here: data_dir needs a --config=FILE argument to follow')
+        args.insert(where[0] + 1, f'--config.data.data_dir={data_dir}')
+    argv = [f'{module}.py', *([f'--workdir={workdir}'] if workdir is not None else []), *args]
     out, err = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
     os.chdir(ROOT)

@@ -234,9 +234,9 @@ def test_engine_steps_on_synthetic_batches(tmp_path):
     m = evaluate(make_eval_step(loss_fn, Metrics), state.params, [data])
     assert int(m.loss.count) == 10 and float(m.loss.compute()) < 1e-4
     # restore onto the abstract state's shardings
-    again = Checkpointer(tmp_path, every_steps=10, keep=1).restore_latest(
+    again, meta = Checkpointer(tmp_path, every_steps=10, keep=1).restore_latest(
         with_shardings(abstract_state(init, tx), shardings))
-    assert int(again.step) == 60
+    assert int(again.step) == 60 and meta['scalars']['loss'] == scalars['loss']
     np.testing.assert_array_equal(again.params['w'], state.params['w'])
 
 

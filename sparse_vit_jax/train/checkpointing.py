@@ -164,8 +164,10 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))['meta']
 
     def restore_latest(self, target: Any,
-                       check_meta: Callable[[dict[str, Any]], None] | None = None) -> Any | None:
-        """The newest usable step restored onto `target` (ShapeDtypeStructs with shardings).
+                       check_meta: Callable[[dict[str, Any]], None] | None = None
+                       ) -> tuple[Any, dict[str, Any]] | None:
+        """(state, meta) of the newest usable step, restored onto `target` (ShapeDtypeStructs
+        with shardings).
 
         None when there is no checkpoint; UserError when there are some but none is usable,
         or when they hold another layout than `target`, or when `check_meta` (called with
@@ -192,7 +194,7 @@ class Checkpointer:
                 self._set_aside(step, e)
                 continue
             self.log(f'resuming from {self.directory} at step {step}')
-            return state
+            return state, meta
         if steps:
             raise UserError(f'no usable checkpoint in {self.directory} (all {len(steps)} '
                             f'damaged, moved to {self.workdir / "damaged_checkpoints"}); '
