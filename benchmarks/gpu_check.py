@@ -314,7 +314,7 @@ def main() -> int:
     for b in batches:  # ours and PyTorch, alternated
         group = [j for j in grouped if j.batch == b]
         fns = {j.name: runner(j, synthetic_batch(b, size, mesh)) for j in group if j.compiled}
-        fns['pytorch'] = torch_step(name, size, b, gpu=on_gpu, bf16=True)
+        fns['pytorch'] = torch_step(name, size, b, gpu=on_gpu, bf16=True, num_classes=NUM_CLASSES)
         secs = alternate(fns, reps)
         for j in group:
             row(j, b / secs[j.name] if j.name in secs else None, b / secs['pytorch'])

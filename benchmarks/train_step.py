@@ -90,13 +90,13 @@ def use_cpu_fixes() -> bool:
     return kept
 
 
-def torch_step(name, size, batch, gpu=False, bf16=False):
+def torch_step(name, size, batch, gpu=False, bf16=False, num_classes=10):
     import torch
     from transformers import ViTConfig, ViTForImageClassification
     v = VARIANTS[name]
     cfg = ViTConfig(hidden_size=v['hidden_size'], num_hidden_layers=v['num_layers'],
                     num_attention_heads=v['num_heads'], intermediate_size=v['mlp_dim'],
-                    image_size=size, patch_size=v['patch_size'], num_labels=10,
+                    image_size=size, patch_size=v['patch_size'], num_labels=num_classes,
                     hidden_dropout_prob=0.1, attn_implementation='sdpa')
     dev = 'cuda' if gpu else 'cpu'
     model = ViTForImageClassification(cfg)
@@ -108,7 +108,7 @@ def torch_step(name, size, batch, gpu=False, bf16=False):
     model = model.to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     x = torch.rand(batch, 3, size, size, device=dev) * 2 - 1
-    y = torch.zeros(batch, dtype=torch.long, device=dev)
+    y = torch.randint(0, num_classes, (batch,), device=dev)
 
     def run():
         opt.zero_grad(set_to_none=True)
