@@ -33,7 +33,7 @@ abspath() {  # a local path made absolute against the caller's directory; URLs k
 }
 
 # Config keys whose values are paths: resolved before any script changes directory.
-PATH_KEYS='init_from|pretrained|data\.data_dir|data\.root|data\.class_list'
+PATH_KEYS='init_from|pretrained|compile_cache|data\.data_dir|data\.root|data\.class_list'
 
 absolute_overrides() {  # absolute_overrides ARGS...: sets OVERRIDES, path values made absolute
   OVERRIDES=()

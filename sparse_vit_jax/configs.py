@@ -31,6 +31,9 @@ def base_config() -> mlc.ConfigDict:
     c.seed = 0
     c.rng_impl = 'auto'            # dropout RNG: auto (threefry on CPU, rbg on GPU/TPU) |
                                    # threefry | rbg | unsafe_rbg
+    c.compile_cache = 'auto'       # compiled XLA programs kept across runs and resumes: auto
+                                   # (GPU/TPU: ~/.cache/sparse_vit_jax/xla; CPU: JAX's
+                                   # default) | '' (JAX's default) | a directory (or gs://)
     c.stages = STAGES              # any of train, eval, prune, in this order
     c.smoke = False                # True: a tiny model and a few steps, for a CPU check
     c.init_from = ''               # our run dir or .npz to evaluate/prune/continue
@@ -195,9 +198,9 @@ def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
 
 # Keys a re-run of the same workdir may change: they do not shape its checkpoints or the
 # training that produced them (how often to log and save, what to evaluate and prune after).
-RERUN_FREE = ('stages', 'smoke', 'init_from', 'log_every_steps', 'checkpoint_every_steps',
-              'keep_checkpoints', 'eval_batch_size', 'data.data_dir', 'data.root',
-              'mesh.fsdp', 'model.attention_impl', 'model.remat', 'prune.', 'sweep.')
+RERUN_FREE = ('stages', 'smoke', 'compile_cache', 'init_from', 'log_every_steps',
+              'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'data.data_dir',
+              'data.root', 'mesh.fsdp', 'model.attention_impl', 'model.remat', 'prune.', 'sweep.')
 
 
 def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -84,9 +84,10 @@ def test_eval_and_prune_in_another_process_without_the_training_split(tmp_path, 
     assert train_files
     for p in train_files:
         p.unlink()
-    wd = tmp_path / 'eval'
+    wd, cache = tmp_path / 'eval', tmp_path / 'xla'
     run_main(wd, *SMOKE, f'--config.init_from={run8}', '--config.stages=eval,prune',
-             devices=1, data_dir=data)
+             f'--config.compile_cache={cache}', devices=1, data_dir=data)
+    assert len(list(cache.iterdir())) >= 2  # the eval step and more, kept for the next run
     a, b = results(run8), results(wd)
     assert b['eval']['accuracy'] == a['eval']['accuracy']
     assert b['prune'][0]['accuracy'] == a['prune'][0]['accuracy']
@@ -312,3 +313,18 @@ def test_the_accelerator_step_computes_in_bf16_and_never_calls_the_host():
     assert not [e.primitive.name for e in eqns if 'callback' in e.primitive.name]
     # the master weights stay float32
     assert {str(a.dtype) for a in jax.tree.leaves(parts.abstract.params)} == {'float32'}
+
+
+def test_compile_cache_auto_is_per_user_on_accelerators_only(monkeypatch, tmp_path):
+    from sparse_vit_jax.experiment import use_compile_cache
+    before = jax.config.jax_compilation_cache_dir  # tests/conftest.py's
+    try:
+        assert before and use_compile_cache('auto') == before  # CPU: left as it is
+        monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+        assert use_compile_cache('auto') == before  # JAX_COMPILATION_CACHE_DIR wins
+        jax.config.update('jax_compilation_cache_dir', None)
+        assert use_compile_cache('') == ''
+        monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+        assert use_compile_cache('auto') == str(tmp_path / 'sparse_vit_jax' / 'xla')
+    finally:
+        jax.config.update('jax_compilation_cache_dir', before)
