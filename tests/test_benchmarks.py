@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ('gpu_check.py', r'\| 8 \| unsafe_rbg \| \d+\.\d \|(.|\n)*\| 32 \| paper, remat dots \| \d'),
     ('gpu_check.py --budget-s 0', r'\| 8 \| paper \| \d+\.\d \|(.|\n)*\| 8 \| masks \| skipped'),
     ('profile_step.py', 'page faults/step'),
+    ('compile_time.py', r'\| testing@32 \| 2 \| \d+\.\d \| \d+\.\d \|'),
 ])
 def test_benchmark_tiny(script, expect):
     script, *extra = script.split()
