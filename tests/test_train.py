@@ -241,6 +241,58 @@ def test_engine_steps_on_synthetic_batches(tmp_path):
     np.testing.assert_array_equal(again.params['w'], state.params['w'])
 
 
+
+def test_the_loop_reads_nothing_back_between_log_steps(tmp_path, monkeypatch):
+    """The host never waits for the device inside the step loop: device-to-host reads (all go
+    through jax.Array._value) happen at log and checkpoint steps only, so 30 steps read
+    exactly as much as 10 with one log and one checkpoint each."""
+    import threading
+
+    import flax
+    from jax._src import array
+
+    from sparse_vit_jax.train.checkpointing import Checkpointer
+    from sparse_vit_jax.train.loop import LoopConfig, train_loop
+    from sparse_vit_jax.train.sharding import make_mesh, state_shardings
+    from sparse_vit_jax.train.state import abstract_state, create_state
+    from sparse_vit_jax.train.steps import make_train_step
+
+    @flax.struct.dataclass
+    class Metrics(metrics.Collection):
+        loss: metrics.Average.from_output('loss')
+
+    def loss_fn(p, batch, rng, train):
+        return jnp.mean((batch['x'] @ p['w']) ** 2), {}
+
+    tx = optax.sgd(0.1)
+    init = lambda rng: {'w': jnp.ones(4)}  # noqa: E731
+    mesh = make_mesh()
+    shardings = state_shardings(abstract_state(init, tx), mesh, fsdp=False)
+    step = make_train_step(loss_fn, tx, Metrics, shardings, mesh)
+    batch = {'x': jnp.ones((16, 4))}
+    reads = []
+    value = array.ArrayImpl._value
+
+    def counted(self):
+        if threading.current_thread() is threading.main_thread():
+            reads.append(self.shape)
+        return value.fget(self)
+
+    def run(steps):
+        state = create_state(init, tx, 0, shardings)
+        ckpt = Checkpointer(tmp_path / str(steps), every_steps=1000, keep=1)
+        reads.clear()
+        with monkeypatch.context() as m:
+            m.setattr(array.ArrayImpl, '_value', property(counted))
+            train_loop(state, step, iter(lambda: batch, None), LoopConfig(steps, 1000, 16), ckpt)
+        ckpt.close()
+        return len(reads)
+
+    run(3)  # compiled
+    short, long = run(10), run(30)
+    assert short > 0  # the spy sees the final log and checkpoint
+    assert long == short
+
 def test_eval_batch_and_device_count_independent_of_the_training_batch(tmp_path, run8, data_dir):
     """A training batch that 8 devices do not divide does not matter to evaluation."""
     wd = tmp_path / 'eval'

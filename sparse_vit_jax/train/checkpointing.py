@@ -115,9 +115,11 @@ class Checkpointer:
                                                  cleanup_tmp_directories=True))
         self._bytes = 0
 
-    def save(self, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
-        """Saves `state` at its step if the cadence (or `force`) says so; returns whether."""
-        step = int(state.step)
+    def save(self, state: Any, meta: dict[str, Any], *, step: int | None = None,
+             force: bool = False) -> bool:
+        """Saves `state` at its step if the cadence (or `force`) says so; returns whether.
+        `step` (= state.step) spares a loop reading the step back from the device."""
+        step = int(state.step) if step is None else step
         if not force and not self.manager.should_save(step):
             return False
         meta = {**meta, 'step': step, 'layout': layout(state),

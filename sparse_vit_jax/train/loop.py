@@ -77,7 +77,8 @@ def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[Tra
                            extra_scalars)
             acc, t_last, steps_last = None, time.monotonic(), 0
         if checkpointer is not None:
-            checkpointer.save(state, {**cfg.meta, 'scalars': last}, force=final or stopping)
+            checkpointer.save(state, {**cfg.meta, 'scalars': last}, step=step,
+                              force=final or stopping)
         if stopping:
             if checkpointer is not None:
                 checkpointer.wait()
