@@ -18,9 +18,11 @@ so every program is lowered from abstract shapes first, then compiled in threads
 alone, so its autotuning runs undisturbed and fills XLA's cache for the shapes the variants
 share), in the order of what the targets need; none starts after --budget-s. Timing starts
 when compiling has ended. PyTorch's step (HF ViT with SDPA, bf16 autocast, same optimizer)
-alternates with ours; images/s are medians, MFU is the analytic matmul FLOPs (3x forward)
-over a bf16 matmul peak measured in the same run. Where cuDNN runs, its bf16 logits are
-compared with XLA's attention. Results go to --json after each group, atomically.
+alternates with ours; each sample is --steps steps dispatched back to back and waited for
+once (as the trainer's loop runs them; the same for PyTorch); images/s are medians, MFU is
+the analytic matmul FLOPs (3x forward) over a bf16 matmul peak measured in the same run.
+Where cuDNN runs, its bf16 logits are compared with XLA's attention. Results go to --json
+after each group, atomically.
 """
 
 from __future__ import annotations
@@ -204,30 +206,31 @@ def synthetic_batch(batch: int, size: int, mesh: Any) -> dict[str, jax.Array]:
         'label': jax.random.randint(k2, (batch,), 0, NUM_CLASSES)}, batch_sharding(mesh))
 
 
-def runner(job: Job, batch: dict[str, jax.Array]) -> Any:
-    """A closure that runs one step of `job` on a fresh state and waits for it."""
+def runner(job: Job, batch: dict[str, jax.Array], steps: int) -> Any:
+    """A closure that runs `steps` steps of `job` (from a fresh state), then waits for them:
+    dispatch overlaps the device's work, as in the trainer's loop."""
     use_rng_impl(job.config.rng_impl)
     p = job.parts
     box = {'state': create_state(p.init_params, p.tx, job.config.seed, p.shardings)}
 
     def run() -> None:
-        box['state'], _ = job.compiled(box['state'], batch)
+        for _ in range(steps):
+            box['state'], _ = job.compiled(box['state'], batch)
         jax.block_until_ready(box['state'].params)
 
     return run
 
 
 def alternate(fns: dict[str, Any], reps: int) -> dict[str, float]:
-    """Median seconds per call. Every function runs once per round, untimed then timed, so
-    all see the same machine state; the order rotates each round, so none always follows
-    the other framework's step."""
+    """Median seconds per call, after one untimed call each. Every function runs once per
+    round, so all see the same machine state; the order rotates each round, so none always
+    follows the other framework's step."""
     for f in fns.values():
         f()
     keys = list(fns)
     times: dict[str, list[float]] = {k: [] for k in keys}
     for i in range(reps):
         for k in keys[i % len(keys):] + keys[:i % len(keys)]:
-            fns[k]()
             times[k] += timeit(fns[k], 1)
     return {k: median(v) for k, v in times.items()}
 
@@ -242,7 +245,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument('--config', default='configs/imagenet100.py')
     ap.add_argument('--tiny', action='store_true', help='the testing ViT at 32 px (CI, CPU)')
-    ap.add_argument('--reps', type=int, default=10)
+    ap.add_argument('--reps', type=int, default=10, help='timed samples per step variant')
+    ap.add_argument('--steps', type=int, default=5,
+                    help='steps per sample, dispatched back to back, then waited for')
     ap.add_argument('--batches', default='32,64', help='with PyTorch alongside; the first '
                     'also runs every variant')
     ap.add_argument('--largest', default='128,256', help='larger batches, the plain config')
@@ -265,7 +270,7 @@ def main() -> int:
     ints = lambda s: [int(b) for b in s.split(',') if b]  # noqa: E731
     base = load_config(args.config, args.tiny)
     if args.tiny:
-        batches, largest, largest_remat, reps = [8], [16], [32], 2
+        batches, largest, largest_remat, reps, args.steps = [8], [16], [32], 2, 2
     else:
         batches, largest, largest_remat, reps = (ints(args.batches), ints(args.largest),
                                                  ints(args.largest_remat), args.reps)
@@ -313,11 +318,14 @@ def main() -> int:
     grouped = [j for j in jobs if j.batch in batches and j.name != REMAT]
     for b in batches:  # ours and PyTorch, alternated
         group = [j for j in grouped if j.batch == b]
-        fns = {j.name: runner(j, synthetic_batch(b, size, mesh)) for j in group if j.compiled}
-        fns['pytorch'] = torch_step(name, size, b, gpu=on_gpu, bf16=True, num_classes=NUM_CLASSES)
-        secs = alternate(fns, reps)
+        data = synthetic_batch(b, size, mesh)
+        fns = {j.name: runner(j, data, args.steps) for j in group if j.compiled}
+        fns['pytorch'] = torch_step(name, size, b, gpu=on_gpu, bf16=True,
+                                    num_classes=NUM_CLASSES, steps=args.steps)
+        per_image = {k: v / (b * args.steps) for k, v in alternate(fns, reps).items()}
         for j in group:
-            row(j, b / secs[j.name] if j.name in secs else None, b / secs['pytorch'])
+            row(j, 1 / per_image[j.name] if j.name in per_image else None,
+                1 / per_image['pytorch'])
         del fns
         save()
     for j in [j for j in jobs if j not in grouped]:  # larger batches, one at a time
@@ -326,8 +334,9 @@ def main() -> int:
             row(j, None, note=why)
             continue
         try:
-            run = runner(j, synthetic_batch(j.batch, size, mesh))
-            row(j, j.batch / alternate({'one': run}, max(reps // 2, 2))['one'])
+            steps = max(1, args.steps * batches[0] // j.batch)  # long steps: little to overlap
+            run = runner(j, synthetic_batch(j.batch, size, mesh), steps)
+            row(j, j.batch * steps / alternate({'one': run}, max(reps // 2, 2))['one'])
         except Exception as e:  # noqa: BLE001 - XLA reports out-of-memory as a runtime error
             if not oom(e):
                 raise

@@ -90,7 +90,8 @@ def use_cpu_fixes() -> bool:
     return kept
 
 
-def torch_step(name, size, batch, gpu=False, bf16=False, num_classes=10):
+def torch_step(name, size, batch, gpu=False, bf16=False, num_classes=10, steps=1):
+    """A closure running `steps` PyTorch train steps, then waiting for the GPU."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification
     v = VARIANTS[name]
@@ -111,11 +112,12 @@ def torch_step(name, size, batch, gpu=False, bf16=False, num_classes=10):
     y = torch.randint(0, num_classes, (batch,), device=dev)
 
     def run():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
-        loss.backward()
-        opt.step()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+                loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
+            loss.backward()
+            opt.step()
         if gpu:
             torch.cuda.synchronize()
 
