@@ -105,3 +105,51 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
     run_main(again, *SMOKE, f'--config.init_from={multi}', '--config.stages=eval',
              devices=1, data_dir=data_dir)
     assert results(again)['eval']['accuracy'] == results(multi)['eval']['accuracy']
+
+
+MASKED_STATE = '''
+import sys
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sparse_vit_jax.train.distributed import maybe_initialize
+maybe_initialize()
+from sparse_vit_jax.pruning import keep_masks, magnitude_masks
+from sparse_vit_jax.train.sharding import make_mesh, state_shardings, to_host
+from sparse_vit_jax.train.state import abstract_state, create_state
+mesh = make_mesh()
+init = lambda rng: {'head': {'kernel': jax.random.normal(rng, (64, 32))}}
+sgd = optax.sgd(0.1, momentum=0.9)
+fsdp = lambda tx: state_shardings(abstract_state(init, tx), mesh, fsdp=True)
+params = create_state(init, sgd, 0, fsdp(sgd)).params
+masks = jax.jit(lambda p: magnitude_masks(p, 0.5))(params)
+assert not masks['head']['kernel'].is_fully_addressable  # spans both hosts
+tx = keep_masks(sgd, masks)
+for state in (create_state(init, tx, 0, fsdp(tx), params=params),
+              create_state(init, tx, 0, fsdp(tx))):
+    kept = to_host(state.opt_state.masks)['head']['kernel']
+    np.testing.assert_array_equal(kept, to_host(masks)['head']['kernel'])
+print('masked state', jax.process_index(), kept.mean())
+'''
+
+
+@pytest.mark.slow
+def test_a_masked_optimizer_state_over_two_hosts(tmp_path):
+    """keep_masks' masks span both processes' devices: the state is created with them as
+    arguments of its init program (JAX refuses such arrays as constants)."""
+    script = tmp_path / 'masked_state.py'
+    script.write_text(MASKED_STATE)
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+                   JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+                   SPARSE_VIT_COORDINATOR=f'127.0.0.1:{port}', SPARSE_VIT_NUM_PROCESSES='2',
+                   SPARSE_VIT_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert [o[0].split()[-1] for o in outs] == ['0.5', '0.5']

@@ -43,11 +43,33 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 
 def create_state(init_params: InitParams, tx: optax.GradientTransformation, seed: int,
                  shardings: TrainState, params: Any = None) -> TrainState:
-    """A fresh state, initialised directly on its shardings; `params` replace the init's."""
-    init = jax.jit(lambda key: _init(init_params, tx, key), out_shardings=shardings)
-    state = init(jax.random.PRNGKey(seed))
-    if params is not None:
-        params = jax.device_put(params, shardings.params)
-        opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-        state = state.replace(params=params, opt_state=opt_state)
-    return state
+    """A fresh state, initialised directly on its shardings. Given `params`, only the optimizer
+    state is initialised for them (the step and rng are those of the same seed's init)."""
+    key = jax.random.PRNGKey(seed)
+    if params is None:
+        return jit_lifting_constants(lambda k: _init(init_params, tx, k), shardings)(key)
+    params = jax.device_put(params, shardings.params)
+    opt_state = jit_lifting_constants(tx.init, shardings.opt_state)(params)
+    step, rng = jax.jit(lambda k: (jnp.zeros([], jnp.int32), jax.random.split(k)[1]),
+                        out_shardings=(shardings.step, shardings.rng))(key)
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+
+
+def jit_lifting_constants(fn: Callable[..., Any], out_shardings: Any) -> Callable[..., Any]:
+    """`jax.jit(fn, out_shardings=...)`, except that the arrays `fn` closes over (the masks
+    `pruning.keep_masks` holds, say) enter the program as arguments. As constants they would
+    be copied into the program (86 MB for ViT-B/16's masks), and JAX refuses them outright
+    when they span devices of several hosts."""
+    from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+
+    def call(*args: Any) -> Any:
+        closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+        tree = jax.tree.structure(shapes)
+
+        def run(consts: list[Any], *leaves: Any) -> Any:
+            return jax.tree.unflatten(tree, jaxpr_as_fun(ClosedJaxpr(closed.jaxpr, consts))(
+                *leaves))
+
+        return jax.jit(run, out_shardings=out_shardings)(closed.consts, *jax.tree.leaves(args))
+
+    return call
