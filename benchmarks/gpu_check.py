@@ -70,7 +70,7 @@ TARGET_ROWS = ('paper', PLAIN, 'L1', 'masks')  # what the targets compare, compi
 REMAT = 'paper, remat dots'
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity
 class Job:
     """One program: a train step (`parts` set) or a forward pass for the logits check."""
 
@@ -318,15 +318,22 @@ def main() -> int:
     grouped = [j for j in jobs if j.batch in batches and j.name != REMAT]
     for b in batches:  # ours and PyTorch, alternated
         group = [j for j in grouped if j.batch == b]
-        data = synthetic_batch(b, size, mesh)
-        fns = {j.name: runner(j, data, args.steps) for j in group if j.compiled}
-        fns['pytorch'] = torch_step(name, size, b, gpu=on_gpu, bf16=True,
-                                    num_classes=NUM_CLASSES, steps=args.steps)
-        per_image = {k: v / (b * args.steps) for k, v in alternate(fns, reps).items()}
+        try:
+            data = synthetic_batch(b, size, mesh)
+            fns = {j.name: runner(j, data, args.steps) for j in group if j.compiled}
+            fns['pytorch'] = torch_step(name, size, b, gpu=on_gpu, bf16=True,
+                                        num_classes=NUM_CLASSES, steps=args.steps)
+            per_image = {k: v / (b * args.steps) for k, v in alternate(fns, reps).items()}
+        except Exception as e:  # noqa: BLE001 - the group's rows say what failed, the rest runs
+            for j in group:
+                j.status = j.status or f'run failed: {first_line(e)}'
+                row(j, None)
+            continue
+        finally:
+            fns = None  # the group's states go before the next group's
         for j in group:
             row(j, 1 / per_image[j.name] if j.name in per_image else None,
                 1 / per_image['pytorch'])
-        del fns
         save()
     for j in [j for j in jobs if j not in grouped]:  # larger batches, one at a time
         why = j.status or (fits(j) if j.compiled else 'not compiled')
@@ -339,8 +346,8 @@ def main() -> int:
             row(j, j.batch * steps / alternate({'one': run}, max(reps // 2, 2))['one'])
         except Exception as e:  # noqa: BLE001 - XLA reports out-of-memory as a runtime error
             if not oom(e):
-                raise
-            row(j, None, note='out of memory')
+                j.status = f'run failed: {first_line(e)}'
+            row(j, None, note='out of memory' if oom(e) else j.status)
         save()
 
     agree = True
@@ -362,7 +369,7 @@ def main() -> int:
         write_json(args.json, {'command': command(), 'environment': environment(),
                                'peak_tflops': peak, 'rows': results, 'fused_check': check,
                                'targets': summary})
-    failed = [j for j in order if j.status.startswith('compile failed')]
+    failed = [j for j in order if 'failed: ' in j.status]
     return 1 if failed or not agree or not all(j.compiled for j in check_jobs) else 0
 
 
