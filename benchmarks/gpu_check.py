@@ -157,8 +157,8 @@ def logits_jobs(c: Any) -> tuple[list[Job], tuple[Any, Any]]:
 
 def compile_all(jobs: list[Job], deadline: float, workers: int, must: int) -> None:
     """Compiles `jobs` in order, the first alone; after `deadline` only the first `must`."""
-    def compile_one(job: Job) -> None:
-        if time.perf_counter() > deadline and jobs.index(job) >= must:
+    def compile_one(i: int, job: Job) -> None:
+        if time.perf_counter() > deadline and i >= must:
             job.status = 'skipped'
             return
         t = time.perf_counter()
@@ -170,9 +170,9 @@ def compile_all(jobs: list[Job], deadline: float, workers: int, must: int) -> No
         print(f'# {job.name} @ {job.batch}: '
               f'{job.status or "compiled"} in {job.compile_s:.1f} s', flush=True)
 
-    compile_one(jobs[0])
+    compile_one(0, jobs[0])
     with ThreadPoolExecutor(max(workers, 1)) as pool:  # XLA compiles without the GIL
-        list(pool.map(compile_one, jobs[1:]))
+        list(pool.map(compile_one, range(1, len(jobs)), jobs[1:]))
 
 
 def first_line(e: Exception) -> str:

@@ -4,6 +4,7 @@ boundary is the point (kills, signals, several processes, device counts other th
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -81,6 +82,23 @@ def main_here(workdir: Path | None, *args: str, data_dir: Path | None = None,
     if check and code != 0:
         raise AssertionError(f'exit {code}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}')
     return r
+
+
+def config_file(name: str):
+    """configs/<name>.py's `get_config()`, the file loaded by path as `--config=` loads it."""
+    spec = importlib.util.spec_from_file_location(f'config_{name}', ROOT / 'configs' / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (remat, custom_vjp, pjit...)."""
+    from jax.extend import core as jcore
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jcore.jaxprs_in_params(e.params):
+            yield from equations(sub)
 
 
 def results(workdir: Path) -> dict:

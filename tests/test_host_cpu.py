@@ -1,6 +1,5 @@
 """The two CPU speed fixes change speed only: same random bits, same results, memory kept."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import config_file
 
 from sparse_vit_jax.cli import step_activation_bytes
 from sparse_vit_jax.configs import base_config
@@ -83,7 +83,7 @@ def test_host_malloc_mode_from_environment(monkeypatch):
 
 
 def test_auto_keeps_memory_for_vit_steps_not_for_the_digits_default():
-    digits = importlib.import_module('configs.digits').get_config()
+    digits = config_file('digits')
     vit = base_config()
     vit.model.name, vit.model.image_size, vit.batch_size = 'ViT-Ti_16', 224, 32
     # ~2.3 GB of temporaries measured for this step (benchmarks/profile_step.py, strace)

@@ -173,6 +173,30 @@ def test_remat_keeps_parameters_and_gradients(remat):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('remat, runs', [('none', 1), ('dots', 1), ('full', 2)])
+def test_remat_dots_keeps_the_cudnn_attention_forward(monkeypatch, remat, runs):
+    """The gradient's program (traced, not compiled: no GPU here) runs each block's cuDNN
+    attention forward once under remat 'dots' (its outputs are kept), twice under 'full'."""
+    from helpers import equations
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # traced as on a GPU
+
+    class CudnnVersion:
+        @staticmethod
+        def cudnn_get_version() -> int:
+            return 91000
+
+    monkeypatch.setattr(cudnn, 'cuda_versions', CudnnVersion)
+    model = create_model('testing', num_classes=5, dtype=jnp.bfloat16, attention_impl='cudnn',
+                         remat=remat, dropout_rate=0.0)
+    params = abstract_params(model, 32)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    loss = lambda p, x: model.apply({'params': p}, x, train=True).sum()  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params, x)
+    names = [e.primitive.name for e in equations(jaxpr.jaxpr)]
+    assert names.count('dot_product_attention_bwd_wrapper') == model.num_layers
+    assert names.count('dot_product_attention_fwd_wrapper') == runs * model.num_layers
+
+
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
 def test_cudnn_bf16_logits_agree_with_xla_attention():
     """Where a GPU is present: the padded cuDNN path against XLA's attention in bf16."""

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from helpers import config_file
 from PIL import Image
 
 from sparse_vit_jax.configs import apply_smoke
@@ -15,11 +16,7 @@ from sparse_vit_jax.sweep import run_sweep
 
 
 def tiny_sweep_config(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('digits_cfg', 'configs/digits.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = config_file('digits')
     c.model.hidden_size, c.model.num_layers, c.model.num_heads, c.model.mlp_dim = 32, 2, 2, 64
     c.num_steps, c.checkpoint_every_steps, c.log_every_steps = 16, 8, 8
     c.schedule.warmup_steps = 3
@@ -87,11 +84,7 @@ def test_resume_recomputes_nothing_finished(sweep_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cifar10_config_smoke_on_mock_data(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('c10', 'configs/cifar10.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = apply_smoke(mod.get_config())
+    c = apply_smoke(config_file('cifar10'))
     c.data.data_dir = str(tmp_path / 'tfds')
     c.sweep.seeds, c.sweep.variants, c.prune.ratios = 1, ('attention',), (0.5,)
     c.sweep.finetune_steps = 2

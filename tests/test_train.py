@@ -241,7 +241,6 @@ def test_engine_steps_on_synthetic_batches(tmp_path):
     np.testing.assert_array_equal(again.params['w'], state.params['w'])
 
 
-
 def test_the_loop_reads_nothing_back_between_log_steps(tmp_path, monkeypatch):
     """The host never waits for the device inside the step loop: device-to-host reads (all go
     through jax.Array._value) happen at log and checkpoint steps only, so 30 steps read
@@ -293,6 +292,7 @@ def test_the_loop_reads_nothing_back_between_log_steps(tmp_path, monkeypatch):
     assert short > 0  # the spy sees the final log and checkpoint
     assert long == short
 
+
 def test_eval_batch_and_device_count_independent_of_the_training_batch(tmp_path, run8, data_dir):
     """A training batch that 8 devices do not divide does not matter to evaluation."""
     wd = tmp_path / 'eval'
@@ -327,30 +327,16 @@ def test_rbg_dropout_rng_trains_and_resumes_bit_identical(tmp_path, run8, data_d
         np.testing.assert_array_equal(params(wd)[k], ours[k], err_msg=k)
 
 
-def _equations(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs inside it (remat, custom_vjp, pjit...)."""
-    from jax.extend import core as jcore
-    for e in jaxpr.eqns:
-        yield e
-        for sub in jcore.jaxprs_in_params(e.params):
-            yield from _equations(sub)
-
-
 def test_the_accelerator_step_computes_in_bf16_and_never_calls_the_host():
     """configs/imagenet100.py's train step with model.dtype=bfloat16 (what 'auto' picks on a
     GPU or TPU): every matmul and convolution of forward and backward takes bf16 operands,
     and nothing inside the step waits for Python."""
-    import importlib.util
-
-    from helpers import ROOT
+    from helpers import config_file, equations
 
     from sparse_vit_jax.experiment import build_model, train_parts
     from sparse_vit_jax.train.sharding import make_mesh
     from sparse_vit_jax.train.state import with_shardings
-    spec = importlib.util.spec_from_file_location('c', ROOT / 'configs' / 'imagenet100.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = config_file('imagenet100')
     c.model.name, c.model.image_size, c.model.dtype, c.batch_size = 'testing', 32, 'bfloat16', 8
     assert c.sparsity.attention.weight > 0  # the paper's penalty is in this step
     mesh = make_mesh()
@@ -358,7 +344,7 @@ def test_the_accelerator_step_computes_in_bf16_and_never_calls_the_host():
     batch = {'image': jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
              'label': jax.ShapeDtypeStruct((8,), jnp.int32)}
     jaxpr = jax.make_jaxpr(parts.step)(with_shardings(parts.abstract, parts.shardings), batch)
-    eqns = list(_equations(jaxpr.jaxpr))
+    eqns = list(equations(jaxpr.jaxpr))
     matmuls = [e for e in eqns if e.primitive.name in ('dot_general', 'conv_general_dilated')]
     assert len(matmuls) > 30  # forward and backward of 2 blocks, the patches and the head
     assert {str(v.aval.dtype) for e in matmuls for v in e.invars} == {'bfloat16'}
