@@ -23,12 +23,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections as mlc
 import numpy as np
 from etils import epath
 
 from sparse_vit_jax import cli
 from sparse_vit_jax.configs import SWEEP_VARIANTS, copy, training_fingerprint
+from sparse_vit_jax.train.loop import log
 from sparse_vit_jax.train.workdir import check_workdir
 
 
@@ -110,13 +112,10 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     config.sweep.finetune_steps steps at a constant tenth of the learning rate;
     the pruned weights stay exactly zero (keep_masks in the optimizer state).
     """
-    import jax
-
     from sparse_vit_jax.data import TrainData
     from sparse_vit_jax.experiment import train_parts
     from sparse_vit_jax.optimizer import build_optimizer
     from sparse_vit_jax.pruning import apply_masks, magnitude_masks, sparsity_report
-    from sparse_vit_jax.train.loop import log
     from sparse_vit_jax.train.sharding import to_host
     from sparse_vit_jax.train.state import create_state
 
@@ -263,17 +262,19 @@ def run_sweep(c: Any, workdir: Any, command: str = '') -> list[dict[str, Any]]:
             r = run_cell(cfg, cell_dir(workdir, cfg, v))
             cells[(v, seed)] = r
             weights.setdefault(v, []).append(r['weights'])
-            print(f'[sweep] {v} seed {seed}: accuracy {r["eval"]["accuracy"]:.4f}', flush=True)
+            log(f'[sweep] {v} seed {seed}: accuracy {r["eval"]["accuracy"]:.4f}')
     rows = collect_rows(cells)
     results_io.write_csv(workdir / 'results.csv', rows)
     results_io.write_text(workdir / 'results.md', markdown(rows, weights, command))
-    atomic_write_bytes(workdir / 'accuracy_vs_sparsity.png', plot(rows))
+    if jax.process_index() == 0:  # every file has one writer
+        atomic_write_bytes(workdir / 'accuracy_vs_sparsity.png', plot(rows))
     return rows
 
 
 def job(config: Any, workdir: str, command: str) -> None:
     run_sweep(config, workdir, command)
-    print((epath.Path(workdir) / 'results.md').read_text())
+    if jax.process_index() == 0:  # its writer: the other hosts may not see the file yet
+        print((epath.Path(workdir) / 'results.md').read_text())
 
 
 def main() -> None:
