@@ -25,13 +25,25 @@ def environment() -> str:
     import jax
     parts = [f'python {platform.python_version()}', f'jax {jax.__version__}',
              f'{jax.devices()[0].platform} x{jax.device_count()}', f'{os.cpu_count()} CPUs',
-             platform.processor() or platform.machine()]
+             cpu_model()]
     try:
         import torch
         parts.append(f'torch {torch.__version__} ({torch.get_num_threads()} threads)')
     except ImportError:
         pass
     return ', '.join(parts)
+
+
+def cpu_model() -> str:
+    """The processor's name (/proc/cpuinfo on Linux), else the architecture."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def command() -> str:

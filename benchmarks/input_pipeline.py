@@ -1,21 +1,28 @@
-"""Input pipeline images/s against the train step's images/s, same config, same cores.
+"""Input pipeline images/s: against the CPU train step, and per host core at ImageNet shape.
 
-    python benchmarks/input_pipeline.py           # CIFAR-shaped data at 224 and 384
+    python benchmarks/input_pipeline.py           # CIFAR-shaped at 224 and 384; ImageNet at 384
     python benchmarks/input_pipeline.py --tiny    # CI smoke run (asserts nothing)
 
-The pipeline is the real one (TFDS cifar10 builder -> shuffle -> decode ->
-resize -> flip -> batch), fed by `tfds.testing.mock_data` (random 32x32 PNGs),
-since the real files cannot be downloaded here. The train step is the paper's
-ViT-B/16 SGD step (forward, backward, update) at the same image size.
+The pipeline is the real one (TFDS builder -> shuffle -> decode -> resize -> flip
+-> batch). CIFAR-shaped: the cifar10 builder fed by `tfds.testing.mock_data`
+(random 32x32 PNGs), against the paper's ViT-B/16 SGD step at the same image size
+on the same cores. ImageNet-shaped: the imagenet100 folder builder on a generated
+tree of 500x375 JPEGs (ImageNet's typical size, quality 90, textured so they
+compress like photos, ~80 KB); what matters there is how many host cores feed an
+accelerator's step, so the rate is also given per core.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,18 +37,55 @@ from sparse_vit_jax.data import TrainData  # noqa: E402
 from sparse_vit_jax.train.sharding import make_mesh  # noqa: E402
 
 
+def rate(cfg: Any, size: int, batch: int, n_batches: int) -> float:
+    """Images/s of the training stream, after one warm-up batch."""
+    data = TrainData.create(cfg, batch, make_mesh())
+    it = data._numpy_batches(cfg, size, seed=0, start_step=0)
+    next(it)
+    t = time.perf_counter()
+    for b in itertools.islice(it, n_batches):
+        assert b['image'].shape == (batch, size, size, 3)
+    return n_batches * batch / (time.perf_counter() - t)
+
+
 def pipeline_rate(size: int, batch: int, n_batches: int, tmp: str) -> float:
     cfg = base_config().data
     cfg.name, cfg.data_dir = 'cifar10', tmp
-    mesh = make_mesh()
     with tfds.testing.mock_data(num_examples=batch * (n_batches + 4)):
-        data = TrainData.create(cfg, batch, mesh)
-        it = data._numpy_batches(cfg, size, seed=0, start_step=0)
-        next(it)  # warm-up
-        t = time.perf_counter()
-        for b in itertools.islice(it, n_batches):
-            assert b['image'].shape == (batch, size, size, 3)
-        return n_batches * batch / (time.perf_counter() - t)
+        return rate(cfg, size, batch, n_batches)
+
+
+def imagenet_tree(root: Path, classes: int, per_class: int, shape: tuple[int, int]) -> Path:
+    """root/{train,val}/<wnid>/*.JPEG of photo-like JPEGs, and root/classes.txt."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    ids = [f'n{i:08d}' for i in range(classes)]
+    h, w = shape
+    for split, n in (('train', per_class), ('val', 1)):
+        for wnid in ids:
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(n):  # smooth colour fields plus grain
+                base = Image.fromarray(rng.integers(0, 255, (h // 16, w // 16, 3), np.uint8))
+                arr = np.asarray(base.resize((w, h), Image.BICUBIC), np.int16)
+                arr = np.clip(arr + rng.integers(-20, 20, arr.shape), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, 'JPEG', quality=90)
+                (root / split / wnid / f'{wnid}_{i}.JPEG').write_bytes(buf.getvalue())
+    (root / 'classes.txt').write_text('\n'.join(ids) + '\n')
+    return root
+
+
+def imagenet_rates(tmp: str, size: int, modes: list[str], batch: int, n_batches: int,
+                   shape: tuple[int, int]) -> dict[str, float]:
+    root = imagenet_tree(Path(tmp) / 'tree', 4, batch * (n_batches + 2) // 4, shape)
+    cfg = base_config().data
+    cfg.name, cfg.data_dir, cfg.source = 'imagenet100', str(Path(tmp) / 'tfds'), 'folder'
+    cfg.root, cfg.class_list = str(root), str(root / 'classes.txt')
+    out = {}
+    for mode in modes:
+        cfg.preprocess = mode
+        out[mode] = rate(cfg, size, batch, n_batches)
+    return out
 
 
 def step_rate(name: str, size: int, batch: int, reps: int) -> float:
@@ -88,7 +132,18 @@ def main() -> None:
         for size in sizes:
             pipe = pipeline_rate(size, 16, 4 if args.tiny else 40, tmp)
             step = step_rate(model, size, 2 if args.tiny else 4, 2 if args.tiny else 3)
-            print(f'| {size} | {pipe:.0f} | {step:.2f} | {pipe / step:.0f}x |')
+            print(f'| {size} | {pipe:.0f} | {step:.2f} | {pipe / step:.0f}x |', flush=True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    size, shape = (32, (60, 80)) if args.tiny else (384, (375, 500))
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+        rates = imagenet_rates(tmp, size, ['paper', 'inception_crop'], 32,
+                               2 if args.tiny else 40, shape)
+    print(f'\nImageNet-shaped ({shape[1]}x{shape[0]} JPEGs) at {size} px, batch 32, '
+          f'{cores} cores:\n')
+    print('| preprocess | img/s | img/s per core | cores to feed 1,000 img/s |')
+    print('|---|---|---|---|')
+    for mode, r in rates.items():
+        print(f'| {mode} | {r:.0f} | {r / cores:.0f} | {1000 / (r / cores):.1f} |')
 
 
 if __name__ == '__main__':

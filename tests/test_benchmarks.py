@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.parametrize('script,expect', [
     ('pruning.py', r'\| 0\.5 \|'),
-    ('input_pipeline.py', r'\| 32 \|'),
+    ('input_pipeline.py', r'\| 32 \| \d+ \|(.|\n)*\| inception_crop \| \d+ \| \d+ \|'),
     ('train_step.py', r'\| testing \| 32 \| 4 \|'),
     # gpu_check.sh's code, here on the CPU: every variant timed, then past its compile budget
     ('gpu_check.py', r'\| 8 \| unsafe_rbg \| \d+\.\d \|(.|\n)*\| 32 \| paper, remat dots \| \d'),

@@ -63,7 +63,7 @@ def test_a_failure_on_one_process_ends_both_in_bounded_time(tmp_path):
 @pytest.mark.slow
 def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
     """Preemption is agreed: the process that got SIGTERM and the other one stop at one step,
-    save one checkpoint together, and the re-run resumes from it."""
+    save its checkpoint together, and the re-run resumes from it."""
     port = free_port()
     args = [*ARGS, '--config.num_steps=400', '--config.log_every_steps=1',
             '--config.stages=train']
@@ -80,7 +80,10 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
     assert all(x.startswith('error: stopped by ') for x in lines), lines
     steps = {int(x.split('at step ')[1].split(';')[0]) for x in lines}
     assert len(steps) == 1
-    assert str(steps.pop()) in {p.name for p in (tmp_path / 'w' / 'checkpoints').iterdir()}
+    stop = steps.pop()
+    assert str(stop) in {p.name for p in (tmp_path / 'w' / 'checkpoints').iterdir()}
+    again = run_both(tmp_path / 'w', tmp_path / 'tfds', *args)
+    assert f'checkpoints at step {stop}\n' in again[0][0], again[0][0][-2000:]  # resumed there
 
 
 @pytest.mark.slow
