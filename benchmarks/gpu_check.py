@@ -10,7 +10,8 @@ loss with the paper's attention penalty on the last block, the optimizer chain),
 already on the device, so no TensorFlow is needed). Variants change one config key each:
 no penalty (the plain step), the L1 transform, the mask-keeping optimizer, XLA attention
 instead of the fused one, Threefry / unsafe_rbg instead of rbg for dropout,
-rematerialisation; then larger batches, plain and rematerialised. The L1 and masks rows
+rematerialisation, other GEMM emitters (XLA compile options, compiled last); then larger
+batches, plain and rematerialised. The L1 and masks rows
 keep the penalty, so comparing them with the plain step is the stricter reading.
 
 Compiling dominates the run (a ViT-B/16@384 step compiles in about a minute on a fresh GPU),
@@ -56,15 +57,20 @@ from sparse_vit_jax.train.state import create_state, with_shardings  # noqa: E40
 
 NUM_CLASSES = 100
 PLAIN = 'no penalty'
-VARIANTS = {  # name -> (config overrides, masks?)
-    'paper': ({}, False),
-    PLAIN: ({'sparsity.attention.weight': 0.0}, False),
-    'L1': ({'sparsity.l1.weight': 1e-5}, False),
-    'masks': ({}, True),
-    'xla attention': ({'model.attention_impl': 'xla'}, False),
-    'threefry': ({'rng_impl': 'threefry'}, False),
-    'unsafe_rbg': ({'rng_impl': 'unsafe_rbg'}, False),
-    'remat dots': ({'model.remat': 'dots'}, False),
+VARIANTS = {  # name -> (config overrides, masks?, XLA compile options)
+    'paper': ({}, False, {}),
+    PLAIN: ({'sparsity.attention.weight': 0.0}, False, {}),
+    'L1': ({'sparsity.l1.weight': 1e-5}, False, {}),
+    'masks': ({}, True, {}),
+    'xla attention': ({'model.attention_impl': 'xla'}, False, {}),
+    'threefry': ({'rng_impl': 'threefry'}, False, {}),
+    'unsafe_rbg': ({'rng_impl': 'unsafe_rbg'}, False, {}),
+    'remat dots': ({'model.remat': 'dots'}, False, {}),
+    # The paper's step under other GEMM emitters (as XLA_FLAGS=--<option>=<value> would set
+    # them for a whole run): cuBLAS only, Triton wherever it can, cuBLASLt (bias epilogues).
+    'cuBLAS GEMMs': ({}, False, {'xla_gpu_enable_triton_gemm': False}),
+    'Triton GEMMs': ({}, False, {'xla_gpu_triton_gemm_any': True}),
+    'cuBLASLt': ({}, False, {'xla_gpu_enable_cublaslt': True}),
 }
 TARGET_ROWS = ('paper', PLAIN, 'L1', 'masks')  # what the targets compare, compiled first
 REMAT = 'paper, remat dots'
@@ -78,6 +84,7 @@ class Job:
     name: str
     config: Any = None
     masks: bool = False
+    options: dict[str, Any] | None = None  # XLA compile options
     parts: Any = None
     lowered: Any = None
     compiled: Any = None
@@ -113,8 +120,8 @@ def plan(base: Any, batches: list[int], largest: list[int], largest_remat: list[
     b0 = batches[0]
 
     def job(batch: int, name: str, variant: str) -> Job:
-        overrides, masks = VARIANTS[variant]
-        return Job(batch, name, with_overrides(base, overrides, batch), masks)
+        overrides, masks, options = VARIANTS[variant]
+        return Job(batch, name, with_overrides(base, overrides, batch), masks, options)
 
     return ([job(b0, v, v) for v in TARGET_ROWS]
             + [job(b, 'paper', 'paper') for b in batches[1:] + largest]
@@ -163,7 +170,7 @@ def compile_all(jobs: list[Job], deadline: float, workers: int, must: int) -> No
             return
         t = time.perf_counter()
         try:
-            job.compiled = job.lowered.compile()
+            job.compiled = job.lowered.compile(compiler_options=job.options or None)
         except Exception as e:  # noqa: BLE001 - reported in the job's row, the rest goes on
             job.status = f'compile failed: {first_line(e)}'
         job.compile_s = time.perf_counter() - t
