@@ -22,8 +22,10 @@ when compiling has ended. PyTorch's step (HF ViT with SDPA, bf16 autocast, same 
 alternates with ours; each sample is --steps steps dispatched back to back and waited for
 once (as the trainer's loop runs them; the same for PyTorch); images/s are medians, MFU is
 the analytic matmul FLOPs (3x forward) over a bf16 matmul peak measured in the same run.
-Where cuDNN runs, its bf16 logits are compared with XLA's attention. Results go to --json
-after each group, atomically.
+Where cuDNN runs, its bf16 logits are compared with XLA's attention. Then the paper's step
+is traced (jax.profiler) and summarised: device busy time against the wall clock, time by
+kind of kernel, the top kernels with their HLO and jax ops. Results go to --json after each
+group, atomically.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import command, environment, median  # noqa: E402
+from profile_step import device_ops, hlo_index, op_table, trace_cpu_ops, trace_events  # noqa: E402
 from train_step import peak_bf16_tflops, timeit, torch_step  # noqa: E402
 
 from sparse_vit_jax.configs import copy  # noqa: E402
@@ -242,6 +246,34 @@ def alternate(fns: dict[str, Any], reps: int) -> dict[str, float]:
     return {k: median(v) for k, v in times.items()}
 
 
+def profile(job: Job, run: Any, steps: int, top: int = 12) -> list[str]:
+    """One traced call of `run` (`steps` steps of `job`, warm): device busy time against the
+    wall clock, time by kind of kernel, the top kernels with the HLO and jax ops they run (on
+    a CPU: the XLA ops)."""
+    hlo = hlo_index(job.compiled.as_text())
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        t = time.perf_counter()
+        run()
+        wall = (time.perf_counter() - t) * 1e3 / steps
+        jax.profiler.stop_trace()
+        events = trace_events(d)
+    head = f'profile: {job.name} @ {job.batch}, {steps} steps traced, {wall:.1f} ms/step wall'
+    dev = device_ops(events, hlo, steps, top)
+    if dev is None:
+        rows = op_table(events, hlo, steps, top)
+        return [f'{head}; no device kernels (a CPU run): XLA ops on the host', '',
+                '| ms/step | XLA op | shape | jax op |', '|---|---|---|---|',
+                *[f'| {ms:.2f} | {kind} | {shape} | {op} |' for ms, kind, shape, op in rows]]
+    busy = dev['busy_ms']
+    return [f'{head}, device busy {busy:.1f} ms/step ({100 * busy / wall:.0f}%)', '',
+            '| kernel kind | ms/step | % of busy |', '|---|---|---|',
+            *[f'| {k} | {ms:.2f} | {100 * ms / busy:.1f} |' for k, ms in dev['kinds']], '',
+            '| ms/step | calls/step | kernel | HLO op | jax op |', '|---|---|---|---|---|',
+            *[f'| {ms:.2f} | {n:g} | {k[:90]} | {op} | {jop[-120:]} |'
+              for ms, n, k, op, jop in dev['top']]]
+
+
 def write_json(path: str, payload: dict[str, Any]) -> None:
     tmp = f'{path}.tmp'
     Path(tmp).write_text(json.dumps(payload, indent=1))
@@ -265,7 +297,11 @@ def main() -> int:
     ap.add_argument('--budget-s', type=float, default=160,
                     help='no compile starts after this many seconds (those are skipped), '
                     "except the paper's step and the logits check")
+    ap.add_argument('--no-profile', action='store_true',
+                    help="skip tracing the paper's step at the first batch")
     args = ap.parse_args()
+    if args.tiny:
+        trace_cpu_ops()
     t0 = time.perf_counter()
     import torch
     on_gpu = jax.default_backend() == 'gpu' and torch.cuda.is_available()
@@ -323,6 +359,7 @@ def main() -> int:
     print('\n| batch | step | ours img/s | MFU % | pytorch img/s | ours / pytorch |')
     print('|---|---|---|---|---|---|', flush=True)
     grouped = [j for j in jobs if j.batch in batches and j.name != REMAT]
+    paper_run = None  # the paper's step at the first batch, warm: profiled at the end
     for b in batches:  # ours and PyTorch, alternated
         group = [j for j in grouped if j.batch == b]
         try:
@@ -331,6 +368,8 @@ def main() -> int:
             fns['pytorch'] = torch_step(name, size, b, gpu=on_gpu, bf16=True,
                                         num_classes=NUM_CLASSES, steps=args.steps)
             per_image = {k: v / (b * args.steps) for k, v in alternate(fns, reps).items()}
+            if b == batches[0] and not args.no_profile:
+                paper_run = fns.get('paper')
         except Exception as e:  # noqa: BLE001 - the group's rows say what failed, the rest runs
             for j in group:
                 j.status = j.status or f'run failed: {first_line(e)}'
@@ -357,6 +396,14 @@ def main() -> int:
             row(j, None, note='out of memory' if oom(e) else j.status)
         save()
 
+    traced = ['profile: skipped (--no-profile, or the step did not run)']
+    if paper_run is not None:
+        try:
+            traced = profile(jobs[0], paper_run, args.steps)
+        except Exception as e:  # noqa: BLE001 - a profiler problem is a line, not the end
+            traced = [f'profile: failed: {first_line(e)}']
+    print('\n' + '\n'.join(traced), flush=True)
+
     agree = True
     if all(j.compiled for j in check_jobs):
         a, b = (np.asarray(j.compiled(variables, images)) for j in check_jobs)
@@ -375,7 +422,7 @@ def main() -> int:
     if args.json:
         write_json(args.json, {'command': command(), 'environment': environment(),
                                'peak_tflops': peak, 'rows': results, 'fused_check': check,
-                               'targets': summary})
+                               'targets': summary, 'profile': traced})
     failed = [j for j in order if 'failed: ' in j.status]
     return 1 if failed or not agree or not all(j.compiled for j in check_jobs) else 0
 

@@ -10,31 +10,35 @@ executed thunks with the compiled HLO (shape and the jax op that produced each),
 and groups them by block-independent op name (tracing perturbs the step: the
 op times are shares, not exact costs). getrusage gives the minor page faults
 and system time of untraced steps: the numbers that exposed the malloc cost
-fixed in train/host_memory.py.
+fixed in train/host_memory.py. `device_ops` reads a GPU or TPU trace the same way
+(benchmarks/gpu_check.py profiles the paper's step with it).
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
+import glob
+import gzip
+import json
 import os
-
-# Per-thunk trace events on CPU (kept with whatever XLA_FLAGS the caller set).
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_cpu_enable_xprof_traceme=true').strip()
-
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import glob  # noqa: E402
-import gzip  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import resource  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import re
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import command, environment  # noqa: E402
+
+
+def trace_cpu_ops() -> None:
+    """Per-thunk trace events on CPU (added to whatever XLA_FLAGS the caller set); before
+    JAX's backend starts."""
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' --xla_cpu_enable_xprof_traceme=true').strip()
 
 
 def hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -46,12 +50,69 @@ def hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def op_table(trace_dir: str, hlo: dict[str, tuple[str, str]], steps: int,
-             top: int) -> list[tuple[float, str, str, str]]:
+def trace_events(trace_dir: str) -> list[dict[str, Any]]:
+    """The Chrome-trace events that jax.profiler wrote under `trace_dir`."""
     files = glob.glob(f'{trace_dir}/plugins/profile/*/*.trace.json.gz')
     if not files:
         raise SystemExit(f'error: jax.profiler wrote no trace under {trace_dir}')
-    events = json.load(gzip.open(files[0]))['traceEvents']
+    return json.load(gzip.open(files[0]))['traceEvents']
+
+
+# Kernel name -> what it computes, first match wins (cuDNN / cuBLAS / CUTLASS / Triton / XLA
+# names on NVIDIA GPUs; a heuristic, so the top kernels are listed by name as well).
+KERNEL_KINDS = (
+    ('attention (fused)', r'sdpa|fmha|flash'),
+    ('matmul', r'gemm|nvjet|xmma|cutlass|cublas|wgmma|matmul'),
+    ('convolution', r'conv|fprop|dgrad|wgrad'),
+    ('memcpy / memset', r'memcpy|memset'),
+    ('reduction fusion', r'reduce|softmax|norm'),
+    ('other fusion', r''),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next(k for k, pattern in KERNEL_KINDS if re.search(pattern, name.lower()))
+
+
+def device_ops(events: list[dict[str, Any]], hlo: dict[str, tuple[str, str]], steps: int,
+               top: int) -> dict[str, Any] | None:
+    """GPU/TPU kernels of the trace (the device's stream lines), per step: busy time, time by
+    kind of kernel, and the top kernels with the HLO op and jax op they came from. None when
+    the trace has no device (a CPU run: see `op_table`)."""
+    procs = {e['pid']: e['args']['name'] for e in events
+             if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+    threads = {(e['pid'], e['tid']): e['args']['name'] for e in events
+               if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
+    devices = {p for p, n in procs.items() if re.match(r'/device:(GPU|TPU):0\b', n)}
+    kernels = [e for e in events if e.get('ph') == 'X' and e.get('pid') in devices]
+    if not kernels:
+        return None
+    # One line set, or derived lines (XLA Modules, Steps...) count the time twice: a GPU's
+    # streams, else a TPU's XLA Ops.
+    for pick in (lambda n: n.startswith('Stream'), lambda n: n == 'XLA Ops'):
+        lines = {k for k, n in threads.items() if k[0] in devices and pick(n)}
+        if lines:
+            kernels = [e for e in kernels if (e['pid'], e['tid']) in lines]
+            break
+    kinds: collections.Counter = collections.Counter()
+    by_kernel: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    where: dict[str, tuple[str, str]] = {}
+    for e in kernels:
+        name, ms = e['name'], e.get('dur', 0) / 1e3 / steps
+        kinds[kernel_kind(name)] += ms
+        by_kernel[name] += ms
+        calls[name] += 1 / steps
+        op = e.get('args', {}).get('hlo_op', '')
+        _, jax_op = hlo.get(op, ('', ''))
+        where.setdefault(name, (op, re.sub(r'encoderblock_\d+', 'encoderblock_N', jax_op)))
+    return {'busy_ms': sum(kinds.values()), 'kinds': kinds.most_common(),
+            'top': [(ms, calls[k], k, *where[k]) for k, ms in by_kernel.most_common(top)]}
+
+
+def op_table(events: list[dict[str, Any]], hlo: dict[str, tuple[str, str]], steps: int,
+             top: int) -> list[tuple[float, str, str, str]]:
+    """XLA ops run on the host (a CPU backend), grouped by kind, shape and jax op, per step."""
     total: collections.Counter = collections.Counter()
     for e in events:
         if e.get('ph') == 'X' and e['name'] in hlo:
@@ -75,6 +136,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         args.model, args.size, args.batch, args.steps, args.top = 'testing', 32, 4, 2, 5
+    trace_cpu_ops()
     import train_step
     if not args.jax_defaults:
         train_step.use_cpu_fixes()
@@ -99,7 +161,7 @@ def main() -> None:
             run()
         traced = (time.perf_counter() - t0) / args.steps
         jax.profiler.stop_trace()
-        rows = op_table(d, hlo, args.steps, args.top)
+        rows = op_table(trace_events(d), hlo, args.steps, args.top)
     print(f'{args.model}@{args.size} batch {args.batch}: {wall:.3f} s/step, '
           f'{(r1.ru_minflt - r0.ru_minflt) / args.steps:,.0f} page faults/step, '
           f'system {(r1.ru_stime - r0.ru_stime) / args.steps:.2f} s/step, '

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ('input_pipeline.py', r'\| 32 \| \d+ \|(.|\n)*\| inception_crop \| \d+ \| \d+ \|'),
     ('train_step.py', r'\| testing \| 32 \| 4 \|'),
     # gpu_check.sh's code, here on the CPU: every variant timed, then past its compile budget
-    ('gpu_check.py', r'\| 8 \| cuBLASLt \| \d+\.\d \|(.|\n)*\| 32 \| paper, remat dots \| \d'),
+    ('gpu_check.py', r'\| 8 \| cuBLASLt \| \d+\.\d \|(.|\n)*\| 32 \| paper, remat dots \| \d'
+     r'(.|\n)*profile: paper @ 8, 2 steps traced(.|\n)*\| \d+\.\d\d \| \w'),
     ('gpu_check.py --budget-s 0', r'\| 8 \| paper \| \d+\.\d \|(.|\n)*\| 8 \| masks \| skipped'),
     ('profile_step.py', 'page faults/step'),
     ('compile_time.py', r'\| testing@32 \| 2 \| \d+\.\d \| \d+\.\d \|'),
@@ -30,3 +31,41 @@ def test_benchmark_tiny(script, expect):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(expect, r.stdout) and '# python' in r.stdout, r.stdout[-3000:]
+
+
+def test_device_profile_reads_a_gpu_trace():
+    """benchmarks/profile_step.device_ops on a GPU-shaped Chrome trace (as jax.profiler writes
+    one on a GPU): stream lines only (the derived 'XLA Ops' line would count twice), kernels
+    classified by name, per step, joined with the HLO op's jax op."""
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    from profile_step import device_ops
+
+    def meta(kind, pid, name, tid=0):
+        return {'ph': 'M', 'name': kind, 'pid': pid, 'tid': tid, 'args': {'name': name}}
+
+    def kernel(tid, name, us, op=''):
+        return {'ph': 'X', 'pid': 2, 'tid': tid, 'ts': 0, 'dur': us, 'name': name,
+                'args': {'hlo_op': op} if op else {}}
+
+    events = [meta('process_name', 1, '/host:CPU'), meta('process_name', 2, '/device:GPU:0'),
+              meta('thread_name', 2, 'Stream #7(Compute)', 7),
+              meta('thread_name', 2, 'XLA Ops', 9),
+              {'ph': 'X', 'pid': 1, 'tid': 1, 'ts': 0, 'dur': 5000, 'name': 'python'}]
+    for _ in range(2):  # two steps
+        events += [kernel(7, 'nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT', 300, 'custom-call.3'),
+                   kernel(7, 'cudnn_generated_fort_native_sdpa_sm90_flash_fprop', 100,
+                          'custom-call.7'),
+                   kernel(7, 'loop_add_fusion_2', 50, 'fusion.2'),
+                   kernel(7, 'input_reduce_fusion', 30, 'fusion.9'),
+                   kernel(7, 'memcpy32_post', 20),
+                   kernel(9, 'custom-call.3', 300, 'custom-call.3')]
+    hlo = {'custom-call.3': ('bf16[4608,2304]', 'jvp(VisionTransformer)/encoderblock_3/qkv')}
+    out = device_ops(events, hlo, steps=2, top=3)
+    assert out['busy_ms'] == pytest.approx(0.5)
+    assert dict(out['kinds']) == pytest.approx({
+        'matmul': 0.3, 'attention (fused)': 0.1, 'other fusion': 0.05,
+        'reduction fusion': 0.03, 'memcpy / memset': 0.02})
+    ms, calls, name, op, jax_op = out['top'][0]
+    assert (ms, calls, op) == (pytest.approx(0.3), 1, 'custom-call.3')
+    assert name.startswith('nvjet') and jax_op.endswith('encoderblock_N/qkv')
+    assert device_ops(events[:1] + events[4:5], hlo, 2, 3) is None  # no device: a CPU trace
