@@ -299,6 +299,8 @@ def main() -> int:
                     "except the paper's step and the logits check")
     ap.add_argument('--no-profile', action='store_true',
                     help="skip tracing the paper's step at the first batch")
+    ap.add_argument('--profile-by-s', type=float, default=290,
+                    help='no profile starts after this many seconds')
     args = ap.parse_args()
     if args.tiny:
         trace_cpu_ops()
@@ -396,14 +398,6 @@ def main() -> int:
             row(j, None, note='out of memory' if oom(e) else j.status)
         save()
 
-    traced = ['profile: skipped (--no-profile, or the step did not run)']
-    if paper_run is not None:
-        try:
-            traced = profile(jobs[0], paper_run, args.steps)
-        except Exception as e:  # noqa: BLE001 - a profiler problem is a line, not the end
-            traced = [f'profile: failed: {first_line(e)}']
-    print('\n' + '\n'.join(traced), flush=True)
-
     agree = True
     if all(j.compiled for j in check_jobs):
         a, b = (np.asarray(j.compiled(variables, images)) for j in check_jobs)
@@ -417,12 +411,23 @@ def main() -> int:
         check = 'fused vs XLA logits: not compiled: ' + '; '.join(j.status for j in check_jobs)
     print(f'\n{check}')
     summary = targets(results, batches[0])
-    print('\n'.join(summary))
+    print('\n'.join(summary), flush=True)
+    final = {'command': command(), 'environment': environment(), 'peak_tflops': peak,
+             'rows': results, 'fused_check': check, 'targets': summary}
+    if args.json:
+        write_json(args.json, final)
+
+    # Last, so that a run cut short has printed and saved everything else.
+    traced = ['profile: skipped (--no-profile, the step did not run, or past --profile-by-s)']
+    if paper_run is not None and time.perf_counter() - t0 < args.profile_by_s:
+        try:
+            traced = profile(jobs[0], paper_run, args.steps)
+        except Exception as e:  # noqa: BLE001 - a profiler problem is a line, not the end
+            traced = [f'profile: failed: {first_line(e)}']
+    print('\n' + '\n'.join(traced))
     print(f'# whole check: {time.perf_counter() - t0:.0f} s', flush=True)
     if args.json:
-        write_json(args.json, {'command': command(), 'environment': environment(),
-                               'peak_tflops': peak, 'rows': results, 'fused_check': check,
-                               'targets': summary, 'profile': traced})
+        write_json(args.json, {**final, 'profile': traced})
     failed = [j for j in order if 'failed: ' in j.status]
     return 1 if failed or not agree or not all(j.compiled for j in check_jobs) else 0
 
