@@ -258,7 +258,8 @@ def profile(job: Job, run: Any, steps: int, top: int = 12) -> list[str]:
         wall = (time.perf_counter() - t) * 1e3 / steps
         jax.profiler.stop_trace()
         events = trace_events(d)
-    head = f'profile: {job.name} @ {job.batch}, {steps} steps traced, {wall:.1f} ms/step wall'
+    head = (f'profile: {job.name} @ {job.batch}, {steps} steps traced, {wall:.1f} ms/step wall '
+            'while traced')
     dev = device_ops(events, hlo, steps, top)
     if dev is None:
         rows = op_table(events, hlo, steps, top)
@@ -422,7 +423,7 @@ def main() -> int:
     if paper_run is not None and time.perf_counter() - t0 < args.profile_by_s:
         try:
             traced = profile(jobs[0], paper_run, args.steps)
-        except Exception as e:  # noqa: BLE001 - a profiler problem is a line, not the end
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - a line, not the end
             traced = [f'profile: failed: {first_line(e)}']
     print('\n' + '\n'.join(traced))
     print(f'# whole check: {time.perf_counter() - t0:.0f} s', flush=True)
