@@ -261,7 +261,8 @@ class Experiment:
         if not self._eval:
             n = self.mesh.size  # any eval batch works on any device count
             self._eval['batch'] = math.ceil(c.eval_batch_size / n) * n
-            self._eval['step'] = make_eval_step(make_loss_fn(self.model), EvalMetrics)
+            self._eval['step'] = make_eval_step(make_loss_fn(self.model), EvalMetrics,
+                                                self.mesh)
         batches, self._eval['count'] = eval_batches(
             c.data, c.model.image_size, self._eval['batch'], self.mesh, self.source,
             self._eval.get('count'))

@@ -24,7 +24,7 @@ def start(workdir, pid, port, data_dir, *args, timeout_s=None, module='main'):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
                JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', TFDS_DATA_DIR=str(data_dir),
                SPARSE_VIT_COORDINATOR=f'127.0.0.1:{port}', SPARSE_VIT_NUM_PROCESSES='2',
-               SPARSE_VIT_PROCESS_ID=str(pid))
+               SPARSE_VIT_PROCESS_ID=str(pid), PYTHONFAULTHANDLER='1')
     if timeout_s:
         env['SPARSE_VIT_HEARTBEAT_TIMEOUT'] = str(timeout_s)
     return subprocess.Popen(
@@ -32,12 +32,27 @@ def start(workdir, pid, port, data_dir, *args, timeout_s=None, module='main'):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_both(workdir, data_dir, *args, module='main'):
-    """Both processes to the end; their (stdout, stderr), each exit checked."""
+def stacks(stderr):
+    """The threads' Python stacks that faulthandler printed, without its module list."""
+    start = stderr.find('Fatal Python error')
+    return stderr[start:].split('\nExtension modules:')[0][-8000:] if start >= 0 else stderr[-3000:]
+
+
+def run_both(workdir, data_dir, *args, module='main', timeout=420):
+    """Both processes to the end; their (stdout, stderr), each exit checked. A hang ends in
+    SIGABRT, so that the failure shows every thread's Python stack (PYTHONFAULTHANDLER)."""
     port = free_port()
     procs = [start(workdir, pid, port, data_dir, *args, timeout_s=60, module=module)
              for pid in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.send_signal(signal.SIGABRT)
+        outs = [p.communicate(timeout=60) for p in procs]
+        raise AssertionError('hung; the stacks:\n' + '\n'.join(
+            f'--- process {i}: {out[-1500:]}\n{stacks(err)}'
+            for i, (out, err) in enumerate(outs))) from None
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     return outs

@@ -232,7 +232,7 @@ def test_engine_steps_on_synthetic_batches(tmp_path):
     data = next(batches(1))
     data['mask'] = jnp.arange(16) < 10
     data['y'] = jnp.where(data['mask'], data['y'], 1e6)  # padding that would ruin the mean
-    m = evaluate(make_eval_step(loss_fn, Metrics), state.params, [data])
+    m = evaluate(make_eval_step(loss_fn, Metrics, mesh), state.params, [data])
     assert int(m.loss.count) == 10 and float(m.loss.compute()) < 1e-4
     # restore onto the abstract state's shardings
     again, meta = Checkpointer(tmp_path, every_steps=10, keep=1).restore_latest(

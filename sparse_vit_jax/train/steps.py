@@ -10,6 +10,7 @@ Metrics stay on the device; nothing here waits for the host.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -43,22 +44,35 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, metrics: 
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(loss_fn: LossFn, metrics: Metrics) -> Callable[[Any, Batch], Any]:
-    """step(params, batch) -> metrics of the batch's real (mask 1) examples."""
-    def step(params: Any, batch: Batch) -> Any:
+@dataclass(frozen=True)
+class EvalStep:
+    """`step(params, batch, total) -> total` merged with the batch's real (mask 1) examples'
+    metrics, and `empty()`, the total to start from; both jitted, the totals replicated.
+
+    Each step takes the one before's total, so the steps run one after another: independent
+    steps may run at the same time, and two programs whose collectives interleave in other
+    orders on two processes deadlock (seen with CPU processes over gloo).
+    """
+
+    step: Callable[[Any, Batch, Any], Any]
+    empty: Callable[[], Any]
+
+
+def make_eval_step(loss_fn: LossFn, metrics: Metrics, mesh: Mesh) -> EvalStep:
+    def step(params: Any, batch: Batch, total: Any) -> Any:
         loss, out = loss_fn(params, batch, None, False)
-        return metrics.single_from_model_output(loss=loss, mask=batch['mask'], **out)
+        return total.merge(metrics.single_from_model_output(loss=loss, mask=batch['mask'],
+                                                            **out))
 
-    return jax.jit(step)
+    return EvalStep(jax.jit(step, out_shardings=replicated(mesh)),
+                    jax.jit(metrics.empty, out_shardings=replicated(mesh)))
 
 
-def evaluate(eval_step: Callable[[Any, Batch], Any], params: Any, batches: Iterable[Batch]
-             ) -> Any:
+def evaluate(eval_step: EvalStep, params: Any, batches: Iterable[Batch]) -> Any:
     """The metrics merged over every batch, on the host (numpy leaves)."""
-    total = None
+    total, n = eval_step.empty(), 0
     for batch in batches:
-        m = eval_step(params, batch)
-        total = m if total is None else total.merge(m)
-    if total is None:
+        total, n = eval_step.step(params, batch, total), n + 1
+    if not n:
         raise ValueError('evaluate() got no batches')
     return to_host(total)
