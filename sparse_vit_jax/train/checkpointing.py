@@ -114,6 +114,7 @@ class Checkpointer:
                                                  save_decision_policy=policy,
                                                  cleanup_tmp_directories=True))
         self._bytes = 0
+        self._disk_full = False
 
     def save(self, state: Any, meta: dict[str, Any], *, step: int | None = None,
              force: bool = False) -> bool:
@@ -137,6 +138,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - orbax wraps the OSError in its own errors
             if not _is_disk_full(e):
                 raise
+            self._disk_full = True  # close() removes what orbax's threads write after this
             if jax.process_index() == 0:  # orbax lists only finished steps; drop the rest
                 self._remove_partial_steps()
             free = _free_bytes(self.directory)
@@ -224,7 +226,13 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            self.manager.close()
+            try:
+                self.manager.close()  # joins orbax's threads
+            except Exception:  # noqa: BLE001 - after a full disk, the one line is said already
+                if not self._disk_full:
+                    raise
+            if self._disk_full and jax.process_index() == 0:
+                self._remove_partial_steps()
 
 
 def _is_disk_full(e: BaseException | None) -> bool:
