@@ -50,6 +50,11 @@ def hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+def any_block(jax_op: str) -> str:
+    """The op's name with the block index dropped: every block's copy counts as one op."""
+    return re.sub(r'encoderblock_\d+', 'encoderblock_N', jax_op)
+
+
 def trace_events(trace_dir: str) -> list[dict[str, Any]]:
     """The Chrome-trace events that jax.profiler wrote under `trace_dir`."""
     files = glob.glob(f'{trace_dir}/plugins/profile/*/*.trace.json.gz')
@@ -105,7 +110,7 @@ def device_ops(events: list[dict[str, Any]], hlo: dict[str, tuple[str, str]], st
         calls[name] += 1 / steps
         op = e.get('args', {}).get('hlo_op', '')
         _, jax_op = hlo.get(op, ('', ''))
-        where.setdefault(name, (op, re.sub(r'encoderblock_\d+', 'encoderblock_N', jax_op)))
+        where.setdefault(name, (op, any_block(jax_op)))
     return {'busy_ms': sum(kinds.values()), 'kinds': kinds.most_common(),
             'top': [(ms, calls[k], k, *where[k]) for k, ms in by_kernel.most_common(top)]}
 
@@ -117,7 +122,7 @@ def op_table(events: list[dict[str, Any]], hlo: dict[str, tuple[str, str]], step
     for e in events:
         if e.get('ph') == 'X' and e['name'] in hlo:
             shape, op = hlo[e['name']]
-            op = re.sub(r'encoderblock_\d+', 'encoderblock_N', op).split('/', 1)[-1]
+            op = any_block(op).split('/', 1)[-1]
             total[(re.sub(r'\.\d+$', '', e['name']), shape, op)] += e['dur'] / 1e3 / steps
     if not total:
         raise SystemExit('error: the trace holds no XLA ops; is this jaxlib built with TraceMe?')

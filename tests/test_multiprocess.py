@@ -20,16 +20,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(workdir, pid, port, data_dir, *args, timeout_s=None, module='main'):
+def start(argv, pid, port, data_dir=None, timeout_s=None):
+    """Process `pid` of 2 (2 CPU devices each) running `python argv...`."""
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-               JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', TFDS_DATA_DIR=str(data_dir),
+               JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
                SPARSE_VIT_COORDINATOR=f'127.0.0.1:{port}', SPARSE_VIT_NUM_PROCESSES='2',
                SPARSE_VIT_PROCESS_ID=str(pid), PYTHONFAULTHANDLER='1')
+    if data_dir:
+        env['TFDS_DATA_DIR'] = str(data_dir)
     if timeout_s:
         env['SPARSE_VIT_HEARTBEAT_TIMEOUT'] = str(timeout_s)
-    return subprocess.Popen(
-        [sys.executable, '-m', f'sparse_vit_jax.{module}', f'--workdir={workdir}', *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def cli(workdir, *args, module='main'):
+    return ['-m', f'sparse_vit_jax.{module}', f'--workdir={workdir}', *args]
 
 
 def stacks(stderr):
@@ -38,12 +44,11 @@ def stacks(stderr):
     return stderr[start:].split('\nExtension modules:')[0][-8000:] if start >= 0 else stderr[-3000:]
 
 
-def run_both(workdir, data_dir, *args, module='main', timeout=420):
+def run_both(argv, data_dir=None, timeout=420):
     """Both processes to the end; their (stdout, stderr), each exit checked. A hang ends in
     SIGABRT, so that the failure shows every thread's Python stack (PYTHONFAULTHANDLER)."""
     port = free_port()
-    procs = [start(workdir, pid, port, data_dir, *args, timeout_s=60, module=module)
-             for pid in range(2)]
+    procs = [start(argv, pid, port, data_dir, timeout_s=60) for pid in range(2)]
     try:
         outs = [p.communicate(timeout=timeout) for p in procs]
     except subprocess.TimeoutExpired:
@@ -65,8 +70,8 @@ def test_a_failure_on_one_process_ends_both_in_bounded_time(tmp_path):
     import time
     port, t0 = free_port(), time.time()
     gone = [f'--config.pretrained={tmp_path / "gone.npz"}']
-    procs = [start(tmp_path / 'w', pid, port, tmp_path / 'tfds', *ARGS, *(gone if pid else []),
-                   timeout_s=10) for pid in range(2)]
+    procs = [start(cli(tmp_path / 'w', *ARGS, *(gone if pid else [])), pid, port,
+                   tmp_path / 'tfds', timeout_s=10) for pid in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode not in (0, None) for p in procs), [o[1][-1500:] for o in outs]
     assert outs[1][1].strip().splitlines()[-1].startswith('error: '), outs[1][1][-1500:]
@@ -82,7 +87,7 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
     port = free_port()
     args = [*ARGS, '--config.num_steps=400', '--config.log_every_steps=1',
             '--config.stages=train']
-    procs = [start(tmp_path / 'w', pid, port, tmp_path / 'tfds', *args, timeout_s=30)
+    procs = [start(cli(tmp_path / 'w', *args), pid, port, tmp_path / 'tfds', timeout_s=30)
              for pid in range(2)]
     for line in procs[0].stdout:
         if line.startswith('step 5/'):
@@ -97,7 +102,7 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
     assert len(steps) == 1
     stop = steps.pop()
     assert str(stop) in {p.name for p in (tmp_path / 'w' / 'checkpoints').iterdir()}
-    again = run_both(tmp_path / 'w', tmp_path / 'tfds', *args)
+    again = run_both(cli(tmp_path / 'w', *args), tmp_path / 'tfds')
     assert f'checkpoints at step {stop}\n' in again[0][0], again[0][0][-2000:]  # resumed there
 
 
@@ -108,19 +113,7 @@ def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
     run_main(single, *ARGS, devices=4, data_dir=data_dir)   # 1 process x 4 devices
 
     multi = tmp_path / 'multi'
-    port = free_port()
-    procs = []
-    for pid in range(2):                                     # 2 processes x 2 devices
-        env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-                   JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', TFDS_DATA_DIR=str(data_dir),
-                   SPARSE_VIT_COORDINATOR=f'127.0.0.1:{port}', SPARSE_VIT_NUM_PROCESSES='2',
-                   SPARSE_VIT_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(
-            [sys.executable, '-m', 'sparse_vit_jax.main', f'--workdir={multi}', *ARGS],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    outs = run_both(cli(multi, *ARGS), data_dir, timeout=600)  # 2 processes x 2 devices
     assert 'training 8 steps' in outs[0][0] and 'training' not in outs[1][0]  # process 0 logs
     assert '4 devices' in outs[0][0]
 
@@ -170,18 +163,7 @@ def test_a_masked_optimizer_state_over_two_hosts(tmp_path):
     arguments of its init program (JAX refuses such arrays as constants)."""
     script = tmp_path / 'masked_state.py'
     script.write_text(MASKED_STATE)
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-                   JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-                   SPARSE_VIT_COORDINATOR=f'127.0.0.1:{port}', SPARSE_VIT_NUM_PROCESSES='2',
-                   SPARSE_VIT_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=240) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    outs = run_both([str(script)])
     assert [o[0].split()[-1] for o in outs] == ['0.5', '0.5']
 
 
@@ -199,7 +181,7 @@ def test_a_sweep_over_two_hosts_matches_one_and_resumes(tmp_path):
     data_dir, multi = tmp_path / 'tfds', tmp_path / 'multi'
     single = run_main(tmp_path / 'single', *SWEEP, devices=4, data_dir=data_dir,
                       module='sweep')
-    outs = run_both(multi, data_dir, *SWEEP, module='sweep')
+    outs = run_both(cli(multi, *SWEEP, module='sweep'), data_dir)
     assert 'training 6 steps' in outs[0][0] and '| 0.5 |' in outs[0][0]
     assert 'training' not in outs[1][0] and '| 0.5 |' not in outs[1][0]  # process 0 reports
     assert not list(multi.rglob('*.tmp'))
@@ -214,7 +196,7 @@ def test_a_sweep_over_two_hosts_matches_one_and_resumes(tmp_path):
     for k in want:  # the gradient all-reduce order differs (gloo vs in-process)
         assert abs(got[k] - want[k]) <= 2 / examples, k
     first = (multi / 'results.csv').read_bytes()
-    again = run_both(multi, data_dir, *SWEEP, module='sweep')
+    again = run_both(cli(multi, *SWEEP, module='sweep'), data_dir)
     assert not re.search(r'training \d+ steps', again[0][0] + again[1][0])
     assert '[sweep] l1_proximal seed 0' in again[0][0]
     assert (multi / 'results.csv').read_bytes() == first

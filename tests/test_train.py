@@ -293,6 +293,54 @@ def test_the_loop_reads_nothing_back_between_log_steps(tmp_path, monkeypatch):
     assert long == short
 
 
+def test_a_diverged_state_is_never_checkpointed(tmp_path):
+    """Checkpoints every step, the loss checked only at the end: the step whose update
+    overflowed the weights is refused with one line naming it, and the newest checkpoint
+    (the one a re-run resumes from) is the step before, finite."""
+    import flax
+
+    from sparse_vit_jax.train.checkpointing import Checkpointer
+    from sparse_vit_jax.train.loop import LoopConfig, train_loop
+    from sparse_vit_jax.train.sharding import make_mesh, state_shardings
+    from sparse_vit_jax.train.state import abstract_state, create_state, with_shardings
+    from sparse_vit_jax.train.steps import make_train_step
+
+    @flax.struct.dataclass
+    class Metrics(metrics.Collection):
+        loss: metrics.Average.from_output('loss')
+
+    def loss_fn(p, batch, rng, train):
+        return jnp.mean((batch['x'] @ p['w'] - 1.0) ** 2), {}
+
+    tx = optax.sgd(1e15)  # |w| grows ~1e16-fold a step: float32 overflows at the third
+    init = lambda rng: {'w': jnp.zeros(4)}  # noqa: E731
+    shardings = state_shardings(abstract_state(init, tx), make_mesh(), fsdp=False)
+    step = make_train_step(loss_fn, tx, Metrics, shardings, make_mesh())
+    ckpt = Checkpointer(tmp_path, every_steps=1, keep=2)
+    batch = {'x': jnp.ones((16, 4))}
+    with pytest.raises(UserError) as e:
+        train_loop(create_state(init, tx, 0, shardings), step, iter(lambda: batch, None),
+                   LoopConfig(20, 1000, 16), ckpt)
+    ckpt.close()
+    # numpy: w_{t+1} = w_t - lr * 2 (4 w_t - 1) per coordinate, in float32
+    w, lr, first_bad = np.float32(0), np.float32(1e15), None
+    with np.errstate(over='ignore', invalid='ignore'):
+        for t in range(1, 21):
+            w = np.float32(w - lr * np.float32(2) * (np.float32(4) * w - np.float32(1)))
+            if not np.isfinite(w):
+                first_bad = t
+                break
+    assert first_bad is not None and first_bad < 20
+    assert str(e.value) == (f'the train state became NaN or inf by step {first_bad}; stopped '
+                            f'without saving (the last good checkpoint (step {first_bad - 1}) '
+                            'is kept); lower optimizer.lr or set optimizer.grad_clip')
+    assert ckpt.manager.all_steps() and max(ckpt.manager.all_steps()) == first_bad - 1
+    again = Checkpointer(tmp_path, every_steps=1, keep=2)
+    state, _ = again.restore_latest(with_shardings(abstract_state(init, tx), shardings))
+    assert int(state.step) == first_bad - 1 and np.isfinite(np.asarray(state.params['w'])).all()
+    again.close()
+
+
 def test_eval_batch_and_device_count_independent_of_the_training_batch(tmp_path, run8, data_dir):
     """A training batch that 8 devices do not divide does not matter to evaluation."""
     wd = tmp_path / 'eval'

@@ -8,8 +8,9 @@ deleted afterwards), or whose arrays differ from the checksums saved with them
 or hold NaN/inf, is moved to `<workdir>/damaged_checkpoints/` and the previous
 step is used. A step whose layout differs from what the caller now
 builds (another model or optimizer) is not damaged: it is left where it is and
-the run is refused. `restore_params` reads only the parameters of a run, so a
-finished run can be evaluated without its data or optimizer.
+the run is refused. A state holding NaN/inf is never saved (`diverged`): a checkpoint
+that a resume would set aside must not replace a good one. `restore_params` reads only
+the parameters of a run, so a finished run can be evaluated without its data or optimizer.
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def checksums(tree: Any) -> tuple[dict[str, int], bool]:
     return {jax.tree_util.keystr(p): int(v) for (p, _), v in zip(flat, sums)}, bool(finite)
 
 
+def diverged(what: str, value: str, step: int, kept: int | None) -> UserError:
+    """The error of a run whose `what` became `value` by `step` (`kept`: its newest
+    checkpoint, written before)."""
+    where = f'the last good checkpoint (step {kept}) is kept' if kept is not None else \
+        'no checkpoint was saved'
+    return UserError(f'{what} became {value} by step {step}; stopped without saving ({where}); '
+                     'lower optimizer.lr or set optimizer.grad_clip')
+
+
 class Damaged(Exception):
     """A checkpoint that restores but holds other bytes than were saved, or non-finite ones."""
 
@@ -123,8 +133,11 @@ class Checkpointer:
         step = int(state.step) if step is None else step
         if not force and not self.manager.should_save(step):
             return False
+        sums, finite = checksums(state)
+        if not finite:  # never a checkpoint that a resume would refuse, in place of a good one
+            raise diverged('the train state', 'NaN or inf', step, self.manager.latest_step())
         meta = {**meta, 'step': step, 'layout': layout(state),
-                'params_layout': layout(state.params), 'checksums': checksums(state)[0]}
+                'params_layout': layout(state.params), 'checksums': sums}
         self._bytes = sum(x.nbytes for x in jax.tree.leaves(state))
         with self._disk_errors():
             return self.manager.save(step, args=ocp.args.Composite(

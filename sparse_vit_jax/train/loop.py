@@ -19,9 +19,9 @@ from typing import Any
 
 import jax
 
-from sparse_vit_jax.errors import Stopped, UserError
+from sparse_vit_jax.errors import Stopped
 from sparse_vit_jax.train import signals
-from sparse_vit_jax.train.checkpointing import Checkpointer
+from sparse_vit_jax.train.checkpointing import Checkpointer, diverged
 from sparse_vit_jax.train.sharding import to_host
 from sparse_vit_jax.train.state import TrainState
 
@@ -116,10 +116,7 @@ def _report(step: int, state: TrainState, acc: Any, steps: int, t0: float, cfg: 
     bad = [k for k in ('loss', 'grad_norm') if k in scalars and not math.isfinite(scalars[k])]
     if bad:
         kept = checkpointer.manager.latest_step() if checkpointer is not None else None
-        where = f'the last good checkpoint (step {kept}) is kept' if kept is not None else \
-            'no checkpoint was saved'
-        raise UserError(f'{bad[0]} became {scalars[bad[0]]} by step {step}; stopped without '
-                        f'saving ({where}); lower optimizer.lr or set optimizer.grad_clip')
+        raise diverged(bad[0], str(scalars[bad[0]]), step, kept)
     dt = max(time.monotonic() - t0, 1e-9)
     if steps:
         scalars['images_per_s'] = steps * cfg.batch_size / dt
