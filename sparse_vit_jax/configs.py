@@ -47,7 +47,8 @@ def base_config() -> mlc.ConfigDict:
     c.model.dtype = 'float32'      # compute: float32 | bfloat16 | auto (bfloat16 on GPU/TPU,
                                    # float32 on CPU); parameters and optimizer stay float32
     c.model.attention_impl = 'auto'  # auto (cudnn on NVIDIA GPUs in bfloat16, else xla) | xla |
-                                     # cudnn (fused, tokens padded) | padded_xla (its check)
+                                     # cudnn (fused, tokens padded) | padded_xla (its check) |
+                                     # pallas (Pallas flash attention on TPUs, tokens padded)
     c.model.remat = 'none'         # none | full | dots: recompute activations, larger batches
     c.model.dropout_rate = 0.1
     c.model.attention_dropout_rate = 0.0
@@ -331,7 +332,8 @@ def validate(c: Any) -> None:
     _one_of(c, 'model.name', tuple(VARIANTS))
     _one_of(c, 'model.numerics', ('auto', *NUMERICS))
     _one_of(c, 'model.dtype', ('auto', 'float32', 'bfloat16'))
-    _one_of(c, 'model.attention_impl', ('auto', 'xla', 'cudnn', 'padded_xla'))
+    _one_of(c, 'model.attention_impl', ('auto', 'xla', 'cudnn', 'padded_xla',
+                                              'pallas'))
     _one_of(c, 'model.remat', ('none', 'full', 'dots'))
     _one_of(c, 'rng_impl', ('auto', 'threefry', 'rbg', 'unsafe_rbg'))
     if c.model.attention_impl == 'cudnn' and c.model.dtype == 'float32':

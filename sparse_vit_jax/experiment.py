@@ -61,7 +61,9 @@ from sparse_vit_jax.train.steps import evaluate, make_eval_step, make_train_step
 from sparse_vit_jax.train.workdir import WorkdirLock, check_workdir
 
 
-def build_model(c: Any, num_classes: int, numerics: str = 'jax') -> VisionTransformer:
+def build_model(c: Any, num_classes: int, numerics: str = 'jax', mesh: Mesh | None = None
+                ) -> VisionTransformer:
+    """The config's model; `mesh` is where the 'pallas' attention runs per device."""
     m = c.model
     overrides = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
                                    'patch_size') if m[k] > 0}
@@ -70,7 +72,7 @@ def build_model(c: Any, num_classes: int, numerics: str = 'jax') -> VisionTransf
                         dropout_rate=m.dropout_rate,
                         attention_dropout_rate=m.attention_dropout_rate, dtype=dtype,
                         attention_impl=attention_impl(m.attention_impl, dtype), remat=m.remat,
-                        **NUMERICS[numerics], **overrides)
+                        mesh=mesh, **NUMERICS[numerics], **overrides)
 
 
 PRNG_IMPLS = {'threefry': 'threefry2x32', 'rbg': 'rbg', 'unsafe_rbg': 'unsafe_rbg'}
@@ -162,12 +164,15 @@ class Experiment:
         if c.model.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
             raise UserError(f'model.attention_impl=cudnn needs an NVIDIA GPU; this run is on '
                             f'{jax.default_backend()}: use model.attention_impl=xla')
+        if c.model.attention_impl == 'pallas' and jax.default_backend() != 'tpu':
+            raise UserError(f'model.attention_impl=pallas needs a TPU; this run is on '
+                            f'{jax.default_backend()}: use model.attention_impl=xla')
         use_rng_impl(c.rng_impl)
         use_compile_cache(c.compile_cache)
         mesh = make_mesh()
         source = get_source(c.data)
         numerics = resolve_numerics(c)
-        model = build_model(c, source.num_classes, numerics)
+        model = build_model(c, source.num_classes, numerics, mesh)
         abstract = jax.eval_shape(lambda: _init_params(model, c, jax.random.PRNGKey(0)))
         # Selection regexes that match nothing fail here, on shapes, before any compute.
         select(abstract, _pool(c))

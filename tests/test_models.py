@@ -145,6 +145,57 @@ def test_fused_attention_masks_padded_keys_against_numpy():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.fixture
+def tpu_interpreted():
+    """Pallas TPU kernels run through Pallas' TPU interpreter on this CPU: the kernel's own
+    program (blocks, online softmax, segment masks), not its Mosaic compilation."""
+    from jax.experimental.pallas import tpu as pltpu
+    with pltpu.force_tpu_interpret_mode():
+        yield
+
+
+def test_pallas_attention_masks_padded_keys_against_numpy(tpu_interpreted):
+    """Against a float64 numpy softmax(q k^T) v over the real tokens only (17 of 128)."""
+    from sparse_vit_jax.models.vit import pallas_attention
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 17, 3, 8)).astype(np.float32) for _ in range(3))
+    got = np.asarray(jax.jit(pallas_attention)(q, k, v))
+    logits = np.einsum('bqhd,bkhd->bhqk', q.astype(np.float64), k)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum('bhqk,bkhd->bqhd', p / p.sum(-1, keepdims=True), v)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_pallas_attention_equals_exact_alone_and_sharded_over_a_mesh(tpu_interpreted):
+    """The model with attention_impl='pallas': fp32 logits and gradients within 1e-5 of the
+    exact attention; over a mesh of 8 devices (the kernel per device, shard_map over the
+    batch) the same logits again."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+    exact = create_model('testing', num_classes=5)
+    pallas = exact.clone(attention_impl='pallas')
+    params = init_params(exact, 16)  # 17 tokens, padded to 128
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape),
+                          params)
+    x = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
+    want, got = (np.asarray(jax.jit(m.apply)({'params': params}, x)) for m in (exact, pallas))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(want).max() > 0.1
+    grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply({'params': p}, x) ** 2)))(params)
+             for m in (exact, pallas)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+    mesh = Mesh(np.array(jax.devices()), ('data',))
+    assert mesh.size == 8
+    sharded = pallas.clone(mesh=mesh)
+    apply = jax.jit(sharded.apply, in_shardings=(NamedSharding(mesh, P()),
+                                                 NamedSharding(mesh, P('data'))))
+    assert 'shard_map' in str(jax.make_jaxpr(sharded.apply)({'params': params}, x))
+    np.testing.assert_allclose(np.asarray(apply({'params': params}, x)), want, atol=1e-5)
+
+
 def test_auto_choices_on_this_cpu():
     from sparse_vit_jax.models import attention_impl, compute_dtype
     assert jax.default_backend() == 'cpu'
@@ -195,6 +246,24 @@ def test_remat_dots_keeps_the_cudnn_attention_forward(monkeypatch, remat, runs):
     names = [e.primitive.name for e in equations(jaxpr.jaxpr)]
     assert names.count('dot_product_attention_bwd_wrapper') == model.num_layers
     assert names.count('dot_product_attention_fwd_wrapper') == runs * model.num_layers
+
+
+@pytest.mark.parametrize('remat,runs', [('dots', 1), ('full', 2)])
+def test_remat_dots_keeps_the_pallas_attention_forward(remat, runs):
+    """The same for the Pallas TPU kernel (traced), also run per device over a mesh."""
+    from helpers import equations
+    from jax.sharding import Mesh
+    mesh = Mesh(np.array(jax.devices()), ('data',))
+    for m in (None, mesh):
+        model = create_model('testing', num_classes=5, dtype=jnp.bfloat16,
+                             attention_impl='pallas', remat=remat, dropout_rate=0.0, mesh=m)
+        x = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+        loss = lambda p, x, model=model: model.apply({'params': p}, x, train=True).sum()  # noqa: E731
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(abstract_params(model, 32), x)
+        kernels = [e.params['jaxpr'].debug_info.func_name for e in equations(jaxpr.jaxpr)
+                   if e.primitive.name == 'pallas_call']
+        assert kernels.count('_flash_attention_dq_kernel') == model.num_layers
+        assert kernels.count('_flash_attention_kernel') == runs * model.num_layers
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')

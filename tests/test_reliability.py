@@ -282,6 +282,7 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.model.attention_impl=cudnn'], 'needs model.dtype=bfloat16'),
     (['--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'],
      'needs an NVIDIA GPU'),
+    (['--config.model.attention_impl=pallas'], 'pallas needs a TPU'),
     (['positional'], 'unexpected arguments'),
     (['--workdir={d}/a_file'], 'is a file'),
     (['--config=configs/digits'], 'config file configs/digits not found'),

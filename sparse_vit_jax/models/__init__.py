@@ -45,7 +45,7 @@ def compute_dtype(name: str) -> Any:
 
 def attention_impl(name: str, dtype: Any) -> str:
     """'auto': cuDNN's fused kernel on NVIDIA GPUs in a 16-bit dtype, XLA's attention elsewhere
-    (TPUs included: see the README)."""
+    (TPUs included: 'pallas' is their opt-in flash attention, see the README)."""
     if name != 'auto':
         return name
     device = jax.devices()[0]

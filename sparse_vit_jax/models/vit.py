@@ -20,21 +20,25 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 Dtype = Any
 IntOrPerBlock = int | Sequence[int]
 # Fused attention kernels take sequence lengths that are multiples of this (cuDNN refuses
 # 577 = 24 * 24 + 1 tokens, the paper's 384 px): tokens are padded up to it and masked.
 FUSED_ALIGN = 64
-FUSED_IMPLS = {'cudnn': 'cudnn', 'padded_xla': 'xla'}  # attention_impl -> kernel
+FUSED_IMPLS = {'cudnn': 'cudnn', 'padded_xla': 'xla'}  # attention_impl -> jax.nn kernel
+PALLAS_ALIGN = 128  # the Pallas TPU kernel's block along the sequence
 
 
 def dots_and_fused_attention_saveable(prim: Any, *avals: Any, **params: Any) -> bool:
     """Remat policy 'dots': keep the matmul outputs and the fused attention kernel's outputs
     (its result, one (B, N, D) activation, and its softmax statistics). Without the second,
-    the backward pass reruns every block's cuDNN attention forward, about 11% of a block's
-    forward FLOPs at 384 px (2*N*D against 12*D^2 multiply-adds per token)."""
-    return (prim.name.startswith('dot_product_attention_fwd')
+    the backward pass reruns every block's cuDNN or Pallas attention forward, about 11% of a
+    block's forward FLOPs at 384 px (2*N*D against 12*D^2 multiply-adds per token). The
+    Pallas kernel is the block's only custom_vjp: kept whole, with its residuals."""
+    return (prim.name.startswith('dot_product_attention_fwd') or prim.name == 'custom_vjp_call'
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
 
 
@@ -56,6 +60,33 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
     out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation,
                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths)
     return out[:, :n]
+
+
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None = None,
+                     align: int = PALLAS_ALIGN) -> jax.Array:
+    """softmax(q k^T) v for (B, N, H, Dh) inputs (q pre-scaled) by JAX's Pallas TPU
+    flash-attention kernel, with N padded up to a multiple of `align`: the padding is a
+    segment of its own, so real queries never attend to it, and padded queries are sliced off.
+
+    XLA does not partition a Pallas kernel, so over a `mesh` it runs on each device's share of
+    the batch (shard_map); a batch the mesh does not divide (initialisation's one image) runs
+    whole."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu
+
+    b, n = q.shape[:2]
+    pad = -n % align
+    q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+               for t in (q, k, v))  # (B, H, N, Dh), the kernel's layout
+    segments = jnp.broadcast_to((jnp.arange(n + pad) >= n).astype(jnp.int32), (b, n + pad))
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, s: jax.Array) -> jax.Array:
+        return tpu.flash_attention(q, k, v, segment_ids=tpu.SegmentIds(s, s), sm_scale=1.0)
+
+    if mesh is not None and mesh.size > 1 and b % mesh.size == 0:
+        batch = P(mesh.axis_names)
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=(batch,) * 4, out_specs=batch,
+                               check_vma=False)
+    return attend(q, k, v, segments).transpose(0, 2, 1, 3)[:, :n]
 
 
 def per_block(value: IntOrPerBlock, depth: int, name: str) -> tuple[int, ...]:
@@ -99,7 +130,9 @@ class MultiHeadDotProductAttention(nn.Module):
     attention itself as cuDNN's fused kernel (GPU, bf16/fp16) wherever the
     probabilities are not needed (not sown, no attention dropout), on tokens padded
     to FUSED_ALIGN; impl='padded_xla' runs that same padding and masking with XLA's
-    kernel (any device: it is how the fused path is checked without a GPU).
+    kernel (any device: it is how the fused path is checked without a GPU); impl='pallas'
+    runs JAX's Pallas flash-attention kernel for TPUs the same way (tokens padded to
+    PALLAS_ALIGN), per device over `mesh`.
     """
 
     num_heads: int
@@ -108,6 +141,7 @@ class MultiHeadDotProductAttention(nn.Module):
     dropout_rate: float = 0.0
     sow_probs: bool = False
     impl: str = 'xla'
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -122,10 +156,11 @@ class MultiHeadDotProductAttention(nn.Module):
         bias = jnp.concatenate([bb.reshape(h * k) * s for (_, bb), s in zip(qkv, (scale, 1, 1))])
         y = x.reshape(b * n, d).astype(self.dtype) @ w + bias.astype(self.dtype)
         dropout = not deterministic and self.dropout_rate > 0
-        if self.impl in FUSED_IMPLS and not self.sow_probs and not dropout:
+        if self.impl in (*FUSED_IMPLS, 'pallas') and not self.sow_probs and not dropout:
             # Fused (flash) attention; (B, N, H, Dh) in and out.
             q, key, v = (y.reshape(b, n, 3, h, k)[:, :, i] for i in range(3))
-            out = fused_attention(q, key, v, FUSED_IMPLS[self.impl])
+            out = pallas_attention(q, key, v, self.mesh) if self.impl == 'pallas' else \
+                fused_attention(q, key, v, FUSED_IMPLS[self.impl])
             return self._out(out, out_kernel, out_bias)
         q, key, v = y.reshape(b, n, 3, h, k).transpose(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
         logits = jnp.einsum('bhqd,bhkd->bhqk', q, key)
@@ -175,6 +210,7 @@ class Encoder1DBlock(nn.Module):
     gelu_approximate: bool = True
     sow_probs: bool = False
     attention_impl: str = 'xla'
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -182,7 +218,7 @@ class Encoder1DBlock(nn.Module):
         y = MultiHeadDotProductAttention(
             self.num_heads, self.head_dim, dtype=self.dtype,
             dropout_rate=self.attention_dropout_rate, sow_probs=self.sow_probs,
-            impl=self.attention_impl, name='MultiHeadDotProductAttention_0')(
+            impl=self.attention_impl, mesh=self.mesh, name='MultiHeadDotProductAttention_0')(
                 y, deterministic=deterministic)
         x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
@@ -214,6 +250,7 @@ class Encoder(nn.Module):
     gelu_approximate: bool = True
     attention_impl: str = 'xla'
     remat: str = 'none'
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool,
@@ -233,7 +270,7 @@ class Encoder(nn.Module):
                 attention_dropout_rate=self.attention_dropout_rate,
                 layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
                 sow_probs=i in capture_attention, attention_impl=self.attention_impl,
-                name=f'encoderblock_{i}')(x, deterministic)
+                mesh=self.mesh, name=f'encoderblock_{i}')(x, deterministic)
         return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                             name='encoder_norm')(x)
 
@@ -254,8 +291,10 @@ class VisionTransformer(nn.Module):
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
     dtype: Dtype = jnp.float32
-    attention_impl: str = 'xla'    # 'xla' | 'cudnn' (fused, NVIDIA GPUs) | 'padded_xla'
+    attention_impl: str = 'xla'    # 'xla' | 'cudnn' (fused, NVIDIA GPUs) | 'pallas' (TPUs)
+    #                                | 'padded_xla' (cudnn's padding and masking, XLA's kernel)
     remat: str = 'none'            # 'none' | 'full' | 'dots' (keep matmul/fused attention outputs)
+    mesh: Mesh | None = None       # 'pallas' runs per device over it (the batch is sharded)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -290,7 +329,8 @@ class VisionTransformer(nn.Module):
                     attention_dropout_rate=self.attention_dropout_rate,
                     layer_norm_eps=self.layer_norm_eps,
                     gelu_approximate=self.gelu_approximate,
-                    attention_impl=self.attention_impl, remat=self.remat, name='Transformer')(
+                    attention_impl=self.attention_impl, remat=self.remat, mesh=self.mesh,
+                    name='Transformer')(
                         x, deterministic=not train, capture_attention=capture_attention)
         x = x[:, 0]
         if self.representation_size is not None:
