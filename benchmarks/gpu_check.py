@@ -31,7 +31,6 @@ group, atomically.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -50,16 +49,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import command, environment, median  # noqa: E402
 from profile_step import device_ops, hlo_index, op_table, trace_cpu_ops, trace_events  # noqa: E402
 from train_step import peak_bf16_tflops, timeit, torch_step  # noqa: E402
+from trainer import NUM_CLASSES, load_config, lower_train_step, with_overrides  # noqa: E402
 
-from sparse_vit_jax.configs import copy  # noqa: E402
-from sparse_vit_jax.experiment import build_model, train_parts, use_rng_impl  # noqa: E402
-from sparse_vit_jax.models import abstract_params  # noqa: E402
-from sparse_vit_jax.optimizer import build_optimizer  # noqa: E402
-from sparse_vit_jax.pruning import magnitude_masks, matmul_flops  # noqa: E402
+from sparse_vit_jax.experiment import build_model, use_rng_impl  # noqa: E402
+from sparse_vit_jax.pruning import matmul_flops  # noqa: E402
 from sparse_vit_jax.train.sharding import batch_sharding, make_mesh  # noqa: E402
-from sparse_vit_jax.train.state import create_state, with_shardings  # noqa: E402
+from sparse_vit_jax.train.state import create_state  # noqa: E402
 
-NUM_CLASSES = 100
 PLAIN = 'no penalty'
 VARIANTS = {  # name -> (config overrides, masks?, XLA compile options)
     'paper': ({}, False, {}),
@@ -96,28 +92,6 @@ class Job:
     status: str = ''  # '' compiled | 'skipped' | an error line
 
 
-def load_config(path: str, tiny: bool) -> Any:
-    spec = importlib.util.spec_from_file_location('config', path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    if tiny:
-        c.model.name, c.model.image_size = 'testing', 32
-    return c
-
-
-def with_overrides(c: Any, overrides: dict[str, Any], batch: int) -> Any:
-    c = copy(c)
-    c.batch_size = batch
-    for key, value in overrides.items():
-        *groups, leaf = key.split('.')
-        holder = c
-        for g in groups:
-            holder = holder[g]
-        holder[leaf] = value  # a locked ConfigDict: a misspelt key raises
-    return c
-
-
 def plan(base: Any, batches: list[int], largest: list[int], largest_remat: list[int]
          ) -> list[Job]:
     """Every train-step program, in the order the targets need them."""
@@ -135,20 +109,7 @@ def plan(base: Any, batches: list[int], largest: list[int], largest_remat: list[
 
 def lower_step(job: Job, mesh: Any) -> None:
     """Traces the trainer's step on abstract shapes: no device memory is used yet."""
-    c = job.config
-    use_rng_impl(c.rng_impl)  # the key's shape and the dropout bits follow it
-    model = build_model(c, NUM_CLASSES, 'jax')
-    tx = None
-    if job.masks:
-        ones = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
-                            abstract_params(model, c.model.image_size))
-        tx = build_optimizer(c, 1000, magnitude_masks(ones, 0.5))
-    job.parts = train_parts(c, model, mesh, 1000, tx)
-    size = c.model.image_size
-    batch = {'image': jax.ShapeDtypeStruct((job.batch, size, size, 3), jnp.float32),
-             'label': jax.ShapeDtypeStruct((job.batch,), jnp.int32)}
-    job.lowered = job.parts.step.lower(with_shardings(job.parts.abstract, job.parts.shardings),
-                                       batch)
+    job.parts, job.lowered = lower_train_step(job.config, mesh, job.masks)
 
 
 def logits_jobs(c: Any) -> tuple[list[Job], tuple[Any, Any]]:

@@ -1,5 +1,6 @@
 """The benchmarks run in a tiny configuration so they cannot rot; no speed is asserted."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -31,6 +32,20 @@ def test_benchmark_tiny(script, expect):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(expect, r.stdout) and '# python' in r.stdout, r.stdout[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason='libtpu is not installed (its wheels are for Linux x86-64 only)')
+def test_the_train_step_compiles_for_a_tpu():
+    """benchmarks/tpu_compile.py --tiny: the trainer's step with XLA's and with the Pallas
+    attention, compiled by libtpu for 4 TPU v5e chips (Mosaic compiles the Pallas kernel); no
+    TPU needed."""
+    r = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'tpu_compile.py'), '--tiny'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = re.findall(r'^\| (xla|pallas) \| none \| 8 \| compiles \|', r.stdout, re.M)
+    assert rows == ['xla', 'pallas'] and 'TPU v5 lite x4' in r.stdout, r.stdout[-3000:]
 
 
 def test_device_profile_reads_a_gpu_trace():
