@@ -12,8 +12,9 @@ flash kernel), remat option and batch per chip, and compiled ahead of time for a
 (`jax.experimental.topologies`; needs libtpu: `pip install "jax[tpu]"`). This checks what no
 CPU test can: that XLA and Mosaic (the Pallas kernel's compiler) accept the program for that
 chip. The TPU compiler refuses a program that does not fit the chip's HBM, so a row that
-compiles fits; its memory per chip is XLA's memory analysis of the compiled program. Nothing
-runs, so nothing here says how fast it is.
+compiles fits as far as the compiler can tell (one near the limit may still fail to allocate);
+its memory per chip is XLA's memory analysis of the compiled program. Nothing runs, so nothing
+here says how fast it is.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ def tpu_mesh(topology: str) -> Any:
     except importlib.metadata.PackageNotFoundError:
         raise SystemExit('error: compiling for a TPU needs libtpu: pip install "jax[tpu]" '
                          '(Linux x86-64); no TPU is needed') from None
-    dims = [int(x) for x in topology.split(':')[1].split('x')]
+    shape = re.fullmatch(r'\w+:(\d+(?:x\d+){0,2})', topology)
+    if not shape:
+        raise SystemExit(f'error: --topology {topology!r} is not of the form NAME:AxB[xC] '
+                         '(v5e:2x2, v5p:2x2x1)')
+    dims = [int(x) for x in shape[1].split('x')]
     bounds = tuple((dims + [1, 1])[:3])
     try:
         topo = topologies.get_topology_desc(platform='tpu', topology_name=topology,
@@ -92,8 +97,8 @@ def compile_row(base: Any, mesh: Any, attention: str, remat: str, per_chip: int
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument('--config', default='configs/imagenet100.py')
-    ap.add_argument('--topology', default='v5e:2x2', help="libtpu's name: v5e:2x2, v4:2x2x1, "
-                    'v5p:2x2x1, v6e:2x2 ...')
+    ap.add_argument('--topology', default='v5e:2x2', help="one host's chips, libtpu's name: "
+                    'v5e:2x2, v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x2 ...')
     ap.add_argument('--batches', default='32,64,128', help='images per chip')
     ap.add_argument('--attention', default='xla,pallas')
     ap.add_argument('--remat', default='none,dots')
