@@ -63,11 +63,11 @@ def tpu_mesh(topology: str) -> Any:
     return Mesh(np.array(topo.devices), ('data',))
 
 
-def compile_row(base: Any, mesh: Any, attention: str, remat: str, per_chip: int
-                ) -> dict[str, Any]:
+def compile_row(base: Any, mesh: Any, attention: str, remat: str, per_chip: int,
+                fsdp: bool = False) -> dict[str, Any]:
     """One compile: the step for `per_chip` images on each chip of `mesh`."""
     c = with_overrides(base, {'model.attention_impl': attention, 'model.remat': remat,
-                              'model.dtype': 'bfloat16', 'rng_impl': 'rbg'},
+                              'model.dtype': 'bfloat16', 'rng_impl': 'rbg', 'mesh.fsdp': fsdp},
                        per_chip * mesh.size)
     row: dict[str, Any] = {'attention': attention, 'remat': remat, 'batch_per_chip': per_chip}
     t = time.perf_counter()
@@ -102,6 +102,8 @@ def main() -> int:
     ap.add_argument('--batches', default='32,64,128', help='images per chip')
     ap.add_argument('--attention', default='xla,pallas')
     ap.add_argument('--remat', default='none,dots')
+    ap.add_argument('--fsdp', action='store_true',
+                    help='shard parameters and optimizer state over the chips (mesh.fsdp)')
     ap.add_argument('--json', default='', help='also write the rows here')
     ap.add_argument('--tiny', action='store_true', help='the testing ViT at 32 px (CI)')
     args = ap.parse_args()
@@ -113,7 +115,9 @@ def main() -> int:
     kind = mesh.devices.flat[0].device_kind
     print(f'# {command()}\n# {environment()}, libtpu {importlib.metadata.version("libtpu")}\n'
           f'\n{base.model.name}@{base.model.image_size}, {kind} x{mesh.size} ({args.topology}), '
-          'bf16 compute, rbg dropout, the batch sharded over the chips; compiled, not run\n',
+          'bf16 compute, rbg dropout, the batch sharded over the chips'
+          f'{", parameters and optimizer state too (fsdp)" if args.fsdp else ""}; '
+          'compiled, not run\n',
           flush=True)
     print('| attention | remat | batch per chip | result | memory per chip GiB | '
           'of which temporaries | compile s |\n|---|---|---|---|---|---|---|', flush=True)
@@ -121,7 +125,7 @@ def main() -> int:
     for attention in words(args.attention):
         for remat in words(args.remat):
             for per_chip in (int(b) for b in words(args.batches)):
-                r = compile_row(base, mesh, attention, remat, per_chip)
+                r = compile_row(base, mesh, attention, remat, per_chip, args.fsdp)
                 rows.append(r)
                 print(f'| {attention} | {remat} | {per_chip} | {r["result"]} | '
                       f'{r.get("memory_gib", "")} | {r.get("temp_gib", "")} | '
