@@ -75,6 +75,9 @@ def build_model(c: Any, num_classes: int, numerics: str = 'jax', mesh: Mesh | No
                         mesh=mesh, **NUMERICS[numerics], **overrides)
 
 
+# Attention kernels for one kind of device: (its JAX backend, what to call it).
+KERNEL_BACKENDS = {'cudnn': ('gpu', 'an NVIDIA GPU'), 'pallas': ('tpu', 'a TPU')}
+
 PRNG_IMPLS = {'threefry': 'threefry2x32', 'rbg': 'rbg', 'unsafe_rbg': 'unsafe_rbg'}
 
 
@@ -161,11 +164,10 @@ class Experiment:
 
     @classmethod
     def create(cls, c: Any, workdir: Any) -> Experiment:
-        if c.model.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
-            raise UserError(f'model.attention_impl=cudnn needs an NVIDIA GPU; this run is on '
-                            f'{jax.default_backend()}: use model.attention_impl=xla')
-        if c.model.attention_impl == 'pallas' and jax.default_backend() != 'tpu':
-            raise UserError(f'model.attention_impl=pallas needs a TPU; this run is on '
+        impl = c.model.attention_impl
+        backend, device = KERNEL_BACKENDS.get(impl, (jax.default_backend(), ''))
+        if jax.default_backend() != backend:
+            raise UserError(f'model.attention_impl={impl} needs {device}; this run is on '
                             f'{jax.default_backend()}: use model.attention_impl=xla')
         use_rng_impl(c.rng_impl)
         use_compile_cache(c.compile_cache)
