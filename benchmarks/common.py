@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -44,6 +45,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Writes `payload` to `path` atomically (a temporary file, then a rename)."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
 
 
 def command() -> str:

@@ -31,7 +31,6 @@ group, atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -46,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import command, environment, median  # noqa: E402
+from common import command, environment, median, write_json  # noqa: E402
 from profile_step import device_ops, hlo_index, op_table, trace_cpu_ops, trace_events  # noqa: E402
 from train_step import peak_bf16_tflops, timeit, torch_step  # noqa: E402
 from trainer import NUM_CLASSES, load_config, lower_train_step, with_overrides  # noqa: E402
@@ -234,12 +233,6 @@ def profile(job: Job, run: Any, steps: int, top: int = 12) -> list[str]:
             '| ms/step | calls/step | kernel | HLO op | jax op |', '|---|---|---|---|---|',
             *[f'| {ms:.2f} | {n:g} | {k[:90]} | {op} | {jop[-120:]} |'
               for ms, n, k, op, jop in dev['top']]]
-
-
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    tmp = f'{path}.tmp'
-    Path(tmp).write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 def main() -> int:

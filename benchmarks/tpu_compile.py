@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import re
 import sys
@@ -34,7 +33,7 @@ import numpy as np
 # Compiling owns no TPU: no need for libtpu's one-process lock (a TPU job may hold it).
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 sys.path.insert(0, str(Path(__file__).parent))
-from common import command, environment  # noqa: E402
+from common import command, environment, write_json  # noqa: E402
 from trainer import load_config, lower_train_step, with_overrides  # noqa: E402
 
 
@@ -133,10 +132,8 @@ def main() -> int:
                 if r.get('fits') is False:
                     break  # larger batches do not fit either
     if args.json:
-        tmp = f'{args.json}.tmp'
-        Path(tmp).write_text(json.dumps({'command': command(), 'environment': environment(),
-                                         'device_kind': kind, 'rows': rows}, indent=1))
-        os.replace(tmp, args.json)
+        write_json(args.json, {'command': command(), 'environment': environment(),
+                               'device_kind': kind, 'rows': rows})
     return 1 if any(r['result'].startswith('compile failed') for r in rows) else 0
 
 
