@@ -10,9 +10,9 @@ loss with the paper's attention penalty on the last block, the optimizer chain),
 already on the device, so no TensorFlow is needed). Variants change one config key each:
 no penalty (the plain step), the L1 transform, the mask-keeping optimizer, XLA attention
 instead of the fused one, Threefry / unsafe_rbg instead of rbg for dropout,
-rematerialisation, other GEMM emitters (XLA compile options, compiled last); then larger
-batches, plain and rematerialised. The L1 and masks rows
-keep the penalty, so comparing them with the plain step is the stricter reading.
+rematerialisation, other GEMM emitters and cuDNN's LayerNorm (XLA compile options, compiled
+last); then larger batches, plain and rematerialised. The L1 and masks rows keep the
+penalty, so comparing them with the plain step is the stricter reading.
 
 Compiling dominates the run (a ViT-B/16@384 step compiles in about a minute on a fresh GPU),
 so every program is lowered from abstract shapes first, then compiled in threads (the first
@@ -65,11 +65,13 @@ VARIANTS = {  # name -> (config overrides, masks?, XLA compile options)
     'threefry': ({'rng_impl': 'threefry'}, False, {}),
     'unsafe_rbg': ({'rng_impl': 'unsafe_rbg'}, False, {}),
     'remat dots': ({'model.remat': 'dots'}, False, {}),
-    # The paper's step under other GEMM emitters (as XLA_FLAGS=--<option>=<value> would set
-    # them for a whole run): cuBLAS only, Triton wherever it can, cuBLASLt (bias epilogues).
+    # The paper's step under other XLA options (as XLA_FLAGS=--<option>=<value> would set
+    # them for a whole run): cuBLAS only, Triton wherever it can, cuBLASLt (bias epilogues)
+    # for the GEMMs; cuDNN's kernels for the LayerNorms (25 per step, memory-bound fusions).
     'cuBLAS GEMMs': ({}, False, {'xla_gpu_enable_triton_gemm': False}),
     'Triton GEMMs': ({}, False, {'xla_gpu_triton_gemm_any': True}),
     'cuBLASLt': ({}, False, {'xla_gpu_enable_cublaslt': True}),
+    'cuDNN LayerNorm': ({}, False, {'xla_gpu_enable_cudnn_layer_norm': True}),
 }
 TARGET_ROWS = ('paper', PLAIN, 'L1', 'masks')  # what the targets compare, compiled first
 REMAT = 'paper, remat dots'

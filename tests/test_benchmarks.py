@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ('input_pipeline.py', r'\| 32 \| \d+ \|(.|\n)*\| inception_crop \| \d+ \| \d+ \|'),
     ('train_step.py', r'\| testing \| 32 \| 4 \|'),
     # gpu_check.sh's code, here on the CPU: every variant timed, then past its compile budget
-    ('gpu_check.py', r'\| 8 \| cuBLASLt \| \d+\.\d \|(.|\n)*\| 32 \| paper, remat dots \| \d'
-     r'(.|\n)*profile: paper @ 8, 2 steps traced(.|\n)*\| \d+\.\d\d \| \w'),
+    ('gpu_check.py', r'\| 8 \| cuDNN LayerNorm \| \d+\.\d \|(.|\n)*\| 32 \| paper, remat dots '
+     r'\| \d(.|\n)*profile: paper @ 8, 2 steps traced(.|\n)*\| \d+\.\d\d \| \w'),
     ('gpu_check.py --budget-s 0', r'\| 8 \| paper \| \d+\.\d \|(.|\n)*\| 8 \| masks \| skipped'),
     ('profile_step.py', 'page faults/step'),
     ('compile_time.py', r'\| testing@32 \| 2 \| \d+\.\d \| \d+\.\d \|'),
