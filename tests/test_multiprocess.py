@@ -200,3 +200,43 @@ def test_a_sweep_over_two_hosts_matches_one_and_resumes(tmp_path):
     assert not re.search(r'training \d+ steps', again[0][0] + again[1][0])
     assert '[sweep] l1_proximal seed 0' in again[0][0]
     assert (multi / 'results.csv').read_bytes() == first
+
+
+FINISHED_CELL = '''
+import json
+import sys
+from pathlib import Path
+import jax
+from sparse_vit_jax.train.distributed import maybe_initialize, process0_decides
+maybe_initialize()
+from sparse_vit_jax.configs import base_config
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.sweep import cell_config, run_cell
+me = jax.process_index()
+print('decided', process0_decides(me == 0), process0_decides(me == 1))
+cfg = cell_config(base_config(), 'baseline', 0)
+cell = Path(sys.argv[1]) / f'view_of_process_{me}'  # process 1 does not see the file
+cell.mkdir()
+if me == 0:
+    (cell / 'results.json').write_text(json.dumps({'cell_config': json.loads(cfg.to_json())}))
+try:
+    print('read', sorted(run_cell(cfg, cell)))
+except UserError as e:
+    print('error', e)
+'''
+
+
+@pytest.mark.slow
+def test_the_processes_take_process_0s_view_of_a_finished_cell(tmp_path):
+    """Whether a sweep cell is finished is read from a file; process 0's reading is every
+    process's, so that no process trains a cell the others skip (their collectives would hang).
+    A process that cannot read what process 0 reads says so in one line."""
+    script = tmp_path / 'finished_cell.py'
+    script.write_text(FINISHED_CELL)
+    outs = [[line for line in out.splitlines() if not line.startswith('[Gloo]')]
+            for out, _ in run_both([str(script), str(tmp_path)])]
+    assert [o[0] for o in outs] == ['decided True False'] * 2
+    assert outs[0][1:] == ["read ['cell_config']"]
+    assert len(outs[1]) == 2 and outs[1][1].startswith(
+        f'error process 1 cannot read {tmp_path}/view_of_process_1/results.json, which '
+        'process 0 reads;'), outs[1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 
 def maybe_initialize() -> None:
@@ -29,3 +30,13 @@ def maybe_initialize() -> None:
             process_id=int(os.environ['SPARSE_VIT_PROCESS_ID']), **extra)
     elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('SLURM_NTASKS', '1') != '1':
         jax.distributed.initialize(**extra)
+
+
+def process0_decides(flag: bool) -> bool:
+    """Process 0's `flag`, on every process: a choice read from files (is this finished?)
+    must be one choice, or the processes would run different programs and hang in their
+    collectives. With one process, `flag` itself."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
