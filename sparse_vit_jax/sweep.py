@@ -31,7 +31,7 @@ from etils import epath
 from sparse_vit_jax import cli
 from sparse_vit_jax.configs import SWEEP_VARIANTS, copy, training_fingerprint
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.train.distributed import process0_decides
+from sparse_vit_jax.train.distributed import from_process0
 from sparse_vit_jax.train.loop import log
 from sparse_vit_jax.train.workdir import check_workdir
 
@@ -97,7 +97,7 @@ def run_cell(cfg: Any, workdir: epath.Path) -> dict[str, Any]:
     from sparse_vit_jax.train.workdir import WorkdirLock
     done = workdir / 'results.json'
     r = _finished(done, cfg)
-    if process0_decides(r is not None):  # every process reads the cell, or every one runs it
+    if from_process0(r is not None):  # every process reads the cell, or every one runs it
         if r is None:
             raise UserError(f'process {jax.process_index()} cannot read {done}, which process 0 '
                             'reads; every process must see the same --workdir (gs:// or a '

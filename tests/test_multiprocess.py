@@ -207,13 +207,13 @@ import json
 import sys
 from pathlib import Path
 import jax
-from sparse_vit_jax.train.distributed import maybe_initialize, process0_decides
+from sparse_vit_jax.train.distributed import maybe_initialize, from_process0
 maybe_initialize()
 from sparse_vit_jax.configs import base_config
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.sweep import cell_config, run_cell
 me = jax.process_index()
-print('decided', process0_decides(me == 0), process0_decides(me == 1))
+print('decided', from_process0(me == 0), from_process0(me == 1), from_process0(7 + me))
 cfg = cell_config(base_config(), 'baseline', 0)
 cell = Path(sys.argv[1]) / f'view_of_process_{me}'  # process 1 does not see the file
 cell.mkdir()
@@ -235,8 +235,45 @@ def test_the_processes_take_process_0s_view_of_a_finished_cell(tmp_path):
     script.write_text(FINISHED_CELL)
     outs = [[line for line in out.splitlines() if not line.startswith('[Gloo]')]
             for out, _ in run_both([str(script), str(tmp_path)])]
-    assert [o[0] for o in outs] == ['decided True False'] * 2
+    assert [o[0] for o in outs] == ['decided 1 0 7'] * 2
     assert outs[0][1:] == ["read ['cell_config']"]
     assert len(outs[1]) == 2 and outs[1][1].startswith(
         f'error process 1 cannot read {tmp_path}/view_of_process_1/results.json, which '
         'process 0 reads;'), outs[1]
+
+
+LOCAL_WORKDIRS = '''
+import sys
+from pathlib import Path
+import jax
+from sparse_vit_jax.train.distributed import maybe_initialize
+maybe_initialize()
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.train.workdir import WorkdirLock
+root = Path(sys.argv[1])
+for name in ('shared', f'local_to_process_{jax.process_index()}'):
+    try:
+        with WorkdirLock(root / name):
+            inside = sorted(p.name for p in (root / name).iterdir())  # process 0's is sure
+            print('locked', name.split('_')[0], *([inside] if jax.process_index() == 0 else []))
+    except UserError as e:
+        print('error', e)
+if jax.process_index() == 0:  # the one that took them
+    print('lock files left', sorted(str(p.relative_to(root)) for p in root.rglob('.lock')))
+'''
+
+
+@pytest.mark.slow
+def test_a_workdir_that_is_not_shared_stops_every_process_in_one_line(tmp_path):
+    """With several hosts each writes its checkpoint shards into the workdir: a path local to
+    each host is found out before any work (the other processes read the lock process 0
+    wrote), and every process stops with the same line; process 0's lock is released."""
+    script = tmp_path / 'local_workdirs.py'
+    script.write_text(LOCAL_WORKDIRS)
+    outs = [[line for line in out.splitlines() if not line.startswith('[Gloo]')]
+            for out, _ in run_both([str(script), str(tmp_path / 'runs')])]
+    error = ('error process 1 does not see the lock that process 0 wrote in '
+             f'{tmp_path}/runs/local_to_process_{{}}; with several hosts --workdir must be one '
+             'shared directory (gs:// or a shared filesystem), not a local path on each host')
+    assert outs[0] == ["locked shared ['.lock']", error.format(0), 'lock files left []']
+    assert outs[1] == ['locked shared', error.format(1)]

@@ -32,11 +32,19 @@ def maybe_initialize() -> None:
         jax.distributed.initialize(**extra)
 
 
-def process0_decides(flag: bool) -> bool:
-    """Process 0's `flag`, on every process: a choice read from files (is this finished?)
-    must be one choice, or the processes would run different programs and hang in their
-    collectives. With one process, `flag` itself."""
+def from_process0(value: int) -> int:
+    """Process 0's `value` (an int or bool), on every process: a choice read from files (is
+    this finished? which run holds the workdir?) must be one choice, or the processes would
+    run different programs and hang in their collectives. With one process, `value` itself."""
     if jax.process_count() == 1:
-        return flag
+        return int(value)
     from jax.experimental import multihost_utils
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def processes_where(flag: bool) -> list[int]:
+    """The indices of the processes whose `flag` is true, on every process."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    from jax.experimental import multihost_utils
+    return [int(i) for i in np.flatnonzero(multihost_utils.process_allgather(np.int32(flag)))]

@@ -1,15 +1,18 @@
 """A workdir belongs to one run at a time: a lock file naming the owner's host and process.
 
-The lock is taken by process 0 (other hosts share its workdir). A lock left by a
-process that no longer runs on this host is taken over; one held by a live
-process, or by another host, is refused with one line. On object stores (gs://)
-there is no atomic create: no lock is taken there.
+The lock is taken by process 0. A lock left by a process that no longer runs on
+this host is taken over; one held by a live process, or by another host, is
+refused with one line. On object stores (gs://) there is no atomic create: no
+lock is taken there. With several processes the workdir must be one shared
+directory (each process writes its shards of every checkpoint there): the other
+processes read the lock that process 0 wrote, or stop with one line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import time
 from typing import Any
@@ -18,6 +21,7 @@ import jax
 from etils import epath
 
 from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.train.distributed import from_process0, processes_where
 
 LOCK = '.lock'
 
@@ -59,10 +63,24 @@ class WorkdirLock:
         self.held = False
 
     def __enter__(self) -> WorkdirLock:
-        if jax.process_index() != 0 or str(self.workdir).startswith('gs://'):
+        if str(self.workdir).startswith('gs://'):
             return self
+        token = from_process0(self._take() if jax.process_index() == 0 else 0)  # once written
+        blind = processes_where(jax.process_index() != 0
+                                and (self._owner() or {}).get('token') != token)
+        if blind:  # every process stops now, with the same line
+            self.__exit__()
+            raise UserError(
+                f'process {blind[0]} does not see the lock that process 0 wrote in '
+                f'{self.workdir}; with several hosts --workdir must be one shared directory '
+                '(gs:// or a shared filesystem), not a local path on each host')
+        return self
+
+    def _take(self) -> int:
+        """Creates the lock file; returns the random token written in it."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        me = {'host': socket.gethostname(), 'pid': os.getpid()}
+        me = {'host': socket.gethostname(), 'pid': os.getpid(),
+              'token': secrets.randbelow(2**31 - 1) + 1}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -82,7 +100,7 @@ class WorkdirLock:
             with os.fdopen(fd, 'w') as f:
                 json.dump(me, f)
             self.held = True
-            return self
+            return me['token']
         raise UserError(f'could not take the lock {self.path}; delete it and re-run')
 
     def _mtime(self) -> float:
