@@ -11,6 +11,7 @@ imagenet2012 by the class list. Labels are the class list's order. Nothing is
 downloaded. Note: ImageNet-1k fine-tuned weights have seen these classes' images.
 Produces checkpoints, results.json/.csv and TensorBoard logs. On a GPU or TPU the step runs in
 bfloat16 with fused attention (model.dtype / model.attention_impl 'auto'); on a CPU in float32.
+Expected: not reproduced here (no weights or data offline).
 """
 
 from sparse_vit_jax.configs import base_config, paper_recipe
