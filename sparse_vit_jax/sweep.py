@@ -33,7 +33,7 @@ from sparse_vit_jax.configs import SWEEP_VARIANTS, copy, training_fingerprint
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.train.distributed import from_process0
 from sparse_vit_jax.train.loop import log
-from sparse_vit_jax.train.workdir import check_workdir
+from sparse_vit_jax.train.workdir import SHARED, check_workdir
 
 
 def _attention(c: Any) -> None:
@@ -100,8 +100,7 @@ def run_cell(cfg: Any, workdir: epath.Path) -> dict[str, Any]:
     if from_process0(r is not None):  # every process reads the cell, or every one runs it
         if r is None:
             raise UserError(f'process {jax.process_index()} cannot read {done}, which process 0 '
-                            'reads; every process must see the same --workdir (gs:// or a '
-                            'shared filesystem)')
+                            f'reads; {SHARED}')
         return r
     exp = Experiment.create(cfg, workdir)
     with WorkdirLock(workdir):

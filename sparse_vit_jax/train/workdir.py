@@ -24,6 +24,8 @@ from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.train.distributed import from_process0, processes_where
 
 LOCK = '.lock'
+SHARED = ('with several hosts --workdir must be one shared directory (gs:// or a shared '
+          'filesystem), not a local path on each host')
 
 
 def _alive(pid: int) -> bool:
@@ -72,8 +74,7 @@ class WorkdirLock:
             self.__exit__()
             raise UserError(
                 f'process {blind[0]} does not see the lock that process 0 wrote in '
-                f'{self.workdir}; with several hosts --workdir must be one shared directory '
-                '(gs:// or a shared filesystem), not a local path on each host')
+                f'{self.workdir}; {SHARED}')
         return self
 
     def _take(self) -> int:
