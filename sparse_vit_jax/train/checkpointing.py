@@ -1,16 +1,17 @@
 """Checkpoints: one orbax CheckpointManager with its cadence, and restores that never lie.
 
-Each step holds the train state (`StandardSave`) and a JSON `meta` item (the
-caller's run description plus the state's layout). Orbax writes a step into a
-temporary directory and renames it when complete, so a write interrupted by a
-kill is never listed. A listed step that fails to restore (files truncated or
-deleted afterwards), or whose arrays differ from the checksums saved with them
-or hold NaN/inf, is moved to `<workdir>/damaged_checkpoints/` and the previous
-step is used. A step whose layout differs from what the caller now
-builds (another model or optimizer) is not damaged: it is left where it is and
-the run is refused. A state holding NaN/inf is never saved (`diverged`): a checkpoint
-that a resume would set aside must not replace a good one. `restore_params` reads only
-the parameters of a run, so a finished run can be evaluated without its data or optimizer.
+Each step holds the train state (`StandardSave`) and a JSON `meta` item (the caller's
+run description plus the state's layout). Orbax writes a step into a temporary directory
+and renames it when complete, so a write interrupted by a kill is never listed. A listed
+step that fails to restore (files truncated or deleted afterwards), or whose arrays
+differ from the checksums saved with them or hold NaN/inf, is moved to
+`<workdir>/damaged_checkpoints/` and the previous step is used. A step whose layout
+differs from what the caller now builds (another model or optimizer) is not damaged: it
+is left where it is and the run is refused. With several processes, each must list the
+same steps (orbax restores collectively), or all stop with one line. A state holding
+NaN/inf is never saved (`diverged`): a checkpoint that a resume would set aside must not
+replace a good one. `restore_params` reads only the parameters of a run, so a finished
+run can be evaluated without its data or optimizer.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.train.distributed import from_process0, processes_where
 from sparse_vit_jax.train.sharding import to_host
 
 CKPT_DIR = 'checkpoints'
@@ -190,7 +194,7 @@ class Checkpointer:
         or when they hold another layout than `target`, or when `check_meta` (called with
         the step's meta before anything is restored) refuses it.
         """
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        steps = same_steps_everywhere(self.directory, self.manager.all_steps())
         want = layout(target)
         for step in steps:
             try:
@@ -248,6 +252,21 @@ class Checkpointer:
                 self._remove_partial_steps()
 
 
+def same_steps_everywhere(directory: Any, steps: Any) -> list[int]:
+    """`steps`, newest first. Every process must restore the same step (orbax restores
+    collectively): a process whose listing differs from process 0's (a stale view of a shared
+    filesystem) stops every process with one line, instead of a hang or processes at
+    different steps."""
+    steps = sorted(steps, reverse=True)
+    mine = zlib.crc32(json.dumps(steps).encode()) & 0x7FFFFFFF
+    odd = processes_where(mine != from_process0(mine))
+    if odd:
+        raise UserError(f'process {odd[0]} lists other checkpoints in {directory} than process 0 '
+                        f'({len(steps)} steps here, newest {steps[:1]}); re-run when every host '
+                        'sees the same files')
+    return steps
+
+
 def _is_disk_full(e: BaseException | None) -> bool:
     seen = 0
     while e is not None and seen < 20:
@@ -294,7 +313,7 @@ def restore_params(path: Any, target: Any, log: Callable[[str], None] = _say) ->
     item = {'params': target}
     want = layout(target)
     with ocp.CheckpointManager(absolute(d)) as mngr:
-        steps = sorted(mngr.all_steps(), reverse=True)
+        steps = same_steps_everywhere(d, mngr.all_steps())
         if not steps:
             raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
         for step in steps:
