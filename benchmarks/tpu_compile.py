@@ -74,8 +74,9 @@ def compile_row(base: Any, mesh: Any, attention: str, remat: str, per_chip: int,
         _, lowered = lower_train_step(c, mesh)
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - the row says why; the others go on
-        text = str(e)
-        row['compile_s'] = round(time.perf_counter() - t, 1)
+        compiled, text = None, str(e)
+    row['compile_s'] = round(time.perf_counter() - t, 1)
+    if compiled is None:
         sizes = re.search(r'\(([\d.]+\w)\) exceeds available HBM \(([\d.]+\w)\)', text)
         if 'RESOURCE_EXHAUSTED' in text:
             row['fits'] = False
@@ -84,7 +85,6 @@ def compile_row(base: Any, mesh: Any, attention: str, remat: str, per_chip: int,
         else:
             row['result'] = 'compile failed: ' + text.strip().splitlines()[0][:300]
         return row
-    row['compile_s'] = round(time.perf_counter() - t, 1)
     m = compiled.memory_analysis()
     need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             + m.temp_size_in_bytes)

@@ -414,3 +414,37 @@ def test_compile_cache_auto_is_per_user_on_accelerators_only(monkeypatch, tmp_pa
         assert use_compile_cache('auto') == str(tmp_path / 'sparse_vit_jax' / 'xla')
     finally:
         jax.config.update('jax_compilation_cache_dir', before)
+
+
+def test_latest_meta_skips_a_step_whose_meta_is_damaged(tmp_path):
+    """Reading a run's settings (init_from's numerics) falls back like restore_params: the
+    newest step's meta.json truncated -> the previous step's meta, with a warning; nothing
+    is moved (the run may belong to someone else). None readable -> one line."""
+    import optax
+
+    from sparse_vit_jax.train.checkpointing import Checkpointer, latest_meta
+    from sparse_vit_jax.train.sharding import make_mesh, state_shardings
+    from sparse_vit_jax.train.state import abstract_state, create_state
+
+    init = lambda rng: {'w': jnp.zeros(4)}  # noqa: E731
+    tx = optax.sgd(0.1)
+    ckpt = Checkpointer(tmp_path, every_steps=1, keep=3)
+    state = create_state(init, tx, 0, state_shardings(abstract_state(init, tx), make_mesh(),
+                                                       fsdp=False))
+    for step in (1, 2):
+        ckpt.save(state.replace(step=jnp.asarray(step, state.step.dtype)),
+                  {'numerics': f'n{step}'}, force=True)
+    ckpt.close()
+    assert latest_meta(tmp_path)[0] == 2
+    metas = sorted((tmp_path / 'checkpoints').glob('*/meta/metadata'))
+    assert [m.parts[-3] for m in metas] == ['1', '2']
+    metas[1].write_text(metas[1].read_text()[:5])
+    said = []
+    step, meta = latest_meta(tmp_path, log=said.append)
+    assert (step, meta['numerics']) == (1, 'n1')
+    assert len(said) == 1 and said[0].startswith(
+        f'warning: checkpoint {tmp_path}/checkpoints/2 is damaged')
+    assert (tmp_path / 'checkpoints' / '2').is_dir()
+    metas[0].write_text('')
+    with pytest.raises(UserError, match=r'^no usable checkpoint in .*checkpoints \(all 2 dam'):
+        latest_meta(tmp_path, log=said.append)

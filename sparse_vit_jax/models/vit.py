@@ -46,16 +46,23 @@ REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
          'dots': dots_and_fused_attention_saveable}
 
 
+def _pad_tokens(align: int, *ts: jax.Array) -> tuple[int, list[jax.Array]]:
+    """(pad, ts with their token axis 1 zero-padded up to a multiple of `align`)."""
+    pad = -ts[0].shape[1] % align
+    if not pad:
+        return 0, list(ts)
+    return pad, [jnp.pad(t, ((0, 0), (0, pad)) + ((0, 0),) * (t.ndim - 2)) for t in ts]
+
+
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
                     align: int = FUSED_ALIGN) -> jax.Array:
     """softmax(q k^T) v for (B, N, H, Dh) inputs (q pre-scaled) by `jax.nn.dot_product_attention`,
     with N padded up to a multiple of `align`: padded keys are masked out through the
     kernel's sequence lengths (never attended) and padded queries are sliced off."""
     b, n = q.shape[:2]
-    pad = -n % align
+    pad, (q, k, v) = _pad_tokens(align, q, k, v)
     if not pad:
         return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation)
-    q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
     lengths = jnp.full((b,), n, jnp.int32)
     out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation,
                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths)
@@ -74,9 +81,8 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu
 
     b, n = q.shape[:2]
-    pad = -n % align
-    q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-               for t in (q, k, v))  # (B, H, N, Dh), the kernel's layout
+    pad, padded = _pad_tokens(align, q, k, v)
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in padded)  # (B, H, N, Dh), the kernel's layout
     segments = jnp.broadcast_to((jnp.arange(n + pad) >= n).astype(jnp.int32), (b, n + pad))
 
     def attend(q: jax.Array, k: jax.Array, v: jax.Array, s: jax.Array) -> jax.Array:

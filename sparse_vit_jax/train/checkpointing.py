@@ -291,15 +291,22 @@ def checkpoint_dir(path: Any) -> epath.Path:
     return path / CKPT_DIR if (path / CKPT_DIR).is_dir() else path
 
 
-def latest_meta(path: Any) -> tuple[int, dict[str, Any]]:
-    """(step, meta) of the newest checkpoint under a run directory."""
+def latest_meta(path: Any, log: Callable[[str], None] = _say) -> tuple[int, dict[str, Any]]:
+    """(step, meta) of the newest checkpoint under a run directory whose meta reads; like
+    `restore_params`, a damaged step is reported and skipped, and nothing is moved."""
     d = checkpoint_dir(path)
     with ocp.CheckpointManager(absolute(d)) as mngr:
-        step = mngr.latest_step()
-        if step is None:
+        steps = same_steps_everywhere(d, mngr.all_steps())
+        if not steps:
             raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
-        return step, mngr.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
+        for step in steps:
+            try:
+                return step, mngr.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))['meta']
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+                log(f'warning: checkpoint {d / str(step)} is damaged ({type(e).__name__}: '
+                    f'{_first_line(e)}); trying the previous one')
+    raise UserError(f'no usable checkpoint in {d} (all {len(steps)} damaged)')
 
 
 def restore_params(path: Any, target: Any, log: Callable[[str], None] = _say) -> Any:
