@@ -325,3 +325,54 @@ def test_processes_that_list_other_checkpoints_stop_in_one_line(tmp_path):
                  f'checkpoints than process 0 ({2 - i} steps here, newest {newest}); re-run '
                  'when every host sees the same files')
         assert out == [same, other, other], out  # resuming a run, and reading its params
+
+
+ONE_HOST_DAMAGE = '''
+import sys
+from pathlib import Path
+import jax, jax.numpy as jnp, optax
+from sparse_vit_jax.train.distributed import maybe_initialize
+maybe_initialize()
+from jax.experimental import multihost_utils
+from sparse_vit_jax.train.checkpointing import Checkpointer
+from sparse_vit_jax.train.sharding import make_mesh, state_shardings
+from sparse_vit_jax.train.state import abstract_state, create_state, with_shardings
+root = Path(sys.argv[1])
+init = lambda rng: {'w': jnp.arange(8.0 * 65536).reshape(8, 65536)}  # 2 MiB: in data files
+tx = optax.sgd(0.1)
+shardings = state_shardings(abstract_state(init, tx), make_mesh(), fsdp=True)
+log = lambda line: print('said:', line, flush=True)
+ckpt = Checkpointer(root, every_steps=1, keep=3, log=log)
+state = create_state(init, tx, 0, shardings)
+for step in (1, 2):
+    ckpt.save(state.replace(step=state.step + step), {}, force=True)
+ckpt.close()
+multihost_utils.sync_global_devices('saved')
+if jax.process_index() == 1:  # process 1's own shards of step 2 (process 0 never reads them)
+    for f in (root / 'checkpoints' / '2' / 'state' / 'ocdbt.process_1' / 'd').iterdir():
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+multihost_utils.sync_global_devices('damaged')
+ckpt = Checkpointer(root, every_steps=1, keep=3, log=log)
+state, _ = ckpt.restore_latest(with_shardings(abstract_state(init, tx), shardings))
+log(f'resumed at {int(state.step)}')
+ckpt.close()
+'''
+
+
+@pytest.mark.slow
+def test_damage_that_only_one_process_reads_is_set_aside_by_all(tmp_path):
+    """Each process reads only its own shards of a step. Process 1's shards of the newest step
+    are damaged: process 0 reads its part fine, yet both set the step aside and resume from the
+    one before (without the exchange after reading, the processes hang in mismatched
+    collectives)."""
+    script = tmp_path / 'one_host_damage.py'
+    script.write_text(ONE_HOST_DAMAGE)
+    outs = [said(out) for out, _ in run_both([str(script), str(tmp_path / 'w')], timeout=150)]
+    ckpt = tmp_path / 'w' / 'checkpoints'
+    aside = list((tmp_path / 'w' / 'damaged_checkpoints').iterdir())
+    assert [p.name.split('-')[0] for p in aside] == ['2']
+    assert outs[0] == [f'warning: checkpoint {ckpt}/2 is damaged (Damaged: process 1 could not '
+                       f'read its part of it); moved to {aside[0]}, trying the previous one',
+                       f'resuming from {ckpt} at step 1', 'resumed at 1']
+    assert outs[1][0].startswith(f'warning: checkpoint {ckpt}/2 is damaged (')
+    assert outs[1][1:] == outs[0][1:]

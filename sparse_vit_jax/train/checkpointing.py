@@ -8,7 +8,8 @@ differ from the checksums saved with them or hold NaN/inf, is moved to
 `<workdir>/damaged_checkpoints/` and the previous step is used. A step whose layout
 differs from what the caller now builds (another model or optimizer) is not damaged: it
 is left where it is and the run is refused. With several processes, each must list the
-same steps (orbax restores collectively), or all stop with one line. A state holding
+same steps, or all stop with one line; each reads only its own shards, so whether any
+failed is exchanged before the next step is tried (`read_together`). A state holding
 NaN/inf is never saved (`diverged`): a checkpoint that a resume would set aside must not
 replace a good one. `restore_params` reads only the parameters of a run, so a finished
 run can be evaluated without its data or optimizer.
@@ -111,6 +112,35 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
+def read_together(step_dir: epath.Path, item: str, handler: Any, args: Any) -> Any:
+    """One item of a checkpoint step, read by every process at once; each learns whether any
+    failed.
+
+    Each process reads only its own shards, so damage may fail one process alone. Orbax's
+    `CheckpointManager.restore` ends in a barrier that such a process never reaches: the others
+    would wait in it, or pair their next collectives wrongly (a hang). So the item is read by
+    its handler (no barrier), and one exchange follows: where any process failed, every
+    process raises (the others `Damaged`), and the step is set aside or skipped by all alike.
+    """
+    error: Exception | None = None
+    try:
+        restored = handler.restore(absolute(step_dir / item), args=args)
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
+        error = e
+    finally:
+        handler.close()
+    failed = processes_where(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise Damaged(f'process {failed[0]} could not read its part of it')
+    return restored
+
+
+def read_meta(step_dir: epath.Path) -> dict[str, Any]:
+    return read_together(step_dir, 'meta', ocp.JsonCheckpointHandler(), ocp.args.JsonRestore())
+
+
 class Checkpointer:
     """Saves every `every_steps` (or when forced), keeps the newest `keep`."""
 
@@ -181,8 +211,7 @@ class Checkpointer:
             time.sleep(0.2)
 
     def meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
+        return read_meta(self.directory / str(step))
 
     def restore_latest(self, target: Any,
                        check_meta: Callable[[dict[str, Any]], None] | None = None
@@ -206,8 +235,9 @@ class Checkpointer:
                         f'{self.directory / str(step)} holds a different model or optimizer '
                         'layout than this config builds; re-run with the config that wrote it, '
                         'or use a new --workdir')
-                state = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target)))['state']
+                state = read_together(self.directory / str(step), 'state',
+                                      ocp.StandardCheckpointHandler(),
+                                      ocp.args.StandardRestore(target))
                 verify(state, meta.get('checksums'))
             except UserError:
                 raise
@@ -291,54 +321,51 @@ def checkpoint_dir(path: Any) -> epath.Path:
     return path / CKPT_DIR if (path / CKPT_DIR).is_dir() else path
 
 
-def latest_meta(path: Any, log: Callable[[str], None] = _say) -> tuple[int, dict[str, Any]]:
-    """(step, meta) of the newest checkpoint under a run directory whose meta reads; like
-    `restore_params`, a damaged step is reported and skipped, and nothing is moved."""
+def _newest_usable(path: Any, read: Callable[[int, epath.Path], Any],
+                   log: Callable[[str], None]) -> Any:
+    """`read(step, checkpoints_directory)` of the newest step of a run directory where it
+    succeeds: a damaged step is reported and the previous one is tried; nothing is moved (the
+    run may belong to someone else). A UserError from `read` ends the search."""
     d = checkpoint_dir(path)
-    with ocp.CheckpointManager(absolute(d)) as mngr:
+    with ocp.CheckpointManager(absolute(d)) as mngr:  # lists the finished steps only
         steps = same_steps_everywhere(d, mngr.all_steps())
-        if not steps:
-            raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
-        for step in steps:
-            try:
-                return step, mngr.restore(step, args=ocp.args.Composite(
-                    meta=ocp.args.JsonRestore()))['meta']
-            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-                log(f'warning: checkpoint {d / str(step)} is damaged ({type(e).__name__}: '
-                    f'{_first_line(e)}); trying the previous one')
+    if not steps:
+        raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
+    for step in steps:
+        try:
+            return read(step, d)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+            log(f'warning: checkpoint {d / str(step)} is damaged ({type(e).__name__}: '
+                f'{_first_line(e)}); trying the previous one')
     raise UserError(f'no usable checkpoint in {d} (all {len(steps)} damaged)')
+
+
+def latest_meta(path: Any, log: Callable[[str], None] = _say) -> tuple[int, dict[str, Any]]:
+    """(step, meta) of the newest checkpoint under a run directory whose meta reads."""
+    return _newest_usable(path, lambda step, d: (step, read_meta(d / str(step))), log)
 
 
 def restore_params(path: Any, target: Any, log: Callable[[str], None] = _say) -> Any:
     """Only the parameters of a run's newest usable checkpoint, onto `target`'s shardings.
 
     `target`: the parameters' ShapeDtypeStructs (with shardings). Neither the
-    run's data nor its optimizer is needed. A damaged step is reported and the
-    previous one is used (nothing is moved: the run may belong to someone else).
+    run's data nor its optimizer is needed.
     """
-    d = checkpoint_dir(path)
     item = {'params': target}
     want = layout(target)
-    with ocp.CheckpointManager(absolute(d)) as mngr:
-        steps = same_steps_everywhere(d, mngr.all_steps())
-        if not steps:
-            raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
-        for step in steps:
-            try:
-                meta = mngr.restore(step, args=ocp.args.Composite(
-                    meta=ocp.args.JsonRestore()))['meta']
-                if meta.get('params_layout', want) != want:
-                    raise UserError(f'checkpoint {d / str(step)} holds a different model than '
-                                    'the config asks for')
-                state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                    partial_restore=True)))['state']
-                verify(state['params'], meta.get('checksums'), prefix='.params')
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-                log(f'warning: checkpoint {d / str(step)} is damaged ({type(e).__name__}: '
-                    f'{_first_line(e)}); trying the previous one')
-                continue
-            return state['params']
-    raise UserError(f'no usable checkpoint in {d} (all {len(steps)} damaged)')
+
+    def read(step: int, d: epath.Path) -> Any:
+        meta = read_meta(d / str(step))
+        if meta.get('params_layout', want) != want:
+            raise UserError(f'checkpoint {d / str(step)} holds a different model than the '
+                            'config asks for')
+        state = read_together(d / str(step), 'state', ocp.PyTreeCheckpointHandler(),
+                              ocp.args.PyTreeRestore(
+                                  item=item, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+        verify(state['params'], meta.get('checksums'), prefix='.params')
+        return state['params']
+
+    return _newest_usable(path, read, log)
