@@ -49,6 +49,7 @@ from sparse_vit_jax.train.checkpointing import (
     latest_meta,
     restore_params,
 )
+from sparse_vit_jax.train.distributed import from_process0
 from sparse_vit_jax.train.loop import LoopConfig, log, train_loop
 from sparse_vit_jax.train.sharding import make_mesh, state_shardings, to_host
 from sparse_vit_jax.train.state import (
@@ -115,9 +116,24 @@ def resolve_numerics(c: Any) -> str:
     if c.pretrained and not c.pretrained.endswith('.npz'):
         from sparse_vit_jax.checkpoints.io import read_checkpoint
         return read_checkpoint(c.pretrained, 1)[1]
-    if c.init_from and epath.Path(c.init_from).is_dir():
+    if c.init_from and is_run_dir(c.init_from):
         return latest_meta(c.init_from)[1].get('numerics', 'jax')
     return 'jax'
+
+
+def is_run_dir(path: Any) -> bool:
+    """Whether weights come from a run directory (its checkpoints; read collectively) or a
+    file (read by each process). Process 0's reading of the filesystem is every process's, so
+    that all take the same path through their collectives: a process that does not see the
+    run then lists other checkpoints and every process stops with one line. A directory
+    holding no checkpoints but weights files is refused (one line, every process)."""
+    p = epath.Path(path)
+    kind = from_process0(0 if not p.is_dir() else
+                         2 if not any(checkpoint_dir(p).glob('[0-9]*')) and any(p.glob('*.*'))
+                         else 1)
+    if kind == 2:
+        raise UserError(directory_message(p))
+    return kind == 1
 
 
 def _pool(c: Any) -> list[str]:
@@ -191,9 +207,7 @@ class Experiment:
     def load_params(self, path: str, reinit_head: bool = False) -> Any:
         """Weights from a run directory (its checkpoints) or a weights file, onto the mesh."""
         p = epath.Path(path)
-        if p.is_dir():
-            if not any(checkpoint_dir(p).glob('[0-9]*')) and any(p.glob('*.*')):
-                raise UserError(directory_message(p))
+        if is_run_dir(p):
             return restore_params(p, with_shardings(self.abstract_params, self.param_shardings))
         params, fmt = load_pretrained(p, self.abstract_params, reinit_head=reinit_head)
         log(f'loaded {p} ({fmt} format, model numerics {self.numerics!r})')

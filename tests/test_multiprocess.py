@@ -72,11 +72,17 @@ def run_both(argv, data_dir=None, timeout=420):
 @pytest.mark.slow
 def test_a_failure_on_one_process_ends_both_in_bounded_time(tmp_path):
     """Both start on an empty data dir (process 0 prepares it, process 1 waits); then a
-    pretrained file that exists on one host only fails process 1: both exit non-zero."""
+    pretrained file that exists on one host only fails process 1: both exit non-zero.
+    (Each process's path stands for one path as each host sees it.)"""
+    import shutil
     import time
+    first = tmp_path / 'first'
+    run_main(first, *ARGS, '--config.stages=train', data_dir=tmp_path / 'tfds_first')
+    (tmp_path / 'host_0').mkdir()
+    shutil.copy(first / 'params.npz', tmp_path / 'host_0' / 'weights.npz')
     port, t0 = free_port(), time.time()
-    gone = [f'--config.pretrained={tmp_path / "gone.npz"}']
-    procs = [start(cli(tmp_path / 'w', *ARGS, *(gone if pid else [])), pid, port,
+    procs = [start(cli(tmp_path / 'w', *ARGS,
+                       f'--config.pretrained={tmp_path}/host_{pid}/weights.npz'), pid, port,
                    tmp_path / 'tfds', timeout_s=10) for pid in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode not in (0, None) for p in procs), [o[1][-1500:] for o in outs]
@@ -376,3 +382,48 @@ def test_damage_that_only_one_process_reads_is_set_aside_by_all(tmp_path):
                        f'resuming from {ckpt} at step 1', 'resumed at 1']
     assert outs[1][0].startswith(f'warning: checkpoint {ckpt}/2 is damaged (')
     assert outs[1][1:] == outs[0][1:]
+
+
+UNSEEN_RUN = '''
+import sys
+from pathlib import Path
+import jax
+from sparse_vit_jax.train.distributed import maybe_initialize
+maybe_initialize()
+from sparse_vit_jax.configs import base_config
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.experiment import resolve_numerics
+c = base_config()
+c.model.numerics = 'auto'  # read from the run that init_from names
+c.init_from = str(Path(sys.argv[1]) / f'view_of_process_{jax.process_index()}')
+try:
+    print('said:', 'numerics', resolve_numerics(c))
+except UserError as e:
+    print('said:', 'error', e)
+'''
+
+
+@pytest.mark.slow
+def test_a_run_that_one_process_does_not_see_stops_every_process(tmp_path):
+    """Whether init_from is a run (its checkpoints, read collectively) or a weights file (read
+    by each process) is process 0's reading: process 1, which does not see the run, still
+    takes the run's path through the collectives, and both stop with one line (instead of
+    process 1 going on alone while process 0 waits for it)."""
+    import jax.numpy as jnp
+    import optax
+
+    from sparse_vit_jax.train.checkpointing import Checkpointer
+    from sparse_vit_jax.train.state import create_state
+
+    init = lambda rng: {'w': jnp.zeros(2)}  # noqa: E731
+    ckpt = Checkpointer(tmp_path / 'view_of_process_0', every_steps=1, keep=1)
+    ckpt.save(create_state(init, optax.sgd(0.1), 0, None), {'numerics': 'timm'}, force=True)
+    ckpt.close()
+    script = tmp_path / 'unseen_run.py'
+    script.write_text(UNSEEN_RUN)
+    outs = [said(out) for out, _ in run_both([str(script), str(tmp_path)], timeout=150)]
+    sees = {0: ('view_of_process_0/checkpoints', '1 steps here, newest [0]'),
+            1: ('view_of_process_1', '0 steps here, newest []')}
+    for i, (where, steps) in sees.items():
+        assert outs[i] == [f'error process 1 lists other checkpoints in {tmp_path}/{where} than '
+                           f'process 0 ({steps}); re-run when every host sees the same files']

@@ -214,6 +214,7 @@ def write_bad_files(d):
     (d / 'lfs.npz').write_text('version https://git-lfs.github.com/spec/v1\noid sha256:'
                                f'{"ab" * 32}\nsize 346000000\n')
     (d / 'hf_model').mkdir()
+    (d / 'no_run').mkdir()
     (d / 'hf_model' / 'config.json').write_text('{}')
     (d / 'hf_model' / 'model.safetensors').write_bytes(b'')
     np.savez(d / 'good.npz', cls=np.zeros((1, 1, 8)))
@@ -259,6 +260,9 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.pretrained={d}/lfs.npz'], 'is a git-LFS pointer (134 bytes), not the weights'),
     (['--config.pretrained={d}/hf_model'], 'is a directory, not a run with checkpoints; give the '
      'weights file itself (it holds model.safetensors)'),
+    (['--config.stages=eval', '--config.init_from={d}/hf_model'], 'is a directory, not a run '
+     'with checkpoints; give the weights file itself (it holds model.safetensors)'),
+    (['--config.stages=eval', '--config.init_from={d}/no_run'], 'no checkpoint found in'),
     pytest.param(['--config.pretrained={d}/code.pth'],
                  'Payload), which torch.load(weights_only=True) refuses: loading them could run '
                  'arbitrary code. If you trust its source', marks=needs_torch),

@@ -136,7 +136,7 @@ def _read_safetensors(path: Path) -> Flat:
 
 def directory_message(path: Any) -> str:
     """What to say when a directory is given where a weights file is expected."""
-    inside = sorted(p.name for p in path.iterdir()
+    inside = sorted(p.name for p in (path.iterdir() if path.is_dir() else ())
                     if p.suffix.lower() in ('.npz', '.safetensors', *TORCH_SUFFIXES))
     hint = f' (it holds {", ".join(inside[:3])})' if inside else ''
     return f'{path} is a directory, not a run with checkpoints; give the weights file itself{hint}'

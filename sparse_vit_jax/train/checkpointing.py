@@ -327,8 +327,7 @@ def _newest_usable(path: Any, read: Callable[[int, epath.Path], Any],
     succeeds: a damaged step is reported and the previous one is tried; nothing is moved (the
     run may belong to someone else). A UserError from `read` ends the search."""
     d = checkpoint_dir(path)
-    with ocp.CheckpointManager(absolute(d)) as mngr:  # lists the finished steps only
-        steps = same_steps_everywhere(d, mngr.all_steps())
+    steps = same_steps_everywhere(d, ocp.utils.checkpoint_steps(absolute(d)))  # finished ones
     if not steps:
         raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
     for step in steps:
