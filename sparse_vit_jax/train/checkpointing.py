@@ -210,9 +210,6 @@ class Checkpointer:
                 return
             time.sleep(0.2)
 
-    def meta(self, step: int) -> dict[str, Any]:
-        return read_meta(self.directory / str(step))
-
     def restore_latest(self, target: Any,
                        check_meta: Callable[[dict[str, Any]], None] | None = None
                        ) -> tuple[Any, dict[str, Any]] | None:
@@ -227,7 +224,7 @@ class Checkpointer:
         want = layout(target)
         for step in steps:
             try:
-                meta = self.meta(step)
+                meta = read_meta(self.directory / str(step))
                 if check_meta is not None:
                     check_meta(meta)
                 if meta.get('layout', want) != want:
