@@ -317,10 +317,10 @@ for name in ('same', f'view_of_process_{jax.process_index()}'):
 
 @pytest.mark.slow
 def test_processes_that_list_other_checkpoints_stop_in_one_line(tmp_path):
-    """Orbax restores collectively, so every process must take the same step: a process
-    whose listing differs from process 0's stops every process with one line, whether it
-    resumes a run or reads its parameters. (Where the
-    listings agree, both set the same unreadable step aside.)"""
+    """Every read ends in an exchange between the processes, so every process must take the
+    same step: a process whose listing differs from process 0's stops every process with one
+    line, whether it resumes a run or reads its parameters. (Where the listings agree, both
+    set the same unreadable step aside.)"""
     script = tmp_path / 'stale_listing.py'
     script.write_text(STALE_LISTING)
     outs = [said(out) for out, _ in run_both([str(script), str(tmp_path)])]

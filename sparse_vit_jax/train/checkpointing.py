@@ -280,10 +280,10 @@ class Checkpointer:
 
 
 def same_steps_everywhere(directory: Any, steps: Any) -> list[int]:
-    """`steps`, newest first. Every process must restore the same step (orbax restores
-    collectively): a process whose listing differs from process 0's (a stale view of a shared
-    filesystem) stops every process with one line, instead of a hang or processes at
-    different steps."""
+    """`steps`, newest first. Every process must try the same steps in the same order (each
+    read ends in an exchange between them, `read_together`): a process whose listing differs
+    from process 0's (a stale view of a shared filesystem) stops every process with one line,
+    instead of a hang or processes at different steps."""
     steps = sorted(steps, reverse=True)
     mine = zlib.crc32(json.dumps(steps).encode()) & 0x7FFFFFFF
     odd = processes_where(mine != from_process0(mine))
