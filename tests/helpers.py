@@ -108,3 +108,46 @@ def results(workdir: Path) -> dict:
 def params(workdir: Path) -> dict[str, np.ndarray]:
     with np.load(workdir / 'params.npz') as f:
         return {k: f[k] for k in f.files}
+
+
+# The last process alone cannot write files over 100 kB from its second checkpoint on; it
+# says what the Checkpointer reports, then resumes and saves once more without the limit.
+FAILING_WRITE = '''
+import resource, signal, sys
+from pathlib import Path
+import jax, jax.numpy as jnp, optax
+from sparse_vit_jax.train.distributed import maybe_initialize
+maybe_initialize()
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.train.checkpointing import Checkpointer
+from sparse_vit_jax.train.sharding import make_mesh, state_shardings
+from sparse_vit_jax.train.state import abstract_state, create_state, with_shardings
+root = Path(sys.argv[1])
+init = lambda rng: {'w': jnp.arange(8.0 * 65536).reshape(8, 65536)}  # 1 MiB per process
+tx = optax.sgd(0.1)
+shardings = state_shardings(abstract_state(init, tx), make_mesh(), fsdp=True)
+step = jax.jit(lambda s: s.replace(step=s.step + 1, params=jax.tree.map(
+    lambda w: w + jnp.mean(w), s.params)))  # a collective, as a train step has
+log = lambda line: print('said:', line, flush=True)
+ckpt = Checkpointer(root, every_steps=1, keep=3, log=log)
+state = step(create_state(init, tx, 0, shardings))
+ckpt.save(state, {})
+ckpt.wait()
+if jax.process_index() == jax.process_count() - 1:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+try:
+    for _ in range(3):  # step 2 fails in the background; the next save says so
+        state = step(state)
+        ckpt.save(state, {})
+    ckpt.close()
+except UserError as e:
+    log(f'error at step {int(state.step)}: {e}')
+    ckpt.close()
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+ckpt = Checkpointer(root, every_steps=1, keep=3, log=log)
+state, _ = ckpt.restore_latest(with_shardings(abstract_state(init, tx), shardings))
+ckpt.save(step(state), {})
+ckpt.close()
+log(f'saved {int(state.step) + 1}')
+'''

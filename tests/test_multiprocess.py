@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, SMOKE, params, results, run_main
+from helpers import FAILING_WRITE, ROOT, SMOKE, params, results, run_main
 
 ARGS = [*SMOKE, '--config.model.dropout_rate=0.0', '--config.stages=train,eval']
 
@@ -382,6 +382,27 @@ def test_damage_that_only_one_process_reads_is_set_aside_by_all(tmp_path):
                        f'resuming from {ckpt} at step 1', 'resumed at 1']
     assert outs[1][0].startswith(f'warning: checkpoint {ckpt}/2 is damaged (')
     assert outs[1][1:] == outs[0][1:]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_that_fails_on_one_process_stops_both_in_one_line(tmp_path):
+    """Process 1 cannot write its shards of step 2 (a file-size limit; process 0's writes
+    succeed). Both stop at the next save with the same line naming process 1's error, step 2
+    is not left half-written, and a re-run resumes from step 1 (with JAX's barriers, both
+    would wait for orbax's timeout, 20 minutes)."""
+    script = tmp_path / 'one_host_write_failure.py'
+    script.write_text(FAILING_WRITE)
+    outs = [said(out) for out, _ in run_both([str(script), str(tmp_path / 'w')], timeout=150)]
+    ckpt = tmp_path / 'w' / 'checkpoints'
+    error = (f'error at step 3: could not write a checkpoint to {ckpt} (process 1: Failed to '
+             'write ')
+    for out in outs:
+        assert len(out) == 3 and out[0].startswith(error), out
+        assert out[0].endswith("File too large [os_error_code='27']); the newest complete "
+                               'checkpoint is step 1; fix that and re-run the same command to '
+                               'resume'), out
+        assert out[1:] == [f'resuming from {ckpt} at step 1', 'saved 2']
+    assert sorted(p.name for p in ckpt.iterdir()) == ['1', '2']
 
 
 UNSEEN_RUN = '''

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, SMOKE, main_here, needs_torch, params, run_main, torch
+from helpers import FAILING_WRITE, ROOT, SMOKE, main_here, needs_torch, params, run_main, torch
 
 RUN = [*SMOKE, '--config.num_steps=24', '--config.checkpoint_every_steps=4',
        '--config.log_every_steps=1', '--config.keep_checkpoints=2', '--config.stages=train']
@@ -397,6 +397,27 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial_step(tm
         assert not [p for p in (disk / 'run' / 'checkpoints').iterdir() if not p.name.isdigit()]
     finally:
         subprocess.run(['umount', str(disk)], check=True)
+
+
+def test_a_checkpoint_write_that_fails_is_one_line_and_the_run_resumes(tmp_path):
+    """Orbax writes in the background; a write that the OS refuses (here a file-size limit)
+    surfaces at the next save as one line with the OS's reason, removes the half-written step,
+    and a re-run resumes from the last complete one (2 processes: test_multiprocess.py)."""
+    script = tmp_path / 'failing_write.py'
+    script.write_text(FAILING_WRITE)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / 'w')], cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = tmp_path / 'w' / 'checkpoints'
+    error, *rest = re.findall(r'said: (.*)', r.stdout)
+    assert re.fullmatch(
+        f'error at step 3: could not write a checkpoint to {re.escape(str(ckpt))} '
+        r"\(Failed to write \d+ bytes to file \d+: File too large \[os_error_code='27'\]\); "
+        'the newest complete checkpoint is step 1; fix that and re-run the same command to '
+        'resume', error), error
+    assert rest == [f'resuming from {ckpt} at step 1', 'saved 2']
+    assert sorted(p.name for p in ckpt.iterdir()) == ['1', '2']
 
 
 def test_damaged_record_file_is_one_line_naming_it(tmp_path):

@@ -11,8 +11,11 @@ is left where it is and the run is refused. With several processes, each must li
 same steps, or all stop with one line; each reads only its own shards, so whether any
 failed is exchanged before the next step is tried (`read_together`). A state holding
 NaN/inf is never saved (`diverged`): a checkpoint that a resume would set aside must not
-replace a good one. `restore_params` reads only the parameters of a run, so a finished
-run can be evaluated without its data or optimizer.
+replace a good one. A write that fails (a full disk, an I/O error) on any process ends
+the run at the next save with one line on every process, and removes the partial step
+(`FailFastBarrier` ends orbax's closing barriers on all processes at once). `restore_params`
+reads only the parameters of a run, so a finished run can be evaluated without its data or
+optimizer.
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.train.distributed import from_process0, processes_where
+from sparse_vit_jax.train.distributed import (
+    FailFastBarrier,
+    ProcessFailed,
+    from_process0,
+    processes_where,
+)
 from sparse_vit_jax.train.sharding import to_host
 
 CKPT_DIR = 'checkpoints'
@@ -152,13 +160,16 @@ class Checkpointer:
         policy = ocp.checkpoint_managers.AnySavePolicy([
             ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
             ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+        # With several processes, a write failing on one of them ends the save on all at once.
+        self._barrier = FailFastBarrier('checkpoints') if jax.process_count() > 1 else None
         self.manager = ocp.CheckpointManager(
             absolute(self.directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 save_decision_policy=policy,
-                                                 cleanup_tmp_directories=True))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, save_decision_policy=policy,
+                cleanup_tmp_directories=True,
+                async_options=ocp.AsyncOptions(barrier_sync_fn=self._barrier)))
         self._bytes = 0
-        self._disk_full = False
+        self._failed = False
 
     def save(self, state: Any, meta: dict[str, Any], *, step: int | None = None,
              force: bool = False) -> bool:
@@ -173,27 +184,39 @@ class Checkpointer:
         meta = {**meta, 'step': step, 'layout': layout(state),
                 'params_layout': layout(state.params), 'checksums': sums}
         self._bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-        with self._disk_errors():
+        with self._write_errors():
             return self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
     @contextlib.contextmanager
-    def _disk_errors(self) -> Iterator[None]:
-        """A full disk (or quota) while writing a checkpoint -> one line; no partial step."""
+    def _write_errors(self) -> Iterator[None]:
+        """A write that fails (a full disk, a quota, an I/O error, on any process) -> one line
+        on every process; no partial step. Orbax's background write surfaces its error at the
+        next save or wait."""
         try:
             yield
         except Exception as e:  # noqa: BLE001 - orbax wraps the OSError in its own errors
-            if not _is_disk_full(e):
+            if self._barrier is not None:
+                self._barrier.fail(e)  # the others stop at their next barrier, not in 20 min
+            full = _is_disk_full(e) and _cause(e, ProcessFailed) is None  # this process's disk
+            reason = _write_failure(e)
+            if reason is None and not full:
                 raise
-            self._disk_full = True  # close() removes what orbax's threads write after this
+            self._failed = True  # close() removes what orbax's threads write after this
             if jax.process_index() == 0:  # orbax lists only finished steps; drop the rest
                 self._remove_partial_steps()
-            free = _free_bytes(self.directory)
-            raise UserError(
-                f'no space left on the device of {self.directory} while saving a checkpoint '
-                f'(it needs about {self._bytes / 2**20:.1f} MiB of arrays plus metadata per '
-                f'step; {free / 2**20:.1f} MiB free); free space and re-run the same command '
-                'to resume from the last complete checkpoint') from None
+            steps = ocp.utils.checkpoint_steps(absolute(self.directory))
+            kept = (f'the newest complete checkpoint is step {max(steps)}' if steps else
+                    'no checkpoint is complete yet')
+            if full:
+                free = _free_bytes(self.directory)
+                raise UserError(
+                    f'no space left on the device of {self.directory} while saving a checkpoint '
+                    f'(it needs about {self._bytes / 2**20:.1f} MiB of arrays plus metadata per '
+                    f'step; {free / 2**20:.1f} MiB free; {kept}); free space and re-run the '
+                    'same command to resume') from None
+            raise UserError(f'could not write a checkpoint to {self.directory} ({reason}); '
+                            f'{kept}; fix that and re-run the same command to resume') from None
 
     def _remove_partial_steps(self, patience_s: float = 10.0) -> None:
         """Removes orbax's temporary step directories. Its writer threads may still be
@@ -263,7 +286,7 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        with self._disk_errors():
+        with self._write_errors():
             self.manager.wait_until_finished()
 
     def close(self) -> None:
@@ -272,10 +295,10 @@ class Checkpointer:
         finally:
             try:
                 self.manager.close()  # joins orbax's threads
-            except Exception:  # noqa: BLE001 - after a full disk, the one line is said already
-                if not self._disk_full:
+            except Exception:  # noqa: BLE001 - after a failed write, the one line is said already
+                if not self._failed:
                     raise
-            if self._disk_full and jax.process_index() == 0:
+            if self._failed and jax.process_index() == 0:
                 self._remove_partial_steps()
 
 
@@ -292,6 +315,37 @@ def same_steps_everywhere(directory: Any, steps: Any) -> list[int]:
                         f'({len(steps)} steps here, newest {steps[:1]}); re-run when every host '
                         'sees the same files')
     return steps
+
+
+def _cause(e: BaseException | None, kind: type) -> BaseException | None:
+    """The first exception of type `kind` in `e`'s chain of causes and contexts."""
+    for _ in range(20):
+        if e is None or isinstance(e, kind):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """Why a checkpoint write failed, when it is the storage's doing (or another process's
+    failure); None for anything else (a bug keeps its traceback)."""
+    other = _cause(e, ProcessFailed)
+    if other is not None:
+        who, _, what = str(other).partition(': ')
+        return f'{who}: {_os_reason(what) or what[:200]}'
+    own = _cause(e, OSError)
+    if own is not None:
+        return f'{type(own).__name__}: {_first_line(own)}'
+    return _os_reason(str(e))
+
+
+def _os_reason(text: str) -> str | None:
+    """The OS's reason at the end of a tensorstore error ('... "path": Failed to write 256292
+    bytes to file 24: File too large [os_error_code='27']'), without the long paths."""
+    text = text.splitlines()[0] if text else ''
+    if 'os_error_code' not in text:
+        return None
+    return text.rsplit('": ', 1)[-1][-200:]
 
 
 def _is_disk_full(e: BaseException | None) -> bool:

@@ -6,12 +6,18 @@ SPARSE_VIT_PROCESS_ID (e.g. from a launch script). On CPU the collectives use gl
 
 A process that fails exits at once (`cli`), without waiting at JAX's shutdown
 barrier; the others learn it from the coordination service within
-SPARSE_VIT_HEARTBEAT_TIMEOUT seconds (JAX's default: 100) and end too.
+SPARSE_VIT_HEARTBEAT_TIMEOUT seconds (JAX's default: 100) and end too. Work that
+ends in barriers in background threads (orbax's checkpoint writes) uses a
+`FailFastBarrier`, which every process leaves as soon as one of them fails.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
+import sys
+import time
 
 import jax
 import numpy as np
@@ -48,3 +54,72 @@ def processes_where(flag: bool) -> list[int]:
         return [0] if flag else []
     from jax.experimental import multihost_utils
     return [int(i) for i in np.flatnonzero(multihost_utils.process_allgather(np.int32(flag)))]
+
+
+class ProcessFailed(RuntimeError):
+    """Another process failed: the message is its own (`process N: Error: ...`)."""
+
+
+class FailFastBarrier:
+    """A barrier (orbax's `AsyncOptions.barrier_sync_fn`) that ends on every process once
+    any process fails.
+
+    Orbax's background checkpoint write ends in barriers. A process whose write fails (its
+    disk, its quota) skips the first one and closes the save in a later one, so with JAX's
+    barrier every process would wait out orbax's timeout (20 minutes) and the failure would
+    surface nowhere meanwhile. Here each barrier is a counter in JAX's coordination service.
+    A process that reaches one while an exception propagates (orbax closes a failed save in
+    a `finally`), or that calls `fail`, posts its error; every process then raises
+    `ProcessFailed` from any barrier of the same name, at once and ever after.
+
+    All processes must create their barriers in the same order and call them in the same
+    order (the keys may repeat: the n-th use of a key is its own barrier).
+    """
+
+    _created = itertools.count()
+
+    def __init__(self, name: str) -> None:
+        from jax._src import distributed  # the client that JAX's own barriers use
+        self._client = distributed.global_state.client
+        if self._client is None:
+            raise ValueError('FailFastBarrier needs jax.distributed.initialize()')
+        self._root = f'sparse_vit_jax/{name}/{next(self._created)}'
+        self._uses: collections.Counter[str] = collections.Counter()
+        self._previous: str | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """Tells every process that this one failed with `error`."""
+        if isinstance(error, ProcessFailed):
+            return  # already told, by the process that failed
+        text = str(error).splitlines()[0][:2000] if str(error) else ''
+        self._client.key_value_set(f'{self._root}/failed/{jax.process_index()}',
+                                   f'process {jax.process_index()}: {type(error).__name__}: {text}',
+                                   allow_overwrite=True)
+
+    def check(self) -> None:
+        """Raises ProcessFailed if any process failed (the lowest-numbered one's error)."""
+        failed = self._client.key_value_dir_get(f'{self._root}/failed/')
+        if failed:
+            raise ProcessFailed(min(failed, key=lambda kv: int(kv[0].rsplit('/', 1)[1]))[1])
+
+    def __call__(self, *, key: str, timeout_ms: int) -> None:
+        in_flight = sys.exc_info()[1]
+        if in_flight is not None:
+            self.fail(in_flight)
+        self._uses[key] += 1
+        counter = f'{self._root}/at/{key}/{self._uses[key]}'
+        self._client.key_value_increment(counter, 1)
+        deadline, delay = time.monotonic() + timeout_ms / 1000, 0.002
+        while True:
+            self.check()
+            if int(self._client.key_value_try_get(counter)) >= jax.process_count():
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'processes did not all reach barrier {key} within '
+                                   f'{timeout_ms / 1000:.0f} s')
+            time.sleep(delay)
+            delay = min(2 * delay, 0.1)
+        if self._previous is not None and jax.process_index() == 0:
+            # every process reached this barrier, so none still reads the previous one
+            self._client.key_value_delete(self._previous)
+        self._previous = counter
