@@ -1,5 +1,6 @@
 """Two JAX processes on 127.0.0.1 (gloo collectives) train exactly like one process."""
 
+import json
 import os
 import re
 import signal
@@ -262,7 +263,7 @@ maybe_initialize()
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.train.workdir import WorkdirLock
 root = Path(sys.argv[1])
-for name in ('shared', f'local_to_process_{jax.process_index()}'):
+for name in ('shared', f'local_to_process_{jax.process_index()}', 'held'):
     try:
         with WorkdirLock(root / name):
             inside = sorted(p.name for p in (root / name).iterdir())  # process 0's is sure
@@ -279,15 +280,22 @@ if jax.process_index() == 0:  # the one that took them
 def test_a_workdir_that_is_not_shared_stops_every_process_in_one_line(tmp_path):
     """With several hosts each writes its checkpoint shards into the workdir: a path local to
     each host is found out before any work (the other processes read the lock process 0
-    wrote), and every process stops with the same line; process 0's lock is released."""
+    wrote), and every process stops with the same line; process 0's lock is released. A lock
+    that process 0 cannot take (held by a live process) stops every process with its line."""
     script = tmp_path / 'local_workdirs.py'
     script.write_text(LOCAL_WORKDIRS)
-    outs = [said(out) for out, _ in run_both([str(script), str(tmp_path / 'runs')])]
+    held = tmp_path / 'runs' / 'held'  # by a live process (this one): process 0 cannot take it
+    held.mkdir(parents=True)
+    (held / '.lock').write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid()}))
+    outs = [said(out) for out, _ in run_both([str(script), str(tmp_path / 'runs')], timeout=150)]
     error = ('error process 1 does not see the lock that process 0 wrote in '
              f'{tmp_path}/runs/local_to_process_{{}}; with several hosts --workdir must be one '
              'shared directory (gs:// or a shared filesystem), not a local path on each host')
-    assert outs[0] == ["locked shared ['.lock']", error.format(0), 'lock files left []']
-    assert outs[1] == ['locked shared', error.format(1)]
+    in_use = (f'error {held} is in use by process {os.getpid()} on {socket.gethostname()}; wait '
+              f'for it to end, or delete {held}/.lock if it is gone')
+    assert outs[0] == ["locked shared ['.lock']", error.format(0), in_use,
+                       "lock files left ['held/.lock']"]
+    assert outs[1] == ['locked shared', error.format(1), in_use]
 
 
 STALE_LISTING = '''

@@ -2,7 +2,7 @@
 
 The lock is taken by process 0. A lock left by a process that no longer runs on
 this host is taken over; one held by a live process, or by another host, is
-refused with one line. On object stores (gs://) there is no atomic create: no
+refused with one line (by every process). On object stores (gs://) there is no atomic create: no
 lock is taken there. With several processes the workdir must be one shared
 directory (each process writes its shards of every checkpoint there): the other
 processes read the lock that process 0 wrote, or stop with one line.
@@ -21,7 +21,7 @@ import jax
 from etils import epath
 
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.train.distributed import from_process0, processes_where
+from sparse_vit_jax.train.distributed import from_process0, processes_where, text_from_process0
 
 LOCK = '.lock'
 SHARED = ('with several hosts --workdir must be one shared directory (gs:// or a shared '
@@ -67,7 +67,23 @@ class WorkdirLock:
     def __enter__(self) -> WorkdirLock:
         if str(self.workdir).startswith('gs://'):
             return self
-        token = from_process0(self._take() if jax.process_index() == 0 else 0)  # once written
+        error: Exception | None = None
+        token = 0
+        if jax.process_index() == 0:
+            try:
+                token = self._take()
+            except Exception as e:  # noqa: BLE001 - said by every process, re-raised here
+                error = e
+        # The others wait for the token: process 0's failure must end them too, at once.
+        why = text_from_process0('' if error is None else
+                                 str(error) if isinstance(error, UserError) else
+                                 f'cannot take the lock {self.path} ({type(error).__name__}: '
+                                 f'{error})')
+        if error is not None:
+            raise error
+        if why:
+            raise UserError(why)
+        token = from_process0(token)  # once written
         blind = processes_where(jax.process_index() != 0
                                 and (self._owner() or {}).get('token') != token)
         if blind:  # every process stops now, with the same line
