@@ -29,7 +29,7 @@ from sparse_vit_jax.checkpoints import load_pretrained, save_params
 from sparse_vit_jax.checkpoints.io import directory_message
 from sparse_vit_jax.configs import training_differences, validate
 from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
-from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.errors import UserError, on_process0
 from sparse_vit_jax.models import (
     NUMERICS,
     VisionTransformer,
@@ -328,8 +328,7 @@ def stages(exp: Experiment, c: Any, workdir: Any, write: bool = True) -> dict[st
     if 'train' in c.stages:
         params, out['train'] = exp.train()
         host_params = to_host(params)  # every process takes part in the gather
-        if jax.process_index() == 0:
-            save_params(workdir / 'params.npz', host_params)
+        on_process0(lambda: save_params(workdir / 'params.npz', host_params))
     else:
         params = exp.load_params(c.init_from)
         host_params = to_host(params)

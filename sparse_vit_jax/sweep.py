@@ -253,7 +253,6 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
 
 
 def run_sweep(c: Any, workdir: Any, command: str = '') -> list[dict[str, Any]]:
-    from sparse_vit_jax.checkpoints.io import atomic_write_bytes
     from sparse_vit_jax.configs import validate
     from sparse_vit_jax.train import results as results_io
     validate(c)
@@ -272,8 +271,7 @@ def run_sweep(c: Any, workdir: Any, command: str = '') -> list[dict[str, Any]]:
     rows = collect_rows(cells)
     results_io.write_csv(workdir / 'results.csv', rows)
     results_io.write_text(workdir / 'results.md', markdown(rows, weights, command))
-    if jax.process_index() == 0:  # every file has one writer
-        atomic_write_bytes(workdir / 'accuracy_vs_sparsity.png', plot(rows))
+    results_io.write_bytes(workdir / 'accuracy_vs_sparsity.png', plot(rows))
     return rows
 
 

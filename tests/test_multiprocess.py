@@ -413,6 +413,57 @@ def test_a_checkpoint_write_that_fails_on_one_process_stops_both_in_one_line(tmp
     assert sorted(p.name for p in ckpt.iterdir()) == ['1', '2']
 
 
+PROCESS0_FAILS = '''
+import sys
+from pathlib import Path
+from sparse_vit_jax.train.distributed import maybe_initialize
+maybe_initialize()
+from sparse_vit_jax.configs import base_config
+from sparse_vit_jax.data.pipeline import get_source
+from sparse_vit_jax.errors import UserError, on_process0
+
+
+def raises(e):
+    def fn():
+        raise e
+    return fn
+
+
+for fn in (lambda: 7, raises(UserError('no dataset here; prepare it')),
+           raises(OSError(28, 'No space left on device'))):
+    try:
+        print('said:', 'result', on_process0(fn))
+    except Exception as e:
+        print('said:', type(e).__name__, e)
+c = base_config().data  # an ImageNet-100 folder that is neither prepared nor there
+c.name, c.source, c.data_dir = 'imagenet100', 'folder', sys.argv[1]
+c.root, c.class_list = sys.argv[1] + '/no_such_folder', sys.argv[1] + '/classes.txt'
+try:
+    get_source(c)
+except UserError as e:
+    print('said:', 'UserError', e)
+'''
+
+
+@pytest.mark.slow
+def test_work_that_fails_on_process_0_stops_every_process_in_one_line(tmp_path):
+    """Process 0 alone writes results and prepares datasets; when that fails, the others
+    stop at once with its line (instead of waiting in their next collective until the
+    heartbeat timeout)."""
+    script = tmp_path / 'process0_fails.py'
+    script.write_text(PROCESS0_FAILS)
+    (tmp_path / 'classes.txt').write_text('n01440764\nn01443537\n')
+    outs = [said(out) for out, _ in run_both([str(script), str(tmp_path)], timeout=150)]
+    data = (f'UserError imagenet100 is not prepared in {tmp_path} and config.data.root='
+            f"'{tmp_path}/no_such_folder' is not a folder; point it at "
+            'root/{train,val}/<wnid>/*.JPEG')
+    assert outs[0] == ['result 7', 'UserError no dataset here; prepare it',
+                       'OSError [Errno 28] No space left on device', data]
+    assert outs[1] == ['result None', 'UserError no dataset here; prepare it',
+                       'UserError process 0 failed (OSError: [Errno 28] No space left on '
+                       'device)', data]
+
+
 UNSEEN_RUN = '''
 import sys
 from pathlib import Path

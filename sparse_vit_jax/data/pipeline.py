@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.errors import UserError, on_process0
 
 Batch = dict[str, jax.Array]
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet100')
@@ -57,19 +57,13 @@ def data_dir_of(cfg: Any) -> str:
 def _prepare_once(make: Any, prepare: Any) -> Any:
     """The builder `make()`, prepared by `prepare(builder)` in process 0 only, once.
 
-    The other processes wait for it (a barrier), then open the prepared files; so
-    several processes starting on a fresh data directory do not race to write it.
+    The other processes wait for it, then open the prepared files; so several
+    processes starting on a fresh data directory do not race to write it, and a
+    failure to prepare (a dataset to download by hand) stops them all with its line.
     """
     builder = make()
-    if builder.is_prepared():
-        return builder
-    if jax.process_index() == 0:
-        prepare(builder)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f'prepared {builder.name}')
-        builder = make()
-    return builder
+    on_process0(lambda: builder.is_prepared() or prepare(builder))  # process 0's view decides
+    return make() if jax.process_count() > 1 else builder
 
 
 def hide_accelerators_from_tensorflow() -> None:

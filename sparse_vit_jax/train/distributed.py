@@ -48,19 +48,6 @@ def from_process0(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
-def text_from_process0(text: str, size: int = 1024) -> str:
-    """Process 0's `text` (its first `size` bytes of UTF-8), on every process: an error that
-    process 0 alone met, said by all of them."""
-    if jax.process_count() == 1:
-        return text
-    from jax.experimental import multihost_utils
-    data = np.zeros(size, np.uint8)
-    raw = text.encode()[:size]
-    data[:len(raw)] = np.frombuffer(raw, np.uint8)
-    got = np.asarray(multihost_utils.broadcast_one_to_all(data))
-    return bytes(got).rstrip(b'\0').decode(errors='ignore')
-
-
 def processes_where(flag: bool) -> list[int]:
     """The indices of the processes whose `flag` is true, on every process."""
     if jax.process_count() == 1:

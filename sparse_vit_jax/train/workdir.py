@@ -20,8 +20,8 @@ from typing import Any
 import jax
 from etils import epath
 
-from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.train.distributed import from_process0, processes_where, text_from_process0
+from sparse_vit_jax.errors import UserError, on_process0
+from sparse_vit_jax.train.distributed import from_process0, processes_where
 
 LOCK = '.lock'
 SHARED = ('with several hosts --workdir must be one shared directory (gs:// or a shared '
@@ -67,23 +67,8 @@ class WorkdirLock:
     def __enter__(self) -> WorkdirLock:
         if str(self.workdir).startswith('gs://'):
             return self
-        error: Exception | None = None
-        token = 0
-        if jax.process_index() == 0:
-            try:
-                token = self._take()
-            except Exception as e:  # noqa: BLE001 - said by every process, re-raised here
-                error = e
-        # The others wait for the token: process 0's failure must end them too, at once.
-        why = text_from_process0('' if error is None else
-                                 str(error) if isinstance(error, UserError) else
-                                 f'cannot take the lock {self.path} ({type(error).__name__}: '
-                                 f'{error})')
-        if error is not None:
-            raise error
-        if why:
-            raise UserError(why)
-        token = from_process0(token)  # once written
+        # The others wait for the token: process 0's failure to take the lock ends them too.
+        token = from_process0(on_process0(self._take) or 0)  # once written
         blind = processes_where(jax.process_index() != 0
                                 and (self._owner() or {}).get('token') != token)
         if blind:  # every process stops now, with the same line
