@@ -29,7 +29,7 @@ from sparse_vit_jax.checkpoints import load_pretrained, save_params
 from sparse_vit_jax.checkpoints.io import directory_message
 from sparse_vit_jax.configs import training_differences, validate
 from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
-from sparse_vit_jax.errors import UserError, on_process0
+from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import (
     NUMERICS,
     VisionTransformer,
@@ -37,6 +37,7 @@ from sparse_vit_jax.models import (
     compute_dtype,
     create_model,
 )
+from sparse_vit_jax.multihost import everywhere, from_process0, on_process0
 from sparse_vit_jax.objective import EvalMetrics, TrainMetrics, make_loss_fn
 from sparse_vit_jax.optimizer import build_optimizer, current_hparams, steps_for
 from sparse_vit_jax.pruning import evaluate_at_ratios, weight_stats
@@ -49,7 +50,6 @@ from sparse_vit_jax.train.checkpointing import (
     latest_meta,
     restore_params,
 )
-from sparse_vit_jax.train.distributed import from_process0
 from sparse_vit_jax.train.loop import LoopConfig, log, train_loop
 from sparse_vit_jax.train.sharding import make_mesh, state_shardings, to_host
 from sparse_vit_jax.train.state import (
@@ -115,10 +115,17 @@ def resolve_numerics(c: Any) -> str:
         return c.model.numerics
     if c.pretrained and not c.pretrained.endswith('.npz'):
         from sparse_vit_jax.checkpoints.io import read_checkpoint
-        return read_checkpoint(c.pretrained, 1)[1]
+        return everywhere(lambda: read_checkpoint(c.pretrained, 1)[1],
+                          lambda i: _not_read(i, c.pretrained))
     if c.init_from and is_run_dir(c.init_from):
         return latest_meta(c.init_from)[1].get('numerics', 'jax')
     return 'jax'
+
+
+def _not_read(process: int, path: Any) -> UserError:
+    """The others' error when one process could not read its copy of a weights file."""
+    return UserError(f'process {process} could not read {path} (see its error); each host reads '
+                     'its own copy of a weights file: put it at this path on every host')
 
 
 def is_run_dir(path: Any) -> bool:
@@ -209,7 +216,9 @@ class Experiment:
         p = epath.Path(path)
         if is_run_dir(p):
             return restore_params(p, with_shardings(self.abstract_params, self.param_shardings))
-        params, fmt = load_pretrained(p, self.abstract_params, reinit_head=reinit_head)
+        params, fmt = everywhere(
+            lambda: load_pretrained(p, self.abstract_params, reinit_head=reinit_head),
+            lambda i: _not_read(i, p))
         log(f'loaded {p} ({fmt} format, model numerics {self.numerics!r})')
         return jax.device_put(params, self.param_shardings)
 

@@ -31,7 +31,7 @@ from etils import epath
 from sparse_vit_jax import cli
 from sparse_vit_jax.configs import SWEEP_VARIANTS, copy, training_fingerprint
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.train.distributed import from_process0
+from sparse_vit_jax.multihost import from_process0
 from sparse_vit_jax.train.loop import log
 from sparse_vit_jax.train.workdir import SHARED, check_workdir
 

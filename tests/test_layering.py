@@ -1,7 +1,7 @@
 """The layers import only downwards, and no module imports itself back through others.
 
-    library     models, sparsity, pruning, selection, checkpoints, data, errors
-    engine      train                 (library: errors, checkpoints only)
+    library     models, sparsity, pruning, selection, checkpoints, data, errors, multihost
+    engine      train                 (library: errors, checkpoints, multihost only)
     experiment  configs, objective, optimizer, experiment   (library + engine)
     commands    cli, main, sweep, convert, export            (anything)
 
@@ -12,13 +12,14 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / 'sparse_vit_jax'
-LIBRARY = {'models', 'sparsity', 'pruning', 'selection', 'checkpoints', 'data', 'errors'}
+LIBRARY = {'models', 'sparsity', 'pruning', 'selection', 'checkpoints', 'data', 'errors',
+           'multihost'}
 ENGINE = {'train'}
 EXPERIMENT = {'configs', 'objective', 'optimizer', 'experiment'}
 COMMANDS = {'cli', 'main', 'sweep', 'convert', 'export'}
 MAY_IMPORT = {
     **{m: LIBRARY for m in LIBRARY},
-    'train': ENGINE | {'errors', 'checkpoints'},
+    'train': ENGINE | {'errors', 'checkpoints', 'multihost'},
     **{m: LIBRARY | ENGINE | EXPERIMENT for m in EXPERIMENT},
     **{m: LIBRARY | ENGINE | EXPERIMENT | COMMANDS for m in COMMANDS},
 }

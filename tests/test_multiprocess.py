@@ -71,10 +71,11 @@ def run_both(argv, data_dir=None, timeout=420):
 
 
 @pytest.mark.slow
-def test_a_failure_on_one_process_ends_both_in_bounded_time(tmp_path):
+def test_a_weights_file_that_one_host_lacks_stops_both_in_one_line(tmp_path):
     """Both start on an empty data dir (process 0 prepares it, process 1 waits); then a
-    pretrained file that exists on one host only fails process 1: both exit non-zero.
-    (Each process's path stands for one path as each host sees it.)"""
+    pretrained file that exists on one host only fails process 1, and process 0, which read
+    its copy, stops too with one line naming it. (Each process's path stands for one path as
+    each host sees it.)"""
     import shutil
     import time
     first = tmp_path / 'first'
@@ -84,13 +85,37 @@ def test_a_failure_on_one_process_ends_both_in_bounded_time(tmp_path):
     port, t0 = free_port(), time.time()
     procs = [start(cli(tmp_path / 'w', *ARGS,
                        f'--config.pretrained={tmp_path}/host_{pid}/weights.npz'), pid, port,
-                   tmp_path / 'tfds', timeout_s=10) for pid in range(2)]
+                   tmp_path / 'tfds', timeout_s=100) for pid in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
-    assert all(p.returncode not in (0, None) for p in procs), [o[1][-1500:] for o in outs]
-    assert outs[1][1].strip().splitlines()[-1].startswith('error: '), outs[1][1][-1500:]
-    assert 'checkpoint not found' in outs[1][1]
-    assert time.time() - t0 < 200
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-1500:] for o in outs]
+    last = [err.strip().splitlines()[-1] for _, err in outs]
+    assert last[0] == (f'error: process 1 could not read {tmp_path}/host_0/weights.npz (see its '
+                       'error); each host reads its own copy of a weights file: put it at this '
+                       'path on every host'), outs[0][1][-1500:]
+    assert last[1].startswith('error: ') and 'checkpoint not found' in last[1], last[1]
+    assert time.time() - t0 < 100  # well within the heartbeat timeout: nobody waited for it
     assert 'FileExistsError' not in outs[0][1] + outs[1][1]
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_the_other_in_bounded_time(tmp_path):
+    """A process killed mid-training (the OOM killer, a lost host) tells no one: the other
+    ends, non-zero, once JAX's coordination service misses the dead one's heartbeat."""
+    import time
+    run_main(tmp_path / 'first', *ARGS, '--config.num_steps=1', '--config.stages=train',
+             data_dir=tmp_path / 'tfds')  # the data, prepared once
+    port = free_port()
+    procs = [start(cli(tmp_path / 'w', *ARGS, '--config.num_steps=100000'), pid, port,
+                   tmp_path / 'tfds', timeout_s=10) for pid in range(2)]
+    for line in procs[0].stdout:  # process 0 prints the progress lines
+        if line.startswith('step 8/'):
+            break
+    procs[1].kill()
+    t0 = time.time()
+    _, err = procs[0].communicate(timeout=150)
+    assert procs[0].returncode not in (0, None), err[-1500:]
+    assert time.time() - t0 < 100, err[-1500:]
+    procs[1].communicate()
 
 
 @pytest.mark.slow
@@ -220,7 +245,8 @@ import json
 import sys
 from pathlib import Path
 import jax
-from sparse_vit_jax.train.distributed import maybe_initialize, from_process0
+from sparse_vit_jax.train.distributed import maybe_initialize
+from sparse_vit_jax.multihost import from_process0
 maybe_initialize()
 from sparse_vit_jax.configs import base_config
 from sparse_vit_jax.errors import UserError
@@ -420,7 +446,8 @@ from sparse_vit_jax.train.distributed import maybe_initialize
 maybe_initialize()
 from sparse_vit_jax.configs import base_config
 from sparse_vit_jax.data.pipeline import get_source
-from sparse_vit_jax.errors import UserError, on_process0
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.multihost import on_process0
 
 
 def raises(e):

@@ -32,7 +32,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparse_vit_jax.errors import UserError, on_process0
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.multihost import on_process0
 
 Batch = dict[str, jax.Array]
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet100')

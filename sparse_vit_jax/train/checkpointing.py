@@ -36,12 +36,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.train.distributed import (
-    FailFastBarrier,
-    ProcessFailed,
-    from_process0,
-    processes_where,
-)
+from sparse_vit_jax.multihost import everywhere, from_process0, on_process0, processes_where
+from sparse_vit_jax.train.distributed import FailFastBarrier, ProcessFailed
 from sparse_vit_jax.train.sharding import to_host
 
 CKPT_DIR = 'checkpoints'
@@ -130,19 +126,13 @@ def read_together(step_dir: epath.Path, item: str, handler: Any, args: Any) -> A
     its handler (no barrier), and one exchange follows: where any process failed, every
     process raises (the others `Damaged`), and the step is set aside or skipped by all alike.
     """
-    error: Exception | None = None
-    try:
-        restored = handler.restore(absolute(step_dir / item), args=args)
-    except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
-        error = e
-    finally:
-        handler.close()
-    failed = processes_where(error is not None)
-    if error is not None:
-        raise error
-    if failed:
-        raise Damaged(f'process {failed[0]} could not read its part of it')
-    return restored
+    def read() -> Any:
+        try:
+            return handler.restore(absolute(step_dir / item), args=args)
+        finally:
+            handler.close()
+
+    return everywhere(read, lambda i: Damaged(f'process {i} could not read its part of it'))
 
 
 def read_meta(step_dir: epath.Path) -> dict[str, Any]:
@@ -277,9 +267,12 @@ class Checkpointer:
         self.log(f'warning: checkpoint {self.directory / str(step)} is damaged '
                  f'({type(e).__name__}: {_first_line(e)}); moved to {aside}, trying the '
                  'previous one')
-        if jax.process_index() == 0:
+
+        def move() -> None:
             aside.parent.mkdir(parents=True, exist_ok=True)
             (self.directory / str(step)).rename(aside)
+
+        on_process0(move)  # the others list the steps again only once it has moved
         self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_vit_jax.checkpoints.io import atomic_write_bytes
-from sparse_vit_jax.errors import on_process0
+from sparse_vit_jax.multihost import on_process0
 
 
 def finite_or_none(obj: Any) -> Any:

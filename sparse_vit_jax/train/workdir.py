@@ -20,8 +20,8 @@ from typing import Any
 import jax
 from etils import epath
 
-from sparse_vit_jax.errors import UserError, on_process0
-from sparse_vit_jax.train.distributed import from_process0, processes_where
+from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.multihost import from_process0, on_process0, processes_where
 
 LOCK = '.lock'
 SHARED = ('with several hosts --workdir must be one shared directory (gs:// or a shared '
