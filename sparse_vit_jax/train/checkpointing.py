@@ -310,13 +310,18 @@ def same_steps_everywhere(directory: Any, steps: Any) -> list[int]:
     return steps
 
 
-def _cause(e: BaseException | None, kind: type) -> BaseException | None:
-    """The first exception of type `kind` in `e`'s chain of causes and contexts."""
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
+    """`e` and its causes (or contexts), newest first; at most 20."""
     for _ in range(20):
-        if e is None or isinstance(e, kind):
-            return e
+        if e is None:
+            return
+        yield e
         e = e.__cause__ or e.__context__
-    return None
+
+
+def _cause(e: BaseException | None, kind: type) -> BaseException | None:
+    """The first exception of type `kind` in `e`'s chain."""
+    return next((x for x in _chain(e) if isinstance(x, kind)), None)
 
 
 def _write_failure(e: BaseException) -> str | None:
@@ -342,14 +347,8 @@ def _os_reason(text: str) -> str | None:
 
 
 def _is_disk_full(e: BaseException | None) -> bool:
-    seen = 0
-    while e is not None and seen < 20:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if 'No space left on device' in str(e) or 'ENOSPC' in str(e):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
+    return any((isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT))
+               or 'No space left on device' in str(x) or 'ENOSPC' in str(x) for x in _chain(e))
 
 
 def _free_bytes(path: Any) -> int:
