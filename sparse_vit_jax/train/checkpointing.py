@@ -329,8 +329,7 @@ def _write_failure(e: BaseException) -> str | None:
     failure); None for anything else (a bug keeps its traceback)."""
     other = _cause(e, ProcessFailed)
     if other is not None:
-        who, _, what = str(other).partition(': ')
-        return f'{who}: {_os_reason(what) or what[:200]}'
+        return f'process {other.process}: {_os_reason(other.error) or other.error[:200]}'
     own = _cause(e, OSError)
     if own is not None:
         return f'{type(own).__name__}: {_first_line(own)}'

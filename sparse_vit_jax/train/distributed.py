@@ -39,7 +39,11 @@ def maybe_initialize() -> None:
 
 
 class ProcessFailed(RuntimeError):
-    """Another process failed: the message is its own (`process N: Error: ...`)."""
+    """Process `process` failed with `error` (its type and first line)."""
+
+    def __init__(self, process: int, error: str) -> None:
+        super().__init__(f'process {process}: {error}')
+        self.process, self.error = process, error
 
 
 class FailFastBarrier:
@@ -75,14 +79,14 @@ class FailFastBarrier:
             return  # already told, by the process that failed
         text = str(error).splitlines()[0][:2000] if str(error) else ''
         self._client.key_value_set(f'{self._root}/failed/{jax.process_index()}',
-                                   f'process {jax.process_index()}: {type(error).__name__}: {text}',
-                                   allow_overwrite=True)
+                                   f'{type(error).__name__}: {text}', allow_overwrite=True)
 
     def check(self) -> None:
         """Raises ProcessFailed if any process failed (the lowest-numbered one's error)."""
-        failed = self._client.key_value_dir_get(f'{self._root}/failed/')
+        failed = [(int(k.rsplit('/', 1)[1]), v)
+                  for k, v in self._client.key_value_dir_get(f'{self._root}/failed/')]
         if failed:
-            raise ProcessFailed(min(failed, key=lambda kv: int(kv[0].rsplit('/', 1)[1]))[1])
+            raise ProcessFailed(*min(failed))
 
     def __call__(self, *, key: str, timeout_ms: int) -> None:
         in_flight = sys.exc_info()[1]

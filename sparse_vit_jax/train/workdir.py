@@ -2,10 +2,10 @@
 
 The lock is taken by process 0. A lock left by a process that no longer runs on
 this host is taken over; one held by a live process, or by another host, is
-refused with one line (by every process). On object stores (gs://) there is no atomic create: no
-lock is taken there. With several processes the workdir must be one shared
-directory (each process writes its shards of every checkpoint there): the other
-processes read the lock that process 0 wrote, or stop with one line.
+refused with one line (by every process). On object stores (gs://) there is no
+atomic create: no lock is taken there. With several processes the workdir must be
+one shared directory (each process writes its shards of every checkpoint there):
+the other processes read the lock that process 0 wrote, or stop with one line.
 """
 
 from __future__ import annotations
