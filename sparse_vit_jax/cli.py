@@ -110,16 +110,20 @@ def run(argv: list[str], job: Job, doc: str = '') -> int:
         check_workdir(workdir)
 
         from sparse_vit_jax.train import signals
+        from sparse_vit_jax.train.distributed import FailureWatch
         several = jax.process_count() > 1
+        watch = FailureWatch() if several else None
         restore = signals.install(sigterm=not several)
         try:
             job(config, workdir, 'python -m ' + ' '.join([_module(argv[0]), *argv[1:]]))
         except BaseException as e:
-            if several:
-                _exit_now(e)
+            if watch is not None:
+                _exit_now(e, watch)
             raise
         finally:
             restore()
+            if watch is not None:
+                watch.stop()
         return 0
 
     try:
@@ -128,25 +132,32 @@ def run(argv: list[str], job: Job, doc: str = '') -> int:
         return int(e.code or 0)
 
 
-def _exit_now(e: BaseException) -> None:
-    """One of several processes failed: say why and exit now. Waiting at JAX's shutdown
-    barrier would hang this process, and the others with it, for minutes."""
+def _exit_now(e: BaseException, watch: Any) -> None:
+    """One of several processes failed: say why, tell the others (`FailureWatch`) and exit
+    now. Waiting at JAX's shutdown barrier would hang this process, and the others with it,
+    for minutes."""
     import traceback
 
     from sparse_vit_jax.errors import Stopped
     if isinstance(e, UserError):
         print(f'error: {e}', file=sys.stderr)
-        code = e.exit_code
+        code, line = e.exit_code, _first_line(e)
     else:
         traceback.print_exc()
-        code = 1
+        code, line = 1, f'{type(e).__name__}: {_first_line(e)}'
     sys.stdout.flush()
     sys.stderr.flush()
     if isinstance(e, Stopped):  # an agreed stop: every process is here; leave together
         import jax
+        watch.stop()
         try:
             jax.distributed.shutdown()
         except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    else:
+        try:
+            watch.fail(code, line)
+        except Exception:  # noqa: BLE001 - the service is gone: the others learn it from JAX
             pass
     os._exit(code)
 

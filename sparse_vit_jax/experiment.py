@@ -114,8 +114,8 @@ def resolve_numerics(c: Any) -> str:
     if c.model.numerics != 'auto':
         return c.model.numerics
     if c.pretrained and not c.pretrained.endswith('.npz'):
-        from sparse_vit_jax.checkpoints.io import read_checkpoint
-        return everywhere(lambda: read_checkpoint(c.pretrained, 1)[1],
+        from sparse_vit_jax.checkpoints.io import checkpoint_source
+        return everywhere(lambda: checkpoint_source(c.pretrained),
                           lambda i: _not_read(i, c.pretrained))
     if c.init_from and is_run_dir(c.init_from):
         return latest_meta(c.init_from)[1].get('numerics', 'jax')

@@ -1,9 +1,10 @@
 """What the processes of a run agree on, so that all take the same path through their
 collectives: process 0's reading of the files (`from_process0`), who failed
 (`processes_where`), work that process 0 does alone (`on_process0`) and work that each
-does on its own files (`everywhere`). A failure that one process meets alone otherwise
-leaves the others waiting in their next collective until JAX's heartbeat timeout, without
-a word; here every process raises at once. With one process each is a plain call.
+does on its own files (`everywhere`). A failure that one process meets alone would
+otherwise leave the others in their next collective until the CLI's `FailureWatch` ends
+them; here every process raises at once, the same error. With one process each is a plain
+call.
 """
 
 from __future__ import annotations

@@ -153,6 +153,33 @@ def test_safetensors(tmp_path):
     np.testing.assert_allclose(model.apply({'params': params}, x), torch_logits(m, x), atol=1e-4)
 
 
+@needs_torch
+def test_checkpoint_source_names_the_layout_without_reading_tensors(tmp_path):
+    """The numerics that 'auto' takes from a weights file, from its names: the same source
+    as reading it whole, for every torch layout, both torch serialisations (the zip one is
+    memory-mapped, the legacy one read whole) and safetensors; a damaged file gets the
+    reader's one-line error."""
+    from safetensors.torch import save_file
+
+    from sparse_vit_jax.checkpoints.io import checkpoint_source, read_checkpoint
+    v = VARIANTS['testing']
+    sd = hf_model('testing', 16, eps=1e-12).state_dict()
+    files = {'hf': sd, 'timm': hf_to_timm(sd, v['num_layers']),
+             'asyml': {'state_dict': hf_to_asyml(sd, v['num_layers'], v['num_heads'])}}
+    for layout, obj in files.items():
+        for legacy in (False, True):
+            path = tmp_path / f'{layout}_{legacy}.pth'
+            torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+            assert checkpoint_source(path) == read_checkpoint(path, 2)[1] == layout
+    save_file({k: t.contiguous() for k, t in sd.items()}, tmp_path / 'm.safetensors')
+    assert checkpoint_source(tmp_path / 'm.safetensors') == 'hf'
+    assert checkpoint_source(tmp_path / 'any.npz') == 'jax'  # the official JAX numerics
+    damaged = tmp_path / 'damaged.pth'
+    damaged.write_bytes((tmp_path / 'hf_False.pth').read_bytes()[:1000])
+    with pytest.raises(UserError, match='is truncated or not a PyTorch checkpoint'):
+        checkpoint_source(damaged)
+
+
 def pre_linen(flat):
     """Rename our Linen names to the official pre-Linen ones (as in the published .npz)."""
     out = {}

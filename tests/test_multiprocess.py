@@ -118,6 +118,58 @@ def test_a_killed_process_ends_the_other_in_bounded_time(tmp_path):
     procs[1].communicate()
 
 
+# main, with a bug that raises on one process only (SPARSE_VIT_TEST_BUG_ON) at step 6
+BUG_ON_ONE_PROCESS = """
+import os, sys
+import jax
+from sparse_vit_jax import cli, main
+from sparse_vit_jax.train import loop
+stop = loop._stop_requested
+def failing(step, checkpointer):
+    if step == 6 and jax.process_index() == int(os.environ['SPARSE_VIT_TEST_BUG_ON']):
+        raise RuntimeError(f'a bug on process {jax.process_index()} at step 6')
+    return stop(step, checkpointer)
+loop._stop_requested = failing
+sys.exit(cli.run(['main.py', *sys.argv[1:]], main.job, main.__doc__))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('failing', [1, 0])
+def test_a_bug_on_one_process_stops_the_others_in_one_line_and_the_run_resumes(
+        tmp_path, monkeypatch, failing):
+    """A bug inside training on one process (not an exchange: the others know nothing of it
+    and wait in their next collective) ends the others within seconds with its line and its
+    exit code (`FailureWatch`), not at the heartbeat timeout (100 s here) with JAX's C++
+    stack; process 0, which hosts the coordination service, leaves last; the re-run resumes."""
+    import time
+    script = tmp_path / 'bug_on_one_process.py'
+    script.write_text(BUG_ON_ONE_PROCESS)
+    monkeypatch.setenv('SPARSE_VIT_TEST_BUG_ON', str(failing))
+    args = [*ARGS, '--config.num_steps=12', '--config.stages=train']
+    port = free_port()
+    procs = [start([str(script), *cli(tmp_path / 'w', *args)[2:]], pid, port, tmp_path / 'tfds',
+                   timeout_s=100) for pid in range(2)]
+    other = procs[1 - failing]
+    procs[failing].wait(timeout=240)
+    t_failed = time.time()
+    other.wait(timeout=120)
+    waited = time.time() - t_failed
+    outs = [p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], [stacks(o[1]) for o in outs]
+    bug = f'RuntimeError: a bug on process {failing} at step 6'
+    assert outs[failing][1].strip().splitlines()[-1] == bug
+    assert outs[1 - failing][1].strip().splitlines()[-1] == (
+        f'error: process {failing} failed ({bug}); this process stops with it: fix that and '
+        're-run the same command to resume')
+    # the watch polls each second and gives the process 5 s to fail by itself
+    assert waited < 30, waited
+    assert [p.name for p in (tmp_path / 'w' / 'checkpoints').iterdir()] == ['4']
+    again = run_both(cli(tmp_path / 'w', *args), tmp_path / 'tfds')
+    assert 'checkpoints at step 4\n' in again[0][0], again[0][0][-2000:]  # resumed there
+    assert 'step 12/12' in again[0][0]
+
+
 @pytest.mark.slow
 def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
     """Preemption is agreed: the process that got SIGTERM and the other one stop at one step,

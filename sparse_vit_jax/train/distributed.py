@@ -5,11 +5,12 @@ SPARSE_VIT_COORDINATOR=host:port, SPARSE_VIT_NUM_PROCESSES and
 SPARSE_VIT_PROCESS_ID (e.g. from a launch script). On CPU the collectives use gloo.
 
 A process that fails exits at once (`cli`), without waiting at JAX's shutdown
-barrier. Where the others can learn of it they stop too, with one line: in an exchange
-(`multihost`), or, for orbax's checkpoint writes, which end in barriers in background
-threads, through a `FailFastBarrier`. Anywhere else (a crash inside a step, a killed
-process) they learn it from the coordination service within
-SPARSE_VIT_HEARTBEAT_TIMEOUT seconds (JAX's default: 100) and end too.
+barrier, and the others stop too, with one line: in an exchange (`multihost`), for
+orbax's checkpoint writes, which end in barriers in background threads, through a
+`FailFastBarrier`, and anywhere else (a bug or a device error inside a step, on one host)
+through a `FailureWatch`. Only a process that dies without a word (SIGKILL, a lost host)
+is learnt of from the coordination service's heartbeats, within
+SPARSE_VIT_HEARTBEAT_TIMEOUT seconds (JAX's default: 100).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import collections
 import itertools
 import os
 import sys
+import threading
 import time
 
 import jax
@@ -36,6 +38,90 @@ def maybe_initialize() -> None:
             process_id=int(os.environ['SPARSE_VIT_PROCESS_ID']), **extra)
     elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('SLURM_NTASKS', '1') != '1':
         jax.distributed.initialize(**extra)
+
+
+def _client():
+    from jax._src import distributed  # the client that JAX's own barriers use
+    return distributed.global_state.client
+
+
+class FailureWatch:
+    """Ends this process, with one line, soon after another process of the run fails.
+
+    A process that fails alone (a bug or a device error inside a step) leaves the others in
+    their next collective until the coordination service misses its heartbeat, and JAX then
+    aborts them with a C++ stack, not a word of why. Here the failing process posts its exit
+    code and line (`fail`) in the coordination service's key-value store; a thread in every
+    process polls it every `poll_s` and, unless this process is failing too within `grace_s`
+    (an agreed failure, which says why itself), prints that line and exits with that code,
+    like a SIGKILL at that moment (checkpoints and results are written atomically; a re-run
+    resumes). Process 0 hosts the service, so it leaves last: after every other process has
+    failed or left, or after `poll_s + grace_s + 5` seconds.
+    """
+
+    _ROOT = 'sparse_vit_jax/run/'
+
+    def __init__(self, poll_s: float = 1.0, grace_s: float = 5.0) -> None:
+        self._client = _client()
+        if self._client is None:
+            raise ValueError('FailureWatch needs jax.distributed.initialize()')
+        self.poll_s, self.grace_s = poll_s, grace_s
+        self._me = jax.process_index()
+        self._failing, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, name='FailureWatch', daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the watch (before JAX's shutdown: the thread must not call a closed client)."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.poll_s + 10)
+
+    def fail(self, code: int, line: str) -> None:
+        """Tells every process that this one ends with `code` and `line`; returns when
+        process 0 may leave (at once on the other processes)."""
+        self._failing.set()
+        self._stop.set()
+        self._client.key_value_set(f'{self._ROOT}failed/{self._me}', f'{code} {line[:2000]}',
+                                   allow_overwrite=True)
+        self._leave_last()
+
+    def _posted(self, kind: str) -> dict[int, str]:
+        return {int(k.rsplit('/', 1)[1]): v
+                for k, v in self._client.key_value_dir_get(f'{self._ROOT}{kind}/')}
+
+    def _leave_last(self) -> None:
+        """On process 0: returns once every other process has failed or left (or is late).
+        A process still running when the service goes away is aborted by JAX instead."""
+        if self._me != 0:
+            return
+        deadline = time.monotonic() + self.poll_s + self.grace_s + 5
+        others = set(range(1, jax.process_count()))
+        while time.monotonic() < deadline:
+            if others <= set(self._posted('failed')) | set(self._posted('left')):
+                return
+            time.sleep(0.05)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                failed = {p: v for p, v in self._posted('failed').items() if p != self._me}
+            except Exception:  # noqa: BLE001 - the service is gone; JAX ends this process
+                return
+            if failed:
+                break
+        else:
+            return
+        if self._failing.wait(self.grace_s) or self._stop.is_set():
+            return  # this process fails too, or ends, and says so itself
+        process, value = min(failed.items())
+        code, line = value.split(' ', 1)
+        print(f'error: process {process} failed ({line}); this process stops with it: fix '
+              'that and re-run the same command to resume', file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        self._client.key_value_set(f'{self._ROOT}left/{self._me}', '', allow_overwrite=True)
+        self._leave_last()
+        os._exit(int(code))
 
 
 class ProcessFailed(RuntimeError):
@@ -65,8 +151,7 @@ class FailFastBarrier:
     _created = itertools.count()
 
     def __init__(self, name: str) -> None:
-        from jax._src import distributed  # the client that JAX's own barriers use
-        self._client = distributed.global_state.client
+        self._client = _client()
         if self._client is None:
             raise ValueError('FailFastBarrier needs jax.distributed.initialize()')
         self._root = f'sparse_vit_jax/{name}/{next(self._created)}'
