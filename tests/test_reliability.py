@@ -418,6 +418,27 @@ def test_a_checkpoint_write_that_fails_is_one_line_and_the_run_resumes(tmp_path)
         'resume', error), error
     assert rest == [f'resuming from {ckpt} at step 1', 'saved 2']
     assert sorted(p.name for p in ckpt.iterdir()) == ['1', '2']
+    # what orbax's threads, tensorstore and asyncio said about the failed write is dropped
+    assert not re.search('Traceback|ERROR|Event loop|never awaited', r.stderr), r.stderr[-3000:]
+
+
+def test_what_orbax_logs_is_held_until_the_writes_end_well_then_shown(tmp_path, caplog):
+    """Orbax's ERROR records wait for the Checkpointer: shown once every write ended well
+    (or it closes), dropped only with a one-line write failure (tests above); other records
+    pass at once."""
+    import logging
+
+    from sparse_vit_jax.train.checkpointing import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, every_steps=1, keep=1)
+    absl = logging.getLogger('absl')
+    for path, msg in (('/site-packages/orbax/checkpoint/future.py', 'orbax says'),
+                      ('/elsewhere/module.py', 'someone else says')):
+        absl.handle(absl.makeRecord('absl', logging.ERROR, path, 1, msg, (), None))
+    assert [r.getMessage() for r in caplog.records] == ['someone else says']
+    ckpt.wait()
+    assert [r.getMessage() for r in caplog.records] == ['someone else says', 'orbax says']
+    ckpt.close()
 
 
 def test_damaged_record_file_is_one_line_naming_it(tmp_path):

@@ -13,9 +13,10 @@ failed is exchanged before the next step is tried (`read_together`). A state hol
 NaN/inf is never saved (`diverged`): a checkpoint that a resume would set aside must not
 replace a good one. A write that fails (a full disk, an I/O error) on any process ends
 the run at the next save with one line on every process, and removes the partial step
-(`FailFastBarrier` ends orbax's closing barriers on all processes at once). `restore_params`
-reads only the parameters of a run, so a finished run can be evaluated without its data or
-optimizer.
+(`FailFastBarrier` ends orbax's closing barriers on all processes at once); the tracebacks
+that orbax and tensorstore print about it meanwhile are dropped (`_HeldWriteErrors`).
+`restore_params` reads only the parameters of a run, so a finished run can be evaluated
+without its data or optimizer.
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
+import os
 import shutil
+import sys
 import time
+import traceback
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -139,6 +145,74 @@ def read_meta(step_dir: epath.Path) -> dict[str, Any]:
     return read_together(step_dir, 'meta', ocp.JsonCheckpointHandler(), ocp.args.JsonRestore())
 
 
+class _HeldWriteErrors(logging.Filter):
+    """Holds what orbax and tensorstore print about a failing background write until the
+    Checkpointer knows what it was about.
+
+    A write that fails makes each of orbax's threads log it with a traceback, tensorstore's
+    callbacks meet the event loops orbax closed ('Event loop is closed', as unraisable
+    exceptions) and asyncio logs the futures nobody read: some 300 lines for one full disk,
+    before the Checkpointer reports it in one line. So all of that waits here: it is dropped
+    when that one line reports the failure, and let through (late, whole) when the writes
+    end well or fail otherwise. One per process (`HELD`); a new Checkpointer holds afresh.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Any] = []
+        self.dropping = False
+        self._installed = False
+        self._hook = sys.unraisablehook
+
+    def install(self) -> None:
+        self.dropping = False
+        if not self._installed:
+            for name in ('absl', 'asyncio'):
+                logging.getLogger(name).addFilter(self)
+            self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+            self._installed = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not _from_writers(record):
+            return True
+        if not self.dropping:
+            self.held.append(record)
+        return False
+
+    def _unraisable(self, u: Any) -> None:
+        if not (isinstance(u.exc_value, RuntimeError) and 'Event loop is closed' in
+                str(u.exc_value)):
+            self._hook(u)
+        elif not self.dropping:
+            self.held.append(u)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for x in held:
+            if isinstance(x, logging.LogRecord):
+                logging.getLogger(x.name).callHandlers(x)  # past this filter
+            else:
+                self._hook(x)
+
+    def drop(self) -> None:
+        """Drops what is held and what the writers' threads still say about the failure
+        (also the coroutines of the failed write that are collected unawaited at exit)."""
+        self.held, self.dropping = [], True
+        warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
+
+
+def _from_writers(record: logging.LogRecord) -> bool:
+    """Whether orbax logged `record`, or its exception went through orbax or tensorstore."""
+    writers = (f'{os.sep}orbax{os.sep}', f'{os.sep}tensorstore{os.sep}')
+    if record.name == 'absl':
+        return writers[0] in record.pathname
+    tb = record.exc_info[2] if record.exc_info else None
+    return any(w in f.filename for f in traceback.extract_tb(tb) for w in writers)
+
+
+HELD = _HeldWriteErrors()
+
+
 class Checkpointer:
     """Saves every `every_steps` (or when forced), keeps the newest `keep`."""
 
@@ -160,6 +234,7 @@ class Checkpointer:
                 async_options=ocp.AsyncOptions(barrier_sync_fn=self._barrier)))
         self._bytes = 0
         self._failed = False
+        HELD.install()
 
     def save(self, state: Any, meta: dict[str, Any], *, step: int | None = None,
              force: bool = False) -> bool:
@@ -191,7 +266,9 @@ class Checkpointer:
             full = _is_disk_full(e) and _cause(e, ProcessFailed) is None  # this process's disk
             reason = _write_failure(e)
             if reason is None and not full:
+                HELD.release()
                 raise
+            HELD.drop()  # the line below says it
             self._failed = True  # close() removes what orbax's threads write after this
             if jax.process_index() == 0:  # orbax lists only finished steps; drop the rest
                 self._remove_partial_steps()
@@ -233,6 +310,12 @@ class Checkpointer:
         or when they hold another layout than `target`, or when `check_meta` (called with
         the step's meta before anything is restored) refuses it.
         """
+        try:
+            return self._restore_latest(target, check_meta)
+        finally:
+            HELD.release()
+
+    def _restore_latest(self, target: Any, check_meta: Any) -> Any:
         steps = same_steps_everywhere(self.directory, self.manager.all_steps())
         want = layout(target)
         for step in steps:
@@ -281,6 +364,7 @@ class Checkpointer:
     def wait(self) -> None:
         with self._write_errors():
             self.manager.wait_until_finished()
+        HELD.release()  # every write ended well: what was said is not about a failed one
 
     def close(self) -> None:
         try:
@@ -291,6 +375,8 @@ class Checkpointer:
             except Exception:  # noqa: BLE001 - after a failed write, the one line is said already
                 if not self._failed:
                     raise
+            finally:
+                HELD.release()
             if self._failed and jax.process_index() == 0:
                 self._remove_partial_steps()
 
