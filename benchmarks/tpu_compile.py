@@ -63,8 +63,9 @@ def tpu_mesh(topology: str) -> Any:
 
 
 def compile_row(base: Any, mesh: Any, attention: str, remat: str, per_chip: int,
-                fsdp: bool = False) -> dict[str, Any]:
-    """One compile: the step for `per_chip` images on each chip of `mesh`."""
+                fsdp: bool = False, inspect: Any = None) -> dict[str, Any]:
+    """One compile: the step for `per_chip` images on each chip of `mesh`; `inspect(compiled)`
+    adds its own entries to the row."""
     c = with_overrides(base, {'model.attention_impl': attention, 'model.remat': remat,
                               'model.dtype': 'bfloat16', 'rng_impl': 'rbg', 'mesh.fsdp': fsdp},
                        per_chip * mesh.size)
@@ -90,6 +91,8 @@ def compile_row(base: Any, mesh: Any, attention: str, remat: str, per_chip: int,
             + m.temp_size_in_bytes)
     row.update(result='compiles', fits=True, memory_gib=round(need / 2**30, 2),
                temp_gib=round(m.temp_size_in_bytes / 2**30, 2))
+    if inspect is not None:
+        row.update(inspect(compiled))
     return row
 
 

@@ -48,6 +48,27 @@ def test_the_train_step_compiles_for_a_tpu():
     assert rows == ['xla', 'pallas'] and 'TPU v5 lite x4' in r.stdout, r.stdout[-3000:]
 
 
+def test_the_train_step_compiles_for_a_gpu_or_says_what_it_needs():
+    """benchmarks/gpu_compile.py --tiny: with JAX's CUDA plugin (no GPU), the trainer's step
+    compiles for an H200, its one block before the penalised last one fused by cuDNN, forward
+    and backward, and remat 'full' (only) runs that forward twice; without the plugin (CI), one
+    line that names the install."""
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    from gpu_compile import has_cuda_plugin
+    r = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'gpu_compile.py'), '--tiny'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if not has_cuda_plugin():
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+            'error: compiling for an NVIDIA GPU needs the CUDA plugin: pip install '
+            '"jax[cuda12]" (about 6 GB; no GPU is needed)'), r.stderr[-2000:]
+        return
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    fused = dict(re.findall(r'^\| cudnn \| (\w+) \| 8 \| compiles \|.*\| (\d / \d) \|', r.stdout,
+                            re.M))
+    assert fused == {'none': '1 / 1', 'dots': '1 / 1', 'full': '2 / 1'}, r.stdout[-3000:]
+    assert re.search(r'^\| xla \| none \| 8 \| compiles \|.*\| 0 / 0 \|', r.stdout, re.M)
+
+
 def test_device_profile_reads_a_gpu_trace():
     """benchmarks/profile_step.device_ops on a GPU-shaped Chrome trace (as jax.profiler writes
     one on a GPU): stream lines only (the derived 'XLA Ops' line would count twice), kernels

@@ -1,0 +1,137 @@
+"""Compiles the trainer's step for an NVIDIA H100 or H200 on any Linux machine: no GPU needed.
+
+    python benchmarks/gpu_compile.py                       # H200, cuDNN and XLA attention
+    python benchmarks/gpu_compile.py --gpu h100 --batches 32,64,128 --remat none,dots
+    python benchmarks/gpu_compile.py --tiny                # the testing ViT at 32 px
+
+The step is the one `python -m sparse_vit_jax.main --config=configs/imagenet100.py` runs on
+an NVIDIA GPU (bf16 compute, rbg dropout, the paper's penalty on the last block, its
+optimizer chain; the same code as benchmarks/gpu_check.py times), compiled ahead of time by
+XLA's GPU compiler for a target description of the card (`jax.experimental.topologies`;
+needs the CUDA plugin and its libraries, `pip install "jax[cuda12]"`, about 6 GB, not a GPU).
+Per row: XLA's memory analysis of the compiled program and the fused attention kernels it
+calls (cuDNN's flash attention forward and backward), which shows which blocks run fused and
+whether remat reruns their forward.
+
+What this cannot check: cuDNN's own limits (it compiled unpadded 577-token attention, which
+cuDNN on a GPU refuses), the GEMM autotuning (without a device XLA's Triton GEMM emitter finds
+no tiles for some shapes, so GEMMs are compiled for cuBLAS, as
+`--xla_gpu_enable_triton_gemm=false` does on a GPU), whether the program fits (the compiler
+does not refuse it: compare the memory with the card's) and anything about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+# The CPU stays JAX's backend; the CUDA plugin only compiles (it finds no driver here).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ['JAX_SKIP_CUDA_CONSTRAINTS_CHECK'] = '1'
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_gpu_enable_triton_gemm=false').strip()
+sys.path.insert(0, str(Path(__file__).parent))
+
+# The cards' descriptions (what XLA reads off a device: NVIDIA's published figures).
+CARDS = {
+    'h100': ('NVIDIA H100 80GB HBM3', 79.6, 3_352_320_000_000),
+    'h200': ('NVIDIA H200', 139.8, 4_800_000_000_000),
+}
+TARGET = '''gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth} l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: {memory} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }} device_description_str: "{name}"
+'''
+
+
+def has_cuda_plugin() -> bool:
+    try:
+        return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
+
+
+def gpu_mesh(card: str) -> Any:
+    """A one-device 'data' mesh on a compile-only NVIDIA `card` ('h100', 'h200')."""
+    if not has_cuda_plugin():
+        raise SystemExit('error: compiling for an NVIDIA GPU needs the CUDA plugin: pip install '
+                         '"jax[cuda12]" (about 6 GB; no GPU is needed)')
+    import numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import Mesh
+    name, gib, bandwidth = CARDS[card]
+    target = TARGET.format(name=name, memory=int(gib * 2**30), bandwidth=bandwidth)
+    topo = topologies.get_topology_desc(platform='cuda', target_config=target,
+                                        topology='1x1x1')
+    return Mesh(np.array(topo.devices), ('data',))
+
+
+def fused_attention(compiled: Any) -> dict[str, int]:
+    """How many cuDNN attention kernels (forward, backward) the program calls."""
+    calls = Counter(re.findall(r'custom_call_target="__cudnn\$(fmha\w+)"', compiled.as_text()))
+    backward = sum(n for k, n in calls.items() if 'Backward' in k)
+    return {'fused_forward': sum(calls.values()) - backward, 'fused_backward': backward}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--config', default='configs/imagenet100.py')
+    ap.add_argument('--gpu', default='h200', choices=sorted(CARDS))
+    ap.add_argument('--batches', default='32,128,256')
+    ap.add_argument('--attention', default='cudnn,xla')
+    ap.add_argument('--remat', default='none,dots,full')
+    ap.add_argument('--json', default='', help='also write the rows here')
+    ap.add_argument('--tiny', action='store_true', help='the testing ViT at 32 px')
+    args = ap.parse_args()
+    mesh = gpu_mesh(args.gpu)
+    from common import command, environment, write_json
+    from tpu_compile import compile_row
+    from trainer import load_config
+    base = load_config(args.config, args.tiny)
+    if args.tiny:
+        args.batches = '8'
+    words = lambda s: [w for w in s.split(',') if w]  # noqa: E731
+    name, gib, _ = CARDS[args.gpu]
+    plugin = importlib.metadata.version('jax-cuda12-plugin')
+    print(f'# {command()}\n# {environment()}, jax-cuda12-plugin {plugin}\n\n'
+          f'{base.model.name}@{base.model.image_size}, '
+          f'{name} ({gib} GiB), bf16 compute, rbg dropout; compiled (GEMMs for cuBLAS), not '
+          'run\n', flush=True)
+    print('| attention | remat | batch | result | memory GiB | of which temporaries | '
+          'fused attention fwd / bwd | compile s |\n|---|---|---|---|---|---|---|---|',
+          flush=True)
+    rows = []
+    for attention in words(args.attention):
+        for remat in words(args.remat):
+            for batch in (int(b) for b in words(args.batches)):
+                r = compile_row(base, mesh, attention, remat, batch, inspect=fused_attention)
+                r['over_memory'] = r.get('memory_gib', 0) > gib
+                rows.append(r)
+                result = r['result'] + (' (more than the card has)' if r['over_memory'] else '')
+                fused = (f'{r["fused_forward"]} / {r["fused_backward"]}'
+                         if 'fused_forward' in r else '')
+                print(f'| {attention} | {remat} | {batch} | {result} | '
+                      f'{r.get("memory_gib", "")} | {r.get("temp_gib", "")} | {fused} | '
+                      f'{r["compile_s"]} |', flush=True)
+    if args.json:
+        write_json(args.json, {'command': command(), 'environment': environment(),
+                               'card': name, 'rows': rows})
+    return 1 if any(r['result'].startswith('compile failed') for r in rows) else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
