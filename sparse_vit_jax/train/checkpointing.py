@@ -154,18 +154,24 @@ class _HeldWriteErrors(logging.Filter):
     exceptions) and asyncio logs the futures nobody read: some 300 lines for one full disk,
     before the Checkpointer reports it in one line. So all of that waits here: it is dropped
     when that one line reports the failure, and let through (late, whole) when the writes
-    end well or fail otherwise. One per process (`HELD`); a new Checkpointer holds afresh.
+    end well or fail otherwise. One per process (`HELD`). After a failure reported in one
+    line it drops what the writers say for the rest of the process: the failed write's tasks
+    are collected (and logged) at any time up to the exit, and a later failure of a write is
+    again one line, of anything else a traceback of ours.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.held: list[Any] = []
         self.dropping = False
+        self.marks = [f'{os.sep}orbax{os.sep}', f'{os.sep}tensorstore{os.sep}']
         self._installed = False
         self._hook = sys.unraisablehook
 
-    def install(self) -> None:
-        self.dropping = False
+    def install(self, directory: str) -> None:
+        """Holds also what names `directory` (tensorstore's errors name the files)."""
+        if directory not in self.marks:
+            self.marks.append(directory)
         if not self._installed:
             for name in ('absl', 'asyncio'):
                 logging.getLogger(name).addFilter(self)
@@ -173,15 +179,16 @@ class _HeldWriteErrors(logging.Filter):
             self._installed = True
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or not _from_writers(record):
+        if record.levelno < logging.ERROR or not self._about_writes(record):
             return True
         if not self.dropping:
             self.held.append(record)
         return False
 
     def _unraisable(self, u: Any) -> None:
-        if not (isinstance(u.exc_value, RuntimeError) and 'Event loop is closed' in
-                str(u.exc_value)):
+        text = str(u.exc_value)
+        if not ('Event loop is closed' in text or self._through(u.exc_traceback)
+                or any(m in text for m in self.marks)):
             self._hook(u)
         elif not self.dropping:
             self.held.append(u)
@@ -194,20 +201,23 @@ class _HeldWriteErrors(logging.Filter):
             else:
                 self._hook(x)
 
+    def _through(self, tb: Any) -> bool:
+        return any(m in f.filename for f in traceback.extract_tb(tb) for m in self.marks[:2])
+
+    def _about_writes(self, record: logging.LogRecord) -> bool:
+        """Whether orbax logged `record`, or it is about the writers' code or files (asyncio's
+        tasks and futures that a failed write left behind)."""
+        if record.name == 'absl':
+            return self.marks[0] in record.pathname
+        if record.exc_info and self._through(record.exc_info[2]):
+            return True
+        return any(m in record.getMessage() for m in self.marks)
+
     def drop(self) -> None:
         """Drops what is held and what the writers' threads still say about the failure
         (also the coroutines of the failed write that are collected unawaited at exit)."""
         self.held, self.dropping = [], True
         warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
-
-
-def _from_writers(record: logging.LogRecord) -> bool:
-    """Whether orbax logged `record`, or its exception went through orbax or tensorstore."""
-    writers = (f'{os.sep}orbax{os.sep}', f'{os.sep}tensorstore{os.sep}')
-    if record.name == 'absl':
-        return writers[0] in record.pathname
-    tb = record.exc_info[2] if record.exc_info else None
-    return any(w in f.filename for f in traceback.extract_tb(tb) for w in writers)
 
 
 HELD = _HeldWriteErrors()
@@ -234,7 +244,7 @@ class Checkpointer:
                 async_options=ocp.AsyncOptions(barrier_sync_fn=self._barrier)))
         self._bytes = 0
         self._failed = False
-        HELD.install()
+        HELD.install(str(absolute(self.directory)))
 
     def save(self, state: Any, meta: dict[str, Any], *, step: int | None = None,
              force: bool = False) -> bool:
