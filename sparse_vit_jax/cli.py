@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -24,6 +24,9 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sparse_vit_jax.errors import UserError, run_cli  # noqa: E402
+
+if TYPE_CHECKING:
+    from sparse_vit_jax.train.distributed import FailureWatch
 
 Job = Callable[[Any, str, str], Any]
 
@@ -132,7 +135,7 @@ def run(argv: list[str], job: Job, doc: str = '') -> int:
         return int(e.code or 0)
 
 
-def _exit_now(e: BaseException, watch: Any) -> None:
+def _exit_now(e: BaseException, watch: FailureWatch) -> None:
     """One of several processes failed: say why, tell the others (`FailureWatch`) and exit
     now. Waiting at JAX's shutdown barrier would hang this process, and the others with it,
     for minutes."""

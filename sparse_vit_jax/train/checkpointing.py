@@ -164,14 +164,14 @@ class _HeldWriteErrors(logging.Filter):
         super().__init__()
         self.held: list[Any] = []
         self.dropping = False
-        self.marks = [f'{os.sep}orbax{os.sep}', f'{os.sep}tensorstore{os.sep}']
+        self.directories: list[str] = []
         self._installed = False
         self._hook = sys.unraisablehook
 
     def install(self, directory: str) -> None:
         """Holds also what names `directory` (tensorstore's errors name the files)."""
-        if directory not in self.marks:
-            self.marks.append(directory)
+        if directory not in self.directories:
+            self.directories.append(directory)
         if not self._installed:
             for name in ('absl', 'asyncio'):
                 logging.getLogger(name).addFilter(self)
@@ -187,8 +187,8 @@ class _HeldWriteErrors(logging.Filter):
 
     def _unraisable(self, u: Any) -> None:
         text = str(u.exc_value)
-        if not ('Event loop is closed' in text or self._through(u.exc_traceback)
-                or any(m in text for m in self.marks)):
+        if not ('Event loop is closed' in text or _through_writers(u.exc_traceback)
+                or self._names_a_directory(text)):
             self._hook(u)
         elif not self.dropping:
             self.held.append(u)
@@ -201,23 +201,31 @@ class _HeldWriteErrors(logging.Filter):
             else:
                 self._hook(x)
 
-    def _through(self, tb: Any) -> bool:
-        return any(m in f.filename for f in traceback.extract_tb(tb) for m in self.marks[:2])
+    def _names_a_directory(self, text: str) -> bool:
+        return any(d in text for d in self.directories)
 
     def _about_writes(self, record: logging.LogRecord) -> bool:
         """Whether orbax logged `record`, or it is about the writers' code or files (asyncio's
         tasks and futures that a failed write left behind)."""
         if record.name == 'absl':
-            return self.marks[0] in record.pathname
-        if record.exc_info and self._through(record.exc_info[2]):
+            return _WRITERS[0] in record.pathname
+        if record.exc_info and _through_writers(record.exc_info[2]):
             return True
-        return any(m in record.getMessage() for m in self.marks)
+        text = record.getMessage()
+        return any(w in text for w in _WRITERS) or self._names_a_directory(text)
 
     def drop(self) -> None:
         """Drops what is held and what the writers' threads still say about the failure
         (also the coroutines of the failed write that are collected unawaited at exit)."""
         self.held, self.dropping = [], True
         warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
+
+
+_WRITERS = (f'{os.sep}orbax{os.sep}', f'{os.sep}tensorstore{os.sep}')  # their code
+
+
+def _through_writers(tb: Any) -> bool:
+    return any(w in f.filename for f in traceback.extract_tb(tb) for w in _WRITERS)
 
 
 HELD = _HeldWriteErrors()
