@@ -45,6 +45,11 @@ def _client():
     return distributed.global_state.client
 
 
+def _by_process(client, directory: str) -> dict[int, str]:
+    """{process: value} of the keys `directory/<process>` in the coordination service."""
+    return {int(k.rsplit('/', 1)[1]): v for k, v in client.key_value_dir_get(directory)}
+
+
 class FailureWatch:
     """Ends this process, with one line, soon after another process of the run fails.
 
@@ -87,8 +92,7 @@ class FailureWatch:
         self._leave_last()
 
     def _posted(self, kind: str) -> dict[int, str]:
-        return {int(k.rsplit('/', 1)[1]): v
-                for k, v in self._client.key_value_dir_get(f'{self._ROOT}{kind}/')}
+        return _by_process(self._client, f'{self._ROOT}{kind}/')
 
     def _leave_last(self) -> None:
         """On process 0: returns once every other process has failed or left (or is late).
@@ -168,10 +172,9 @@ class FailFastBarrier:
 
     def check(self) -> None:
         """Raises ProcessFailed if any process failed (the lowest-numbered one's error)."""
-        failed = [(int(k.rsplit('/', 1)[1]), v)
-                  for k, v in self._client.key_value_dir_get(f'{self._root}/failed/')]
+        failed = _by_process(self._client, f'{self._root}/failed/')
         if failed:
-            raise ProcessFailed(*min(failed))
+            raise ProcessFailed(*min(failed.items()))
 
     def __call__(self, *, key: str, timeout_ms: int) -> None:
         in_flight = sys.exc_info()[1]
