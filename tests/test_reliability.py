@@ -316,6 +316,16 @@ def test_bad_input_catalogue(tmp_path, data_dir, args, message):
         assert not steps
 
 
+def test_a_bad_heartbeat_timeout_is_one_line(tmp_path, data_dir, monkeypatch):
+    """The multi-process settings come from the environment; a bad one is one line too."""
+    monkeypatch.setenv('SPARSE_VIT_HEARTBEAT_TIMEOUT', '2m')
+    r = main_here(tmp_path / 'w', *SMOKE, data_dir=data_dir, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: SPARSE_VIT_HEARTBEAT_TIMEOUT=2m is not a whole number of seconds >= 3; unset it "
+        "for JAX's default (100)")
+
+
 def test_cli_in_a_fresh_process_one_line_and_help(tmp_path, data_dir):
     """The real command line: a bad override, a config path from elsewhere, --help."""
     r = run_main(tmp_path / 'w', *SMOKE, '--config.optimizer.lr=nan', data_dir=data_dir,

@@ -8,9 +8,11 @@ A process that fails exits at once (`cli`), without waiting at JAX's shutdown
 barrier, and the others stop too, with one line: in an exchange (`multihost`), for
 orbax's checkpoint writes, which end in barriers in background threads, through a
 `FailFastBarrier`, and anywhere else (a bug or a device error inside a step, on one host)
-through a `FailureWatch`. Only a process that dies without a word (SIGKILL, a lost host)
-is learnt of from the coordination service's heartbeats, within
-SPARSE_VIT_HEARTBEAT_TIMEOUT seconds (JAX's default: 100).
+through a `FailureWatch`, which also ends them, with one line, when a process dies without a
+word (SIGKILL, the OOM killer, a lost host): its silence is noticed after a quarter of
+SPARSE_VIT_HEARTBEAT_TIMEOUT seconds (JAX's default timeout: 100), before JAX's
+coordination service aborts them with a C++ stack (between half and all of the timeout
+after the death, as measured).
 """
 
 from __future__ import annotations
@@ -24,11 +26,22 @@ import time
 
 import jax
 
+HEARTBEAT_ENV, HEARTBEAT_DEFAULT_S = 'SPARSE_VIT_HEARTBEAT_TIMEOUT', 100  # JAX's default
+
+
+def heartbeat_timeout_s() -> int:
+    """Seconds after which JAX's coordination service declares a silent process dead."""
+    value = os.environ.get(HEARTBEAT_ENV) or str(HEARTBEAT_DEFAULT_S)
+    if not value.isdigit() or int(value) < 3:
+        from sparse_vit_jax.errors import UserError
+        raise UserError(f'{HEARTBEAT_ENV}={value} is not a whole number of seconds >= 3; '
+                        f'unset it for JAX\'s default ({HEARTBEAT_DEFAULT_S})')
+    return int(value)
+
 
 def maybe_initialize() -> None:
     coordinator = os.environ.get('SPARSE_VIT_COORDINATOR')
-    timeout = os.environ.get('SPARSE_VIT_HEARTBEAT_TIMEOUT')
-    extra = {'heartbeat_timeout_seconds': int(timeout)} if timeout else {}
+    extra = {'heartbeat_timeout_seconds': heartbeat_timeout_s()}
     if coordinator:
         # Only affects CPU devices; must be set before any backend starts.
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -51,7 +64,7 @@ def _by_process(client, directory: str) -> dict[int, str]:
 
 
 class FailureWatch:
-    """Ends this process, with one line, soon after another process of the run fails.
+    """Ends this process, with one line, soon after another process of the run fails or dies.
 
     A process that fails alone (a bug or a device error inside a step) leaves the others in
     their next collective until the coordination service misses its heartbeat, and JAX then
@@ -60,36 +73,50 @@ class FailureWatch:
     process polls it every `poll_s` and, unless this process is failing too within `grace_s`
     (an agreed failure, which says why itself), prints that line and exits with that code,
     like a SIGKILL at that moment (checkpoints and results are written atomically; a re-run
-    resumes). Process 0 hosts the service, so it leaves last: after every other process has
-    failed or left, or after `poll_s + grace_s + 5` seconds.
+    resumes). A process that dies without a word (SIGKILL, the OOM killer, a lost host) stops
+    ticking a counter that its thread posts every `poll_s`; after `silent_s` without a tick
+    process 0 posts its failure for it (exit code 1), before JAX's coordination service
+    declares it dead (half to all of its heartbeat timeout after the death).
+    Process 0 hosts the service, so it leaves last: after every other process has failed or
+    left, or after `poll_s + grace_s + 5` seconds.
     """
 
     _ROOT = 'sparse_vit_jax/run/'
 
-    def __init__(self, poll_s: float = 1.0, grace_s: float = 5.0) -> None:
+    def __init__(self, poll_s: float = 1.0, grace_s: float = 5.0,
+                 silent_s: float | None = None) -> None:
         self._client = _client()
         if self._client is None:
             raise ValueError('FailureWatch needs jax.distributed.initialize()')
         self.poll_s, self.grace_s = poll_s, grace_s
+        self.silent_s = heartbeat_timeout_s() / 4 if silent_s is None else silent_s
         self._me = jax.process_index()
         self._failing, self._stop = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._watch, name='FailureWatch', daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Ends the watch (before JAX's shutdown: the thread must not call a closed client)."""
+        """Ends the watch (before JAX's shutdown: the thread must not call a closed client);
+        the process's silence from then on is no failure."""
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=self.poll_s + 10)
+        try:
+            self._client.key_value_set(f'{self._ROOT}left/{self._me}', '', allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the service is gone; nobody is watching any more
+            pass
 
     def fail(self, code: int, line: str) -> None:
         """Tells every process that this one ends with `code` and `line`; returns when
         process 0 may leave (at once on the other processes)."""
         self._failing.set()
         self._stop.set()
-        self._client.key_value_set(f'{self._ROOT}failed/{self._me}', f'{code} {line[:2000]}',
-                                   allow_overwrite=True)
+        self._post_failure(self._me, code, line)
         self._leave_last()
+
+    def _post_failure(self, process: int, code: int, line: str) -> None:
+        self._client.key_value_set(f'{self._ROOT}failed/{process}', f'{code} {line[:2000]}',
+                                   allow_overwrite=True)
 
     def _posted(self, kind: str) -> dict[int, str]:
         return _by_process(self._client, f'{self._ROOT}{kind}/')
@@ -106,16 +133,35 @@ class FailureWatch:
                 return
             time.sleep(0.05)
 
+    def _silent(self, ticks: dict[int, tuple[str, float]]) -> int | None:
+        """On process 0: a process whose tick has not moved for `silent_s` (and that has not
+        left), after noting each process's latest tick in `ticks` {process: (tick, since)}."""
+        now, left = time.monotonic(), set(self._posted('left'))
+        for p, tick in self._posted('alive').items():
+            if ticks.get(p, ('', 0.0))[0] != tick:
+                ticks[p] = (tick, now)
+        for p in range(1, jax.process_count()):
+            if p not in left and now - ticks.setdefault(p, ('', now))[1] > self.silent_s:
+                return p
+        return None
+
     def _watch(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        ticks: dict[int, tuple[str, float]] = {}
+        for tick in itertools.count():
+            if self._stop.wait(self.poll_s):
+                return
             try:
+                self._client.key_value_set(f'{self._ROOT}alive/{self._me}', str(tick),
+                                           allow_overwrite=True)
+                if self._me == 0 and (silent := self._silent(ticks)) is not None:
+                    self._post_failure(silent, 1, f'it stopped answering for '
+                                       f'{self.silent_s:.0f} s: killed, out of memory or its '
+                                       'host lost? see its log')
                 failed = {p: v for p, v in self._posted('failed').items() if p != self._me}
             except Exception:  # noqa: BLE001 - the service is gone; JAX ends this process
                 return
             if failed:
                 break
-        else:
-            return
         if self._failing.wait(self.grace_s) or self._stop.is_set():
             return  # this process fails too, or ends, and says so itself
         process, value = min(failed.items())
