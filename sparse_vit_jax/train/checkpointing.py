@@ -214,6 +214,10 @@ class _HeldWriteErrors(logging.Filter):
         text = record.getMessage()
         return any(w in text for w in _WRITERS) or self._names_a_directory(text)
 
+    def discard(self) -> None:
+        """Drops what is held (about reads that failed and were reported in one line each)."""
+        self.held = []
+
     def drop(self) -> None:
         """Drops what is held and what the writers' threads still say about the failure
         (also the coroutines of the failed write that are collected unawaited at exit)."""
@@ -252,6 +256,7 @@ class Checkpointer:
                 async_options=ocp.AsyncOptions(barrier_sync_fn=self._barrier)))
         self._bytes = 0
         self._failed = False
+        self._set_aside_steps = 0  # in this restore_latest
         HELD.install(str(absolute(self.directory)))
 
     def save(self, state: Any, meta: dict[str, Any], *, step: int | None = None,
@@ -328,10 +333,13 @@ class Checkpointer:
         or when they hold another layout than `target`, or when `check_meta` (called with
         the step's meta before anything is restored) refuses it.
         """
+        self._set_aside_steps = 0
         try:
             return self._restore_latest(target, check_meta)
         finally:
-            HELD.release()
+            # What tensorstore says about a damaged step's read (its callbacks meet the event
+            # loops orbax closed) arrives while later steps are read: the warning line says it.
+            HELD.discard() if self._set_aside_steps else HELD.release()
 
     def _restore_latest(self, target: Any, check_meta: Any) -> Any:
         steps = same_steps_everywhere(self.directory, self.manager.all_steps())
@@ -368,6 +376,7 @@ class Checkpointer:
         self.log(f'warning: checkpoint {self.directory / str(step)} is damaged '
                  f'({type(e).__name__}: {_first_line(e)}); moved to {aside}, trying the '
                  'previous one')
+        self._set_aside_steps += 1
 
         def move() -> None:
             aside.parent.mkdir(parents=True, exist_ok=True)
