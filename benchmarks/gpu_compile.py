@@ -2,16 +2,22 @@
 
     python benchmarks/gpu_compile.py                       # H200, cuDNN and XLA attention
     python benchmarks/gpu_compile.py --gpu h100 --batches 32,64,128 --remat none,dots
+    python benchmarks/gpu_compile.py --batches 32 --remat none --rng rbg,threefry --top 12
     python benchmarks/gpu_compile.py --tiny                # the testing ViT at 32 px
 
 The step is the one `python -m sparse_vit_jax.main --config=configs/imagenet100.py` runs on
-an NVIDIA GPU (bf16 compute, rbg dropout, the paper's penalty on the last block, its
-optimizer chain; the same code as benchmarks/gpu_check.py times), compiled ahead of time by
+an NVIDIA GPU (bf16 compute, rbg dropout unless --rng says otherwise, the paper's penalty on
+the last block, its optimizer chain; the same code as benchmarks/gpu_check.py times),
+compiled ahead of time by
 XLA's GPU compiler for a target description of the card (`jax.experimental.topologies`;
 needs the CUDA plugin and its libraries, `pip install "jax[cuda12]"`, about 6 GB, not a GPU).
-Per row: XLA's memory analysis of the compiled program and the fused attention kernels it
+Per row: XLA's memory analysis of the compiled program, the fused attention kernels it
 calls (cuDNN's flash attention forward and backward), which shows which blocks run fused and
-whether remat reruns their forward.
+whether remat reruns their forward, and its kernels with what they read and write
+(`profile_step.memory_traffic`, a floor of the HBM traffic: what the memory-bound kernels
+cost; `--top N` lists the jax ops behind the most of it). Dropout shows there: rbg's bits
+are generated into memory and read back, Threefry's are computed inside the kernels that
+use them (no traffic, but some 20 integer rounds per 32 bits: only a GPU can weigh the two).
 
 What this cannot check: cuDNN's own limits (it compiled unpadded 577-token attention, which
 cuDNN on a GPU refuses), the GEMM autotuning (without a device XLA's Triton GEMM emitter finds
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import itertools
 import os
 import re
 import sys
@@ -80,11 +87,18 @@ def gpu_mesh(card: str) -> Any:
     return Mesh(np.array(topo.devices), ('data',))
 
 
-def fused_attention(compiled: Any) -> dict[str, int]:
-    """How many cuDNN attention kernels (forward, backward) the program calls."""
-    calls = Counter(re.findall(r'custom_call_target="__cudnn\$(fmha\w+)"', compiled.as_text()))
+def inspect(compiled: Any, top: int = 0) -> dict[str, Any]:
+    """How many cuDNN attention kernels (forward, backward) the program calls, and what its
+    kernels read and write (`profile_step.memory_traffic`)."""
+    from profile_step import memory_traffic
+    text = compiled.as_text()
+    calls = Counter(re.findall(r'custom_call_target="__cudnn\$(fmha\w+)"', text))
     backward = sum(n for k, n in calls.items() if 'Backward' in k)
-    return {'fused_forward': sum(calls.values()) - backward, 'fused_backward': backward}
+    traffic = memory_traffic(text, top)
+    return {'fused_forward': sum(calls.values()) - backward, 'fused_backward': backward,
+            'traffic_gb': round(traffic['gb'], 2), 'kernels': traffic['kernels'],
+            'fusions_gb': round(traffic['by_kind'].get('fusion', 0.0), 2),
+            'traffic_top': traffic['top']}
 
 
 def main() -> int:
@@ -94,6 +108,9 @@ def main() -> int:
     ap.add_argument('--batches', default='32,128,256')
     ap.add_argument('--attention', default='cudnn,xla')
     ap.add_argument('--remat', default='none,dots,full')
+    ap.add_argument('--rng', default='rbg', help='dropout RNGs: rbg, threefry, unsafe_rbg')
+    ap.add_argument('--top', type=int, default=0,
+                    help="also list each row's N jax ops that move the most memory")
     ap.add_argument('--json', default='', help='also write the rows here')
     ap.add_argument('--tiny', action='store_true', help='the testing ViT at 32 px')
     args = ap.parse_args()
@@ -109,24 +126,32 @@ def main() -> int:
     plugin = importlib.metadata.version('jax-cuda12-plugin')
     print(f'# {command()}\n# {environment()}, jax-cuda12-plugin {plugin}\n\n'
           f'{base.model.name}@{base.model.image_size}, '
-          f'{name} ({gib} GiB), bf16 compute, rbg dropout; compiled (GEMMs for cuBLAS), not '
+          f'{name} ({gib} GiB), bf16 compute; compiled (GEMMs for cuBLAS), not '
           'run\n', flush=True)
-    print('| attention | remat | batch | result | memory GiB | of which temporaries | '
-          'fused attention fwd / bwd | compile s |\n|---|---|---|---|---|---|---|---|',
-          flush=True)
+    print('| attention | remat | dropout RNG | batch | result | memory GiB | of which '
+          'temporaries | fused attention fwd / bwd | kernels | traffic GB | of which fusions '
+          '| compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
     rows = []
-    for attention in words(args.attention):
-        for remat in words(args.remat):
-            for batch in (int(b) for b in words(args.batches)):
-                r = compile_row(base, mesh, attention, remat, batch, inspect=fused_attention)
-                r['over_memory'] = r.get('memory_gib', 0) > gib
-                rows.append(r)
-                result = r['result'] + (' (more than the card has)' if r['over_memory'] else '')
-                fused = (f'{r["fused_forward"]} / {r["fused_backward"]}'
-                         if 'fused_forward' in r else '')
-                print(f'| {attention} | {remat} | {batch} | {result} | '
-                      f'{r.get("memory_gib", "")} | {r.get("temp_gib", "")} | {fused} | '
-                      f'{r["compile_s"]} |', flush=True)
+    for attention, remat, rng, batch in itertools.product(
+            words(args.attention), words(args.remat), words(args.rng),
+            [int(b) for b in words(args.batches)]):
+        r = compile_row(base, mesh, attention, remat, batch, inspect=lambda c: inspect(c, args.top),
+                        rng=rng)
+        r['over_memory'] = r.get('memory_gib', 0) > gib
+        rows.append(r)
+        result = r['result'] + (' (more than the card has)' if r['over_memory'] else '')
+        fused = f'{r["fused_forward"]} / {r["fused_backward"]}' if 'fused_forward' in r else ''
+        print(f'| {attention} | {remat} | {rng} | {batch} | {result} | '
+              f'{r.get("memory_gib", "")} | {r.get("temp_gib", "")} | {fused} | '
+              f'{r.get("kernels", "")} | {r.get("traffic_gb", "")} | '
+              f'{r.get("fusions_gb", "")} | {r["compile_s"]} |',
+              flush=True)
+    for r in rows if args.top else []:
+        print(f'\n{r["attention"]} attention, remat {r["remat"]}, {r["rng"]}, batch '
+              f'{r["batch_per_chip"]}: the jax ops whose kernels move the most memory\n\n'
+              '| GB | kernels | jax op |\n|---|---|---|')
+        for gb, calls, op in r.get('traffic_top', []):
+            print(f'| {gb:.2f} | {calls} | {op} |')
     if args.json:
         write_json(args.json, {'command': command(), 'environment': environment(),
                                'card': name, 'rows': rows})

@@ -21,6 +21,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import resource
@@ -113,6 +114,55 @@ def device_ops(events: list[dict[str, Any]], hlo: dict[str, tuple[str, str]], st
         where.setdefault(name, (op, any_block(jax_op)))
     return {'busy_ms': sum(kinds.values()), 'kinds': kinds.most_common(),
             'top': [(ms, calls[k], k, *where[k]) for k, ms in by_kernel.most_common(top)]}
+
+
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4,
+          's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+_NO_KERNEL = ('parameter', 'get-tuple-element', 'bitcast', 'tuple', 'constant')
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape, a tuple's summed: 'bf16[32,577]{1,0}' -> 36928."""
+    return sum(_BYTES[dt] * math.prod(int(d) for d in dims.split(',') if d)
+               for dt, dims in re.findall(r'\b([a-z]+\d*)\[([\d,]*)\]', shape) if dt in _BYTES)
+
+
+def _pass_and_op(jax_op: str) -> str:
+    """'jit(step)/transpose(jvp(ViT))/Transformer/encoderblock_3/Dense_0/dot_general' ->
+    'bwd Transformer/encoderblock_N/Dense_0/dot_general'."""
+    parts = [p for p in any_block(jax_op).split('/')
+             if not re.match(r'(transpose\()?(jvp|jit)\(|checkpoint$|remat$', p)]
+    return ('bwd ' if 'transpose(' in jax_op else 'fwd ') + '/'.join(parts)
+
+
+def memory_traffic(hlo_text: str, top: int = 0) -> dict[str, Any]:
+    """What the compiled program's kernels read and write, from its optimized HLO: each
+    kernel of the entry computation (a fusion, a library call, a copy) reads its operands
+    and writes its result once. A rough floor of the memory traffic (caches aside, and
+    the bodies of loops uncounted): what memory-bound kernels cost, seen without a device.
+    {'gb', 'kernels', 'by_kind': {HLO kind: gb}, 'top': [(gb, calls, jax op), ...] by op
+    (any block)}. On a GPU the fusions are XLA's own (memory-bound) kernels; the matmuls and
+    fused attention are library calls (custom-call)."""
+    entry = hlo_text[hlo_text.index('\nENTRY'):]
+    sizes: dict[str, int] = {}
+    by_op: collections.Counter = collections.Counter()
+    by_kind: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    for m in re.finditer(r'^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\((.*)$', entry, re.M):
+        name, shape, kind, rest = m.groups()
+        sizes[name] = _shape_bytes(shape)
+        if kind in _NO_KERNEL:
+            continue
+        operands = re.findall(r'%([\w.-]+)', rest.split('), ')[0])
+        op = re.search(r'op_name="([^"]*)"', rest)
+        key = _pass_and_op(op.group(1)) if op else kind
+        moved = sizes[name] + sum(sizes.get(o, 0) for o in operands)
+        by_op[key] += moved
+        by_kind[kind] += moved
+        calls[key] += 1
+    return {'gb': sum(by_op.values()) / 1e9, 'kernels': sum(calls.values()),
+            'by_kind': {k: b / 1e9 for k, b in by_kind.items()},
+            'top': [(b / 1e9, calls[k], k) for k, b in by_op.most_common(top)]}
 
 
 def op_table(events: list[dict[str, Any]], hlo: dict[str, tuple[str, str]], steps: int,

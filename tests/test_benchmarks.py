@@ -63,10 +63,10 @@ def test_the_train_step_compiles_for_a_gpu_or_says_what_it_needs():
             '"jax[cuda12]" (about 6 GB; no GPU is needed)'), r.stderr[-2000:]
         return
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    fused = dict(re.findall(r'^\| cudnn \| (\w+) \| 8 \| compiles \|.*\| (\d / \d) \|', r.stdout,
-                            re.M))
+    fused = dict(re.findall(r'^\| cudnn \| (\w+) \| rbg \| 8 \| compiles \|.*\| (\d / \d) \|',
+                            r.stdout, re.M))
     assert fused == {'none': '1 / 1', 'dots': '1 / 1', 'full': '2 / 1'}, r.stdout[-3000:]
-    assert re.search(r'^\| xla \| none \| 8 \| compiles \|.*\| 0 / 0 \|', r.stdout, re.M)
+    assert re.search(r'^\| xla \| none \| rbg \| 8 \| compiles \|.*\| 0 / 0 \|', r.stdout, re.M)
 
 
 def test_device_profile_reads_a_gpu_trace():
@@ -105,3 +105,42 @@ def test_device_profile_reads_a_gpu_trace():
     assert (ms, calls, op) == (pytest.approx(0.3), 1, 'custom-call.3')
     assert name.startswith('nvjet') and jax_op.endswith('encoderblock_N/qkv')
     assert device_ops(events[:1] + events[4:5], hlo, 2, 3) is None  # no device: a CPU trace
+
+
+def test_memory_traffic_counts_what_each_kernel_reads_and_writes():
+    """benchmarks/profile_step.memory_traffic: every kernel of the entry computation reads its
+    operands and writes its result once (bytes from the shapes); parameters, tuples,
+    get-tuple-element and bitcasts are no kernels. On a program XLA compiled here and on a
+    GPU-shaped module (a multi-output fusion, a library call with a workspace)."""
+    import jax
+    import jax.numpy as jnp
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    from profile_step import memory_traffic
+    x = jax.ShapeDtypeStruct((256, 1024), jnp.float32)
+    text = jax.jit(lambda x, y: (x * 2 + y).sum(axis=1)).lower(x, x).compile().as_text()
+    out = memory_traffic(text, top=1)
+    assert out['kernels'] == 1 and out['gb'] * 1e9 == 2 * 256 * 1024 * 4 + 256 * 4
+    assert out['top'][0][1:] == (1, 'fwd reduce_sum')
+    gpu = '''HloModule step
+ENTRY %main (p0: bf16[64,128], p1: bf16[128,32]) -> f32[64,32] {
+  %p0 = bf16[64,128]{1,0} parameter(0)
+  %p1 = bf16[128,32]{1,0} parameter(1)
+  %f = (bf16[64,128]{1,0}, pred[64,128]{1,0}) fusion(%p0), kind=kLoop, metadata={op_name="A"}
+  %g = bf16[64,128]{1,0} get-tuple-element(%f), index=0
+  %b = bf16[8192]{0} bitcast(%g)
+  %mm = (bf16[64,32]{1,0}, s8[1024]{0}) custom-call(%g, %p1), metadata={op_name="B"}
+  %h = bf16[64,32]{1,0} get-tuple-element(%mm), index=0
+  ROOT %r = f32[64,32]{1,0} convert(%h)
+}
+'''.replace('A', 'jit(step)/jvp(ViT)/Transformer/encoderblock_3/Dropout_0/select_n').replace(
+        'B', 'jit(step)/transpose(jvp(ViT))/Transformer/encoderblock_7/Dense_0/dot_general')
+    out = memory_traffic(gpu, top=3)
+    fused = 64 * 128 * 2 + 64 * 128 * 2 + 64 * 128  # reads p0; writes bf16 and pred
+    matmul = 64 * 128 * 2 + 128 * 32 * 2 + 64 * 32 * 2 + 1024  # its tuple: result + workspace
+    convert = 64 * 32 * 2 + 64 * 32 * 4
+    assert out['kernels'] == 3 and out['gb'] * 1e9 == fused + matmul + convert
+    assert {k: gb * 1e9 for k, gb in out['by_kind'].items()} == {
+        'fusion': fused, 'custom-call': matmul, 'convert': convert}
+    assert {op: gb * 1e9 for gb, _, op in out['top']} == {
+        'fwd Transformer/encoderblock_N/Dropout_0/select_n': fused,
+        'bwd Transformer/encoderblock_N/Dense_0/dot_general': matmul, 'convert': convert}
