@@ -46,7 +46,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import command, environment, median, write_json  # noqa: E402
-from profile_step import device_ops, hlo_index, op_table, trace_cpu_ops, trace_events  # noqa: E402
+from profile_step import (  # noqa: E402
+    device_ops,
+    fusion_bandwidth,
+    hlo_index,
+    memory_traffic,
+    op_table,
+    trace_cpu_ops,
+    trace_events,
+)
 from train_step import peak_bf16_tflops, timeit, torch_step  # noqa: E402
 from trainer import NUM_CLASSES, load_config, lower_train_step, with_overrides  # noqa: E402
 
@@ -210,8 +218,8 @@ def alternate(fns: dict[str, Any], reps: int) -> dict[str, float]:
 
 def profile(job: Job, run: Any, steps: int, top: int = 12) -> list[str]:
     """One traced call of `run` (`steps` steps of `job`, warm): device busy time against the
-    wall clock, time by kind of kernel, the top kernels with the HLO and jax ops they run (on
-    a CPU: the XLA ops)."""
+    wall clock, the bandwidth XLA's fusions reach, time by kind of kernel, the top kernels
+    with the HLO and jax ops they run (on a CPU: the XLA ops)."""
     hlo = hlo_index(job.compiled.as_text())
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
@@ -229,7 +237,9 @@ def profile(job: Job, run: Any, steps: int, top: int = 12) -> list[str]:
                 '| ms/step | XLA op | shape | jax op |', '|---|---|---|---|',
                 *[f'| {ms:.2f} | {kind} | {shape} | {op} |' for ms, kind, shape, op in rows]]
     busy = dev['busy_ms']
+    traffic = memory_traffic(job.compiled.as_text())
     return [f'{head}, device busy {busy:.1f} ms/step ({100 * busy / wall:.0f}%)', '',
+            fusion_bandwidth(dev['kinds'], traffic), '',
             '| kernel kind | ms/step | % of busy |', '|---|---|---|',
             *[f'| {k} | {ms:.2f} | {100 * ms / busy:.1f} |' for k, ms in dev['kinds']], '',
             '| ms/step | calls/step | kernel | HLO op | jax op |', '|---|---|---|---|---|',

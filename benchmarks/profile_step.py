@@ -119,6 +119,7 @@ def device_ops(events: list[dict[str, Any]], hlo: dict[str, tuple[str, str]], st
 _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4,
           's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
 _NO_KERNEL = ('parameter', 'get-tuple-element', 'bitcast', 'tuple', 'constant')
+_GEMM = re.compile(r'__triton_gemm|__cudnn\$fusion|"kind":"__cublas')
 
 
 def _shape_bytes(shape: str) -> int:
@@ -141,8 +142,9 @@ def memory_traffic(hlo_text: str, top: int = 0) -> dict[str, Any]:
     and writes its result once. A rough floor of the memory traffic (caches aside, and
     the bodies of loops uncounted): what memory-bound kernels cost, seen without a device.
     {'gb', 'kernels', 'by_kind': {HLO kind: gb}, 'top': [(gb, calls, jax op), ...] by op
-    (any block)}. On a GPU the fusions are XLA's own (memory-bound) kernels; the matmuls and
-    fused attention are library calls (custom-call)."""
+    (any block)}. On a GPU the kind 'fusion' holds XLA's own memory-bound kernels; matmuls
+    are library calls (custom-call, as fused attention) or 'matmul fusion' (Triton's or
+    cuDNN's GEMMs)."""
     entry = hlo_text[hlo_text.index('\nENTRY'):]
     sizes: dict[str, int] = {}
     by_op: collections.Counter = collections.Counter()
@@ -158,11 +160,20 @@ def memory_traffic(hlo_text: str, top: int = 0) -> dict[str, Any]:
         key = _pass_and_op(op.group(1)) if op else kind
         moved = sizes[name] + sum(sizes.get(o, 0) for o in operands)
         by_op[key] += moved
-        by_kind[kind] += moved
+        by_kind['matmul fusion' if kind == 'fusion' and _GEMM.search(rest) else kind] += moved
         calls[key] += 1
     return {'gb': sum(by_op.values()) / 1e9, 'kernels': sum(calls.values()),
             'by_kind': {k: b / 1e9 for k, b in by_kind.items()},
             'top': [(b / 1e9, calls[k], k) for k, b in by_op.most_common(top)]}
+
+
+def fusion_bandwidth(kinds: list[tuple[str, float]], traffic: dict[str, Any]) -> str:
+    """What XLA's own fusions move (`memory_traffic`) against their kernels' time in a device
+    trace (`device_ops`' kinds, ms/step): the bandwidth they reach."""
+    ms = sum(t for k, t in kinds if k in ('reduction fusion', 'other fusion'))
+    gb = traffic['by_kind'].get('fusion', 0.0)
+    reach = f', {gb / ms:.2f} TB/s' if ms else ''
+    return f"XLA's fusions: {gb:.1f} GB/step by the HLO (a floor), {ms:.2f} ms/step{reach}"
 
 
 def op_table(events: list[dict[str, Any]], hlo: dict[str, tuple[str, str]], steps: int,

@@ -105,6 +105,9 @@ def test_device_profile_reads_a_gpu_trace():
     assert (ms, calls, op) == (pytest.approx(0.3), 1, 'custom-call.3')
     assert name.startswith('nvjet') and jax_op.endswith('encoderblock_N/qkv')
     assert device_ops(events[:1] + events[4:5], hlo, 2, 3) is None  # no device: a CPU trace
+    from profile_step import fusion_bandwidth
+    assert fusion_bandwidth(out['kinds'], {'by_kind': {'fusion': 0.2, 'custom-call': 9}}) == (
+        "XLA's fusions: 0.2 GB/step by the HLO (a floor), 0.08 ms/step, 2.50 TB/s")
 
 
 def test_memory_traffic_counts_what_each_kernel_reads_and_writes():
@@ -130,17 +133,20 @@ ENTRY %main (p0: bf16[64,128], p1: bf16[128,32]) -> f32[64,32] {
   %b = bf16[8192]{0} bitcast(%g)
   %mm = (bf16[64,32]{1,0}, s8[1024]{0}) custom-call(%g, %p1), metadata={op_name="B"}
   %h = bf16[64,32]{1,0} get-tuple-element(%mm), index=0
+  %t = bf16[64,64]{1,0} fusion(%h, %h), kind=kCustom, backend_config={"kind":"__triton_gemm"}
   ROOT %r = f32[64,32]{1,0} convert(%h)
 }
 '''.replace('A', 'jit(step)/jvp(ViT)/Transformer/encoderblock_3/Dropout_0/select_n').replace(
         'B', 'jit(step)/transpose(jvp(ViT))/Transformer/encoderblock_7/Dense_0/dot_general')
-    out = memory_traffic(gpu, top=3)
+    out = memory_traffic(gpu, top=4)
     fused = 64 * 128 * 2 + 64 * 128 * 2 + 64 * 128  # reads p0; writes bf16 and pred
     matmul = 64 * 128 * 2 + 128 * 32 * 2 + 64 * 32 * 2 + 1024  # its tuple: result + workspace
     convert = 64 * 32 * 2 + 64 * 32 * 4
-    assert out['kernels'] == 3 and out['gb'] * 1e9 == fused + matmul + convert
+    triton = 2 * 64 * 32 * 2 + 64 * 64 * 2
+    assert out['kernels'] == 4 and out['gb'] * 1e9 == fused + matmul + convert + triton
     assert {k: gb * 1e9 for k, gb in out['by_kind'].items()} == {
-        'fusion': fused, 'custom-call': matmul, 'convert': convert}
+        'fusion': fused, 'custom-call': matmul, 'convert': convert, 'matmul fusion': triton}
     assert {op: gb * 1e9 for gb, _, op in out['top']} == {
         'fwd Transformer/encoderblock_N/Dropout_0/select_n': fused,
-        'bwd Transformer/encoderblock_N/Dense_0/dot_general': matmul, 'convert': convert}
+        'bwd Transformer/encoderblock_N/Dense_0/dot_general': matmul, 'convert': convert,
+        'fusion': triton}  # no op_name: its kind
