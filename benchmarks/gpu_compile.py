@@ -87,7 +87,7 @@ def gpu_mesh(card: str) -> Any:
     return Mesh(np.array(topo.devices), ('data',))
 
 
-def inspect(compiled: Any, top: int = 0) -> dict[str, Any]:
+def examine(compiled: Any, top: int = 0) -> dict[str, Any]:
     """How many cuDNN attention kernels (forward, backward) the program calls, and what its
     kernels read and write (`profile_step.memory_traffic`)."""
     from profile_step import memory_traffic
@@ -135,7 +135,7 @@ def main() -> int:
     for attention, remat, rng, batch in itertools.product(
             words(args.attention), words(args.remat), words(args.rng),
             [int(b) for b in words(args.batches)]):
-        r = compile_row(base, mesh, attention, remat, batch, inspect=lambda c: inspect(c, args.top),
+        r = compile_row(base, mesh, attention, remat, batch, inspect=lambda c: examine(c, args.top),
                         rng=rng)
         r['over_memory'] = r.get('memory_gib', 0) > gib
         rows.append(r)
