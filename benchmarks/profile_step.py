@@ -119,6 +119,7 @@ def device_ops(events: list[dict[str, Any]], hlo: dict[str, tuple[str, str]], st
 _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4,
           's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
 _NO_KERNEL = ('parameter', 'get-tuple-element', 'bitcast', 'tuple', 'constant')
+_SCRATCH = re.compile(r', [su]8\[\d+\]\{0\}\)$')  # the last of a custom-call's results
 _GEMM = re.compile(r'__triton_gemm|__cudnn\$fusion|"kind":"__cublas')
 
 
@@ -155,6 +156,8 @@ def memory_traffic(hlo_text: str, top: int = 0) -> dict[str, Any]:
         sizes[name] = _shape_bytes(shape)
         if kind in _NO_KERNEL:
             continue
+        if kind == 'custom-call' and (scratch := _SCRATCH.search(shape)):
+            sizes[name] -= _shape_bytes(scratch.group(0))  # a library call's scratch space
         operands = re.findall(r'%([\w.-]+)', rest.split('), ')[0])
         op = re.search(r'op_name="([^"]*)"', rest)
         key = _pass_and_op(op.group(1)) if op else kind
