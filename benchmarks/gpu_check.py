@@ -220,7 +220,8 @@ def profile(job: Job, run: Any, steps: int, top: int = 12) -> list[str]:
     """One traced call of `run` (`steps` steps of `job`, warm): device busy time against the
     wall clock, the bandwidth XLA's fusions reach, time by kind of kernel, the top kernels
     with the HLO and jax ops they run (on a CPU: the XLA ops)."""
-    hlo = hlo_index(job.compiled.as_text())
+    text = job.compiled.as_text()
+    hlo = hlo_index(text)
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         t = time.perf_counter()
@@ -237,9 +238,8 @@ def profile(job: Job, run: Any, steps: int, top: int = 12) -> list[str]:
                 '| ms/step | XLA op | shape | jax op |', '|---|---|---|---|',
                 *[f'| {ms:.2f} | {kind} | {shape} | {op} |' for ms, kind, shape, op in rows]]
     busy = dev['busy_ms']
-    traffic = memory_traffic(job.compiled.as_text())
     return [f'{head}, device busy {busy:.1f} ms/step ({100 * busy / wall:.0f}%)', '',
-            fusion_bandwidth(dev['kinds'], traffic), '',
+            fusion_bandwidth(dev['kinds'], memory_traffic(text)), '',
             '| kernel kind | ms/step | % of busy |', '|---|---|---|',
             *[f'| {k} | {ms:.2f} | {100 * ms / busy:.1f} |' for k, ms in dev['kinds']], '',
             '| ms/step | calls/step | kernel | HLO op | jax op |', '|---|---|---|---|---|',

@@ -8,9 +8,9 @@
 The step is the one `python -m sparse_vit_jax.main --config=configs/imagenet100.py` runs on
 an NVIDIA GPU (bf16 compute, rbg dropout unless --rng says otherwise, the paper's penalty on
 the last block, its optimizer chain; the same code as benchmarks/gpu_check.py times),
-compiled ahead of time by
-XLA's GPU compiler for a target description of the card (`jax.experimental.topologies`;
-needs the CUDA plugin and its libraries, `pip install "jax[cuda12]"`, about 6 GB, not a GPU).
+compiled ahead of time by XLA's GPU compiler for a target description of the card
+(`jax.experimental.topologies`; needs the CUDA plugin and its libraries,
+`pip install "jax[cuda12]"`, about 6 GB, not a GPU).
 Per row: XLA's memory analysis of the compiled program, the fused attention kernels it
 calls (cuDNN's flash attention forward and backward), which shows which blocks run fused and
 whether remat reruns their forward, and its kernels with what they read and write
