@@ -118,7 +118,8 @@ def run(argv: list[str], job: Job, doc: str = '') -> int:
         watch = FailureWatch() if several else None
         restore = signals.install(sigterm=not several)
         try:
-            job(config, workdir, 'python -m ' + ' '.join([_module(argv[0]), *argv[1:]]))
+            _run_job(job, config, workdir,
+                     'python -m ' + ' '.join([_module(argv[0]), *argv[1:]]))
         except BaseException as e:
             if watch is not None:
                 _exit_now(e, watch)
@@ -133,6 +134,20 @@ def run(argv: list[str], job: Job, doc: str = '') -> int:
         return run_cli(body)
     except SystemExit as e:
         return int(e.code or 0)
+
+
+def _run_job(job: Job, config: Any, workdir: str, command: str) -> None:
+    """`job`, with running out of device memory (which the step's own check did not foresee)
+    turned into one line that says what to change."""
+    from sparse_vit_jax.experiment import MEMORY_ADVICE
+    from sparse_vit_jax.train.memory import out_of_memory
+    try:
+        job(config, workdir, command)
+    except Exception as e:
+        if out_of_memory(e):
+            raise UserError(f'out of device memory ({_first_line(e)[:300]}): '
+                            f'{MEMORY_ADVICE}') from None
+        raise
 
 
 def _exit_now(e: BaseException, watch: FailureWatch) -> None:

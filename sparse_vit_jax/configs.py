@@ -316,6 +316,18 @@ def model_shape(c: Any) -> dict[str, int]:
     return {k: c.model[k] or v[k] for k in v}
 
 
+MAX_MODEL_BYTES = 2 ** 40  # no device holds a 1 TiB parameter set
+
+
+def approx_params(c: Any, shape: dict[str, int]) -> int:
+    """The ViT's parameter count from its shape, without the head (exact integers: a size
+    typed with extra zeros cannot overflow here, as it would in JAX's shapes)."""
+    d, m, p = shape['hidden_size'], shape['mlp_dim'], shape['patch_size']
+    tokens = (c.model.image_size // p) ** 2 + 1
+    block = 4 * d * d + 2 * d * m + m + 9 * d
+    return 3 * p * p * d + tokens * d + shape['num_layers'] * block + 4 * d
+
+
 def validate(c: Any) -> None:
     """One clear UserError for the first problem found; returns None if the config is sound."""
     from sparse_vit_jax.data import DATASETS
@@ -367,6 +379,17 @@ def validate(c: Any) -> None:
     if c.model.image_size % shape['patch_size']:
         raise UserError(f'config model.image_size {c.model.image_size} is not divisible by the '
                         f'patch size {shape["patch_size"]}')
+    if (n := approx_params(c, shape)) * 4 > MAX_MODEL_BYTES:
+        raise UserError(f'config model.* describe a ViT of about {n:.2g} parameters '
+                        f'({n * 4 / 2 ** 40:.0f} TiB in float32), more than any device holds; '
+                        'check model.hidden_size, mlp_dim, num_layers, patch_size and image_size')
+    if c.optimizer.accumulate >= 2 ** 31:
+        raise UserError(f'config optimizer.accumulate must be < 2**31, got '
+                        f'{c.optimizer.accumulate}')
+    if 'train' in c.stages and 0 < c.num_steps < c.optimizer.accumulate:
+        raise UserError(f'config optimizer.accumulate {c.optimizer.accumulate} is more than '
+                        f'num_steps {c.num_steps}: no update would ever be applied; lower it or '
+                        'train longer')
     if not c.prune.ratios or any(not 0.0 <= r < 1.0 for r in c.prune.ratios):
         raise UserError(f'config prune.ratios must be a non-empty tuple of numbers in [0, 1), '
                         f'e.g. "(0.1,0.5)"; got {c.prune.ratios!r}')

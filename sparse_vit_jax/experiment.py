@@ -51,6 +51,7 @@ from sparse_vit_jax.train.checkpointing import (
     restore_params,
 )
 from sparse_vit_jax.train.loop import LoopConfig, log, train_loop
+from sparse_vit_jax.train.memory import check_fits, state_bytes
 from sparse_vit_jax.train.sharding import make_mesh, state_shardings, to_host
 from sparse_vit_jax.train.state import (
     TrainState,
@@ -141,6 +142,10 @@ def is_run_dir(path: Any) -> bool:
     if kind == 2:
         raise UserError(directory_message(p))
     return kind == 1
+
+
+MEMORY_ADVICE = ('lower config.batch_size (config.optimizer.accumulate=N keeps the effective '
+                 'batch), set config.model.remat=dots or full, or config.mesh.fsdp=True')
 
 
 def _pool(c: Any) -> list[str]:
@@ -239,6 +244,9 @@ class Experiment:
     def _train(self, ckpt: Checkpointer, data: TrainData, parts: TrainParts, total: int
                ) -> tuple[Any, dict[str, Any]]:
         c = self.config
+        check_fits('the train state (parameters and optimizer state)',
+                   state_bytes(parts.abstract, parts.shardings),
+                   'a smaller model, or config.mesh.fsdp=True to shard it over the devices')
         restored = ckpt.restore_latest(with_shardings(parts.abstract, parts.shardings),
                                        self._same_run)
         resumed_scalars = {}
@@ -268,7 +276,7 @@ class Experiment:
         try:
             state, scalars = train_loop(
                 state, step_fn, batches, LoopConfig(total, c.log_every_steps, c.batch_size,
-                                                    self.meta()),
+                                                    self.meta(), MEMORY_ADVICE),
                 ckpt, writer, extra)
         finally:
             batches.close()

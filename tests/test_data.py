@@ -67,6 +67,13 @@ def test_train_batches_deterministic_resumable_sharded(digits_dir):
     for x, y in zip(first[25:], resumed):  # crosses the epoch boundary at step 22
         np.testing.assert_array_equal(x['image'], y['image'])
         np.testing.assert_array_equal(x['label'], y['label'])
+    # A shuffle buffer past the split's 1,437 examples shuffles the same (TF would reserve it:
+    # 1e11 crashed the process)
+    cfg.shuffle_buffer = 10 ** 11
+    huge = list(itertools.islice(data.batches(cfg, 16, seed=3, start_step=20, mesh=mesh), 5))
+    for x, y in zip(first[20:], huge):
+        np.testing.assert_array_equal(x['label'], y['label'])
+    cfg.shuffle_buffer = 2000
     other = next(data.batches(cfg, 16, seed=4, start_step=0, mesh=mesh))
     assert not np.array_equal(other['label'], first[0]['label'])
     # one epoch sees distinct examples
@@ -85,6 +92,13 @@ def test_eval_counts_every_example_once(digits_dir):
     labels = np.concatenate([np.asarray(b['label']) for b in batches])[:360]
     ref = [ex['label'] for ex in tfds.as_numpy(get_source(cfg).builder.as_dataset(split='test'))]
     np.testing.assert_array_equal(labels, ref)
+    # a batch past the split is cut to it (360, a multiple of the 8 devices): no padding
+    whole, n = eval_batches(cfg, 8, 10 ** 11, mesh)
+    whole = list(whole)
+    assert n == 360 and len(whole) == 1 and whole[0]['mask'].shape == (360,)
+    np.testing.assert_array_equal(whole[0]['label'], ref)
+    np.testing.assert_array_equal(whole[0]['image'], np.concatenate(
+        [np.asarray(b['image']) for b in batches])[:360])
 
 
 def test_batch_not_divisible_by_devices(digits_dir):

@@ -289,6 +289,14 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.model.attention_impl=cudnn', '--config.model.dtype=bfloat16'],
      'needs an NVIDIA GPU'),
     (['--config.model.attention_impl=pallas'], 'pallas needs a TPU'),
+    (['--config.optimizer.accumulate=9'], 'optimizer.accumulate 9 is more than num_steps 8'),
+    (['--config.optimizer.accumulate=2147483648'], 'optimizer.accumulate must be < 2**31'),
+    (['--config.model.hidden_size=100000000000'], 'describe a ViT of about'),
+    # 2 blocks x 2 x 32 x 1e8 weights and their SGD momentum: about 97 GiB on every device
+    (['--config.model.mlp_dim=100000000'], 'the train state (parameters and optimizer state) '
+     'needs 96.'),
+    # 2 heads x 65,537^2 attention probabilities per image, 2 images: over 64 GiB per device
+    (['--config.model.image_size=1024'], 'the train step needs'),
     (['positional'], 'unexpected arguments'),
     (['--workdir={d}/a_file'], 'is a file'),
     (['--config=configs/digits'], 'config file configs/digits not found'),

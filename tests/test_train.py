@@ -1,6 +1,8 @@
 """The engine and the main command end to end (in this process unless a process boundary or
 another device count is the point)."""
 
+import contextlib
+import io
 import json
 import shutil
 
@@ -10,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 from clu import metrics
-from helpers import SMOKE, main_here, needs_torch, params, results, run_main, torch
+from helpers import ROOT, SMOKE, main_here, needs_torch, params, results, run_main, torch
 
 from sparse_vit_jax.configs import base_config, from_saved, validate
 from sparse_vit_jax.errors import UserError
@@ -448,3 +450,68 @@ def test_latest_meta_skips_a_step_whose_meta_is_damaged(tmp_path):
     metas[0].write_text('')
     with pytest.raises(UserError, match=r'^no usable checkpoint in .*checkpoints \(all 2 dam'):
         latest_meta(tmp_path, log=said.append)
+
+
+def test_what_a_state_takes_on_each_device_is_its_shards():
+    """`state_bytes`: per device, the shard of each leaf (numpy formula), a typed key included."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sparse_vit_jax.train.memory import state_bytes
+    from sparse_vit_jax.train.sharding import make_mesh
+    mesh = make_mesh()
+    shapes = {'w': jax.ShapeDtypeStruct((64, 12), jnp.float32),
+              'b': jax.ShapeDtypeStruct((5,), jnp.bfloat16),
+              'key': jax.eval_shape(lambda: jax.random.key(0))}
+    layout = {'w': NamedSharding(mesh, P('data')), 'b': NamedSharding(mesh, P()),
+              'key': NamedSharding(mesh, P())}
+    n = mesh.shape['data']
+    assert n == 8
+    assert state_bytes(shapes, layout) == 64 // n * 12 * 4 + 5 * 2 + 2 * 4  # key: 2 x uint32
+
+
+class FakeDevice:
+    platform, device_kind = 'gpu', 'Fake GPU'
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_a_need_beyond_the_free_memory_is_one_line_and_unknown_memory_no_check():
+    from sparse_vit_jax.train.memory import GiB, check_fits
+    gpu = FakeDevice({'bytes_limit': 10 * GiB, 'bytes_in_use': 4 * GiB})
+    check_fits('the step', 6 * GiB, 'lower the batch', gpu)  # exactly what is free: fits
+    with pytest.raises(UserError) as e:
+        check_fits('the step', 7 * GiB, 'lower the batch', gpu)
+    assert str(e.value) == ('the step needs 7.00 GiB per device, more than the 6.00 GiB free '
+                            'on each gpu device (Fake GPU): lower the batch')
+    check_fits('the step', 10 ** 15, 'lower the batch', FakeDevice(None))  # unknown: no check
+
+
+def test_running_out_of_memory_is_recognised_and_becomes_one_line(tmp_path, data_dir,
+                                                                 monkeypatch):
+    """A real allocation failure (XLA's CPU allocator, 16 TiB) inside a job: one line, exit 2,
+    saying what to change."""
+    from sparse_vit_jax import cli
+    from sparse_vit_jax.train.memory import out_of_memory
+
+    with pytest.raises(jax.errors.JaxRuntimeError) as e:
+        jnp.zeros((1 << 42,), jnp.float32)
+    assert out_of_memory(e.value) and not out_of_memory(ValueError('RESOURCE_EXHAUSTED'))
+
+    def job(config, workdir, command):
+        jnp.zeros((1 << 42,), jnp.float32)
+
+    err = io.StringIO()
+    monkeypatch.chdir(ROOT)
+    with contextlib.redirect_stderr(err):
+        code = cli.run(['main.py', f'--workdir={tmp_path}', *SMOKE,
+                        f'--config.data.data_dir={data_dir}'], job)
+    assert code == 2, err.getvalue()[-2000:]
+    assert err.getvalue().strip().splitlines()[-1] == (
+        'error: out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating '
+        '17592186044416 bytes.): lower config.batch_size (config.optimizer.accumulate=N keeps '
+        'the effective batch), set config.model.remat=dots or full, or config.mesh.fsdp=True')

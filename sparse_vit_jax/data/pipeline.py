@@ -250,6 +250,7 @@ class TrainData:
     local_batch: int
     steps_per_epoch: int
     num_classes: int
+    num_examples: int
 
     @classmethod
     def create(cls, cfg: Any, global_batch: int, mesh: Mesh, source: Source | None = None
@@ -260,7 +261,7 @@ class TrainData:
         if n < global_batch:
             raise UserError(f'{cfg.name} train split has {n} examples, fewer than the batch '
                             f'{global_batch}; lower config.batch_size')
-        return cls(source, global_batch, local, n // global_batch, source.num_classes)
+        return cls(source, global_batch, local, n // global_batch, source.num_classes, n)
 
     def batches(self, cfg: Any, image_size: int, seed: int, start_step: int, mesh: Mesh
                 ) -> Iterator[Batch]:
@@ -279,7 +280,10 @@ class TrainData:
             epoch_seed = int(np.random.default_rng([seed, epoch]).integers(2 ** 31))
             ds = _open(self.source, self.source.train_split, shuffle_seed=epoch_seed)
             ds = ds.enumerate().map(lambda i, ex: {'index': i, **ex})
-            ds = ds.shuffle(cfg.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+            # A buffer past the split's size shuffles the same (TF fills it with the whole
+            # split either way) but TF would reserve it: a huge one crashes the process.
+            buffer = min(cfg.shuffle_buffer, self.num_examples)
+            ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
             ds = ds.take(self.steps_per_epoch * self.global_batch)
             ds = ds.skip(skip * self.global_batch)  # resume: skipped before decoding
             ds = _my_slice(ds, self.global_batch, self.local_batch)
@@ -301,17 +305,22 @@ def eval_batches(cfg: Any, image_size: int, global_batch: int, mesh: Mesh,
                  ) -> tuple[Iterator[Batch], int]:
     """(global batches with a 0/1 'mask', number of real examples in the split).
 
-    `count`: the split's size if known (counting a filtered split reads it whole).
+    `count`: the split's size if known (counting a filtered split reads it whole). A batch
+    larger than the split is cut to the split's size, rounded up to a multiple of the devices
+    and processes (the rest would be padding, allocated all the same).
     """
     import tensorflow as tf
 
     from sparse_vit_jax.data.preprocess import eval_image
 
     source = source or get_source(cfg)
-    local = local_batch_size(global_batch, mesh)
+    local_batch_size(global_batch, mesh)  # a batch the devices do not divide: one line
     ds = _open(source, source.eval_split)
     where = _where(source, source.eval_split)
     n = _count(ds, where) if count is None else count
+    unit = math.lcm(mesh.shape['data'], jax.process_count())
+    global_batch = min(global_batch, max(1, math.ceil(n / unit)) * unit)
+    local = local_batch_size(global_batch, mesh)
     padded = math.ceil(n / global_batch) * global_batch
     ds = ds.map(lambda ex: {**ex, 'mask': tf.constant(1.0, tf.float32)})
     pad = tf.data.Dataset.from_tensors({'image': tf.constant(b''), 'label': tf.constant(

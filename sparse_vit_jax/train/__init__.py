@@ -4,6 +4,7 @@
     train.steps          make_train_step / make_eval_step from (loss_fn, optax tx, clu metrics)
     train.checkpointing  Checkpointer (orbax cadence, damaged-step fallback), restore_params
     train.loop           train_loop: metrics, progress, writers, checkpoints, SIGTERM
+    train.memory         whether a state or a compiled step fits the devices' memory
     train.sharding       the device mesh and named shardings
 
 It knows models, losses and optimizers only as functions and optax transforms,

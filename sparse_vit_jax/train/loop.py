@@ -6,7 +6,9 @@ boundary brings the metrics to the host once (the only host synchronisation), ch
 them, prints a progress line and writes them through a clu `MetricWriter` (any object
 with `write_scalars(step, dict)`). Checkpoints follow the `Checkpointer`'s cadence and
 the last step. A stop signal (`train.signals`) stops at the next step with a checkpoint; on
-several hosts orbax's preemption sync point makes every host stop at the same step.
+several hosts orbax's preemption sync point makes every host stop at the same step. Before
+the first step the loop compiles the step for the first batch and checks that what it
+allocates fits the devices (`train.memory`): one line with `cfg.memory_advice` if not.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 from sparse_vit_jax.errors import Stopped
 from sparse_vit_jax.train import signals
 from sparse_vit_jax.train.checkpointing import Checkpointer, diverged
+from sparse_vit_jax.train.memory import check_step_fits
 from sparse_vit_jax.train.sharding import to_host
 from sparse_vit_jax.train.state import TrainState
 
@@ -44,6 +47,8 @@ class LoopConfig:
     log_every: int
     batch_size: int                       # global, for images/s
     meta: dict[str, Any] = field(default_factory=dict)   # stored with every checkpoint
+    memory_advice: str = ('lower the batch size (accumulating gradients over several steps '
+                          'keeps the effective batch), rematerialise, or shard the state')
 
 
 def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[TrainState, Any]],
@@ -60,7 +65,10 @@ def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[Tra
     acc, last = None, {}
     t_last, steps_last = None, 0
     while step < cfg.total_steps:
-        state, m = step_fn(state, next(batches))
+        batch = next(batches)
+        if t_last is None:
+            check_step_fits(step_fn, state, batch, advice=cfg.memory_advice)
+        state, m = step_fn(state, batch)
         step += 1
         acc = m if acc is None else acc.merge(m)
         if t_last is None:  # rates and ETA leave out the first step (compilation)
