@@ -146,7 +146,8 @@ def _run_job(job: Job, config: Any, workdir: str, command: str) -> None:
     except Exception as e:
         if out_of_memory(e):
             raise UserError(f'out of device memory ({_first_line(e)[:300]}): '
-                            f'{MEMORY_ADVICE}') from None
+                            f'{MEMORY_ADVICE} (in an evaluation: lower config.eval_batch_size)'
+                            ) from None
         raise
 
 

@@ -304,7 +304,7 @@ class Experiment:
         batches, self._eval['count'] = eval_batches(
             c.data, c.model.image_size, self._eval['batch'], self.mesh, self.source,
             self._eval.get('count'))
-        m = evaluate(self._eval['step'], params, batches)
+        m = evaluate(self._eval['step'], params, batches, 'lower config.eval_batch_size')
         return {'accuracy': float(m.accuracy.compute()), 'loss': float(m.loss.compute()),
                 'examples': int(m.accuracy.count)}
 

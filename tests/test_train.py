@@ -514,4 +514,32 @@ def test_running_out_of_memory_is_recognised_and_becomes_one_line(tmp_path, data
     assert err.getvalue().strip().splitlines()[-1] == (
         'error: out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating '
         '17592186044416 bytes.): lower config.batch_size (config.optimizer.accumulate=N keeps '
-        'the effective batch), set config.model.remat=dots or full, or config.mesh.fsdp=True')
+        'the effective batch), set config.model.remat=dots or full, or config.mesh.fsdp=True '
+        '(in an evaluation: lower config.eval_batch_size)')
+
+
+def test_an_eval_step_that_does_not_fit_is_one_line_before_it_runs(monkeypatch):
+    """`evaluate` compiles the step for the first batch and asks before running it; here the
+    device is said to have 64 bytes free, less than the batch's 16 x 256 float32 products."""
+    import flax
+
+    from sparse_vit_jax.train import memory
+    from sparse_vit_jax.train.sharding import make_mesh
+    from sparse_vit_jax.train.steps import evaluate, make_eval_step
+
+    @flax.struct.dataclass
+    class Metrics(metrics.Collection):
+        loss: metrics.Average.from_output('per_example')
+
+    def loss_fn(p, batch, rng, train):
+        err = jnp.sum((batch['x'] @ p['w']) ** 2, axis=1)
+        return jnp.mean(err), {'per_example': err}
+
+    step = make_eval_step(loss_fn, Metrics, make_mesh())
+    batch = {'x': jnp.ones((16, 8)), 'mask': jnp.ones(16)}
+    params = {'w': jnp.ones((8, 256))}
+    assert int(evaluate(step, params, [batch]).loss.count) == 16
+    monkeypatch.setattr(memory, 'free_bytes', lambda device: 64)
+    with pytest.raises(UserError, match=r'^the eval step needs .* GiB per device, more than the '
+                       r'0.00 GiB free on each cpu device \(cpu\): lower it$'):
+        evaluate(step, params, [batch], 'lower it')

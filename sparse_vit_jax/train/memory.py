@@ -72,7 +72,7 @@ def check_fits(what: str, need: int, advice: str, device: Any = None) -> None:
                         f'({device.device_kind}): {advice}')
 
 
-def check_step_fits(step: Any, *args: Any, advice: str) -> None:
+def check_step_fits(step: Any, *args: Any, advice: str, what: str = 'the train step') -> None:
     """Compiles jitted `step` for `args` (the call that follows reuses the compiled program)
     and checks what it allocates while it runs (`check_fits`). A TPU's compiler refuses a
     program that does not fit: that becomes the same one line."""
@@ -82,7 +82,7 @@ def check_step_fits(step: Any, *args: Any, advice: str) -> None:
         compiled = step.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:
         if out_of_memory(e):
-            raise UserError(f'the train step does not fit in device memory '
+            raise UserError(f'{what} does not fit in device memory '
                             f'({str(e).strip().splitlines()[0][:300]}): {advice}') from None
         raise
-    check_fits('the train step', run_bytes(compiled), advice)
+    check_fits(what, run_bytes(compiled), advice)

@@ -18,6 +18,7 @@ import optax
 from clu import metrics as clu_metrics
 from jax.sharding import Mesh
 
+from sparse_vit_jax.train.memory import check_step_fits
 from sparse_vit_jax.train.sharding import batch_sharding, replicated, to_host
 from sparse_vit_jax.train.state import TrainState
 
@@ -68,10 +69,15 @@ def make_eval_step(loss_fn: LossFn, metrics: Metrics, mesh: Mesh) -> EvalStep:
                     jax.jit(metrics.empty, out_shardings=replicated(mesh)))
 
 
-def evaluate(eval_step: EvalStep, params: Any, batches: Iterable[Batch]) -> Any:
-    """The metrics merged over every batch, on the host (numpy leaves)."""
+def evaluate(eval_step: EvalStep, params: Any, batches: Iterable[Batch],
+             memory_advice: str = 'lower the eval batch size') -> Any:
+    """The metrics merged over every batch, on the host (numpy leaves); whether the step fits
+    the devices is checked on the first batch (`train.memory`)."""
     total, n = eval_step.empty(), 0
     for batch in batches:
+        if not n:
+            check_step_fits(eval_step.step, params, batch, total, advice=memory_advice,
+                            what='the eval step')
         total, n = eval_step.step(params, batch, total), n + 1
     if not n:
         raise ValueError('evaluate() got no batches')
