@@ -6,9 +6,12 @@
 # (benchmarks/gpu_check.py says what each row is). No TensorFlow is needed.
 #
 # Run from the repository root:  bash benchmarks/gpu_check.sh [RESULTS.json]
-# A machine without ml-collections or clu (pure Python) takes them as wheels in .whl/:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#       ml-collections==1.1.0 clu==0.0.12
+# A machine without ml-collections or clu (and wrapt, which clu imports) takes them as
+# pure-Python wheels in .whl/, downloaded where there is a package index:
+#   python3 -m pip download --no-deps --only-binary=:all: --platform any --implementation py \
+#       --abi none --python-version 3.12 -d .whl ml-collections==1.1.0 clu==0.0.12 wrapt==2.5.2
+# (tests/test_benchmarks.py checks that the check needs nothing else beyond jax, flax, optax,
+# orbax-checkpoint, torch, transformers and their own dependencies.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -17,6 +20,11 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/sparse_vit_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ! missing=$(python3 -c 'import ml_collections, clu.metrics' 2>&1); then
+  echo "error: ${missing##*$'\n'}: bring the wheels that benchmarks/gpu_check.sh's header" \
+       "names in .whl/" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # Both frameworks share the device: JAX must not preallocate 75% of it.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}

@@ -10,17 +10,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Runs a script (argv[1:]) as a machine without TensorFlow would: the GPU machine has none.
-# The import system's path finder no longer sees it, so an import fails and a probe such
-# as importlib.util.find_spec (which PyTorch and transformers make) answers None.
-WITHOUT_TENSORFLOW = '''
-import importlib.machinery, runpy, sys
-find = importlib.machinery.PathFinder.find_spec
-def hidden(cls, name, path=None, target=None):
-    if name.partition('.')[0] in ('tensorflow', 'tensorflow_datasets', 'tensorboard'):
-        return None
-    return find(name, path, target)
-importlib.machinery.PathFinder.find_spec = classmethod(hidden)
+# Runs a script (argv[1:]) with some installed packages hidden, as if they were not there:
+# the top-level modules in $HIDDEN from the import system's path finder (an import fails, and
+# a probe such as importlib.util.find_spec answers None) and the distributions in
+# $HIDDEN_DISTS from importlib.metadata (which PyTorch asks for optree's version).
+HIDING = '''
+import importlib.machinery, os, re, runpy, sys
+finder, env = importlib.machinery.PathFinder, os.environ
+find_spec, find_distributions = finder.find_spec, finder.find_distributions
+modules, dists = set(env['HIDDEN'].split()), set(env['HIDDEN_DISTS'].split())
+def spec(cls, name, path=None, target=None):
+    return None if name.partition('.')[0] in modules else find_spec(name, path, target)
+def distributions(*args, **kwargs):
+    return (d for d in find_distributions(*args, **kwargs)
+            if re.sub(r'[-_.]+', '-', d.metadata['Name'] or '').lower() not in dists)
+finder.find_spec, finder.find_distributions = classmethod(spec), staticmethod(distributions)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 '''
@@ -31,8 +35,8 @@ runpy.run_path(sys.argv[0], run_name='__main__')
     ('pruning.py', r'\| 0\.5 \|'),
     ('input_pipeline.py', r'\| 32 \| \d+ \|(.|\n)*\| inception_crop \| \d+ \| \d+ \|'),
     ('train_step.py', r'\| testing \| 32 \| 4 \|'),
-    # gpu_check.sh's code, here on the CPU and without TensorFlow: every variant timed, then
-    # past its compile budget
+    # gpu_check.sh's code, here on the CPU with only what the GPU machine has (no TensorFlow):
+    # every variant timed, then past its compile budget
     ('gpu_check.py', r'\| 8 \| cuDNN LayerNorm \| \d+\.\d \|(.|\n)*\| 32 \| paper, remat dots '
      r'\| \d(.|\n)*profile: paper @ 8, 2 steps traced(.|\n)*\| \d+\.\d\d \| \w'),
     ('gpu_check.py --budget-s 0', r'\| 8 \| paper \| \d+\.\d \|(.|\n)*\| 8 \| masks \| skipped'),
@@ -43,12 +47,53 @@ def test_benchmark_tiny(script, expect):
     script, *extra = script.split()
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
                TF_CPP_MIN_LOG_LEVEL='3')
-    hide = ['-c', WITHOUT_TENSORFLOW] if script == 'gpu_check.py' else []
+    hide = []
+    if script == 'gpu_check.py':
+        modules, dists = not_on_the_gpu_machine()
+        assert {'tensorflow', 'tensorflow_datasets'} <= set(modules) and 'clu' not in modules
+        env.update(HIDDEN=' '.join(modules), HIDDEN_DISTS=' '.join(dists))
+        hide = ['-c', HIDING]
     r = subprocess.run([sys.executable, *hide, str(ROOT / 'benchmarks' / script), *extra,
                         '--tiny'],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(expect, r.stdout) and '# python' in r.stdout, r.stdout[-3000:]
+
+
+# What the GPU machine has (../shared/environment-notes.md), with their own dependencies.
+GPU_MACHINE = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'torch',
+               'transformers')
+
+
+def not_on_the_gpu_machine() -> tuple[list[str], list[str]]:
+    """The installed top-level modules and distributions that neither the GPU machine's
+    packages (and what they require) nor the wheels that gpu_check.sh's header downloads
+    provide: TensorFlow and TFDS among them."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    header = (ROOT / 'benchmarks' / 'gpu_check.sh').read_text().split('pip download')[1]
+    wheels = re.findall(r'([\w.-]+)==', header.split('\n# (')[0])
+    assert 'clu' in wheels, header
+    have, todo = set(), [canonicalize_name(n) for n in GPU_MACHINE]
+    while todo:
+        name = todo.pop()
+        if name in have:
+            continue
+        have.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [canonicalize_name(r.name) for r in map(Requirement, requires)
+                 if r.marker is None or r.marker.evaluate({'extra': ''})]
+    have |= {canonicalize_name(w) for w in wheels} | {'sparse-vit-jax'}
+    modules = sorted(m for m, dists in metadata.packages_distributions().items()
+                     if not any(canonicalize_name(d) in have for d in dists))
+    return modules, sorted({canonicalize_name(d.metadata['Name'] or '')
+                            for d in metadata.distributions()} - have)
 
 
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
