@@ -192,6 +192,29 @@ def pre_linen(flat):
     return out
 
 
+def test_pre_linen_names_are_renumbered_as_flax_does():
+    """checkpoints.io renumbers pre-Linen names itself (flax's module for it imports
+    TensorFlow); flax.training.checkpoints.convert_pre_linen is the reference: numbering
+    across classes, double digits (natural order), nesting, names without a number, and a
+    Linen tree, which comes back unchanged."""
+    from flax.training.checkpoints import convert_pre_linen
+
+    from sparse_vit_jax.checkpoints.io import _linen_names
+
+    def block(i):  # each leaf names where it came from
+        return {'LayerNorm_0': {'scale': f'{i}/ln0'}, 'MultiHeadDotProductAttention_1': {
+            'query': {'kernel': f'{i}/q'}}, 'LayerNorm_2': {'bias': f'{i}/ln2'},
+            'MlpBlock_3': {'Dense_0': {'kernel': f'{i}/d0'}, 'Dense_1': {'bias': f'{i}/d1'}}}
+
+    numbered = {f'{"Dense" if i % 3 else "Conv"}_{i}': {'kernel': i} for i in range(13)}
+    tree = {'Transformer': {f'encoderblock_{i}': block(i) for i in range(12)}, 'cls': 'cls',
+            'embedding': {'kernel': 'embedding'}, 'net': numbered}
+    got = _linen_names(tree)
+    assert got == convert_pre_linen(tree)
+    assert set(got['net']) == {*(f'Dense_{i}' for i in range(8)), *(f'Conv_{i}' for i in range(5))}
+    assert _linen_names(got) == got
+
+
 def random_flat(abstract, seed=0):
     rng = np.random.default_rng(seed)
     return {k: rng.standard_normal(v.shape, np.float32) * 0.02

@@ -7,8 +7,10 @@ code-free by design.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -202,11 +204,34 @@ def checkpoint_source(path: str | os.PathLike) -> str:
 def _official_names(flat: Flat) -> Flat:
     """Pre-Linen names (MultiHeadDotProductAttention_1, MlpBlock_3, LayerNorm_2) -> Linen."""
     from flax import traverse_util
-    from flax.training.checkpoints import convert_pre_linen
 
     tree = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
-    tree = convert_pre_linen(tree)
-    return {'/'.join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+    return {'/'.join(k): v for k, v in traverse_util.flatten_dict(_linen_names(tree)).items()}
+
+
+_NUMBERED = re.compile(r'(.*)_\d+$')
+
+
+def _linen_names(tree: Any) -> Any:
+    """Pre-Linen numbered a module's submodules across classes (LayerNorm_0,
+    MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3), Linen per class (LayerNorm_0,
+    MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0). The names are renumbered in
+    natural order, as `flax.training.checkpoints.convert_pre_linen` does (a Linen tree comes
+    back unchanged) without importing that module, which imports TensorFlow (3 s) for gfile.
+    """
+    if not isinstance(tree, dict):
+        return tree
+    counts: collections.Counter[str] = collections.Counter()
+    out = {}
+    natural = lambda name: [(0, int(t), '') if t.isdigit() else (1, 0, t)
+                            for t in re.split(r'(\d+)', name)]
+    for name in sorted(tree, key=natural):
+        new = name
+        if match := _NUMBERED.match(name):
+            new = f'{match[1]}_{counts[match[1]]}'
+            counts[match[1]] += 1
+        out[new] = _linen_names(tree[name])
+    return out
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
