@@ -5,7 +5,8 @@
 # with it; images/s and MFU against a bf16 matmul peak measured in the same run
 # (benchmarks/gpu_check.py says what each row is). No TensorFlow is needed.
 #
-# Run from the repository root:  bash benchmarks/gpu_check.sh [RESULTS.json]
+# Run from the repository root:  bash benchmarks/gpu_check.sh [RESULTS.json [FLAGS...]]
+# (FLAGS go to gpu_check.py: --tiny runs the same code on the testing ViT, on any device.)
 # A machine without ml-collections or clu (and wrapt, which clu imports) takes them as
 # pure-Python wheels in .whl/, downloaded where there is a package index:
 #   python3 -m pip download --no-deps --only-binary=:all: --platform any --implementation py \
@@ -30,4 +31,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
 # A rerun on the same machine finds its programs compiled in the persistent cache.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/sparse_vit_jax_xla_cache}
-timeout 350 python3 benchmarks/gpu_check.py --budget-s 160 ${1:+--json "$1"}
+timeout 350 python3 benchmarks/gpu_check.py --budget-s 160 ${1:+--json "$1"} "${@:2}"
