@@ -202,18 +202,32 @@ def runner(job: Job, batch: dict[str, jax.Array], steps: int) -> Any:
     return run
 
 
-def alternate(fns: dict[str, Any], reps: int) -> dict[str, float]:
+def alternate(fns: dict[str, Any], reps: int
+              ) -> tuple[dict[str, float], dict[str, Exception]]:
     """Median seconds per call, after one untimed call each. Every function runs once per
     round, so all see the same machine state; the order rotates each round, so none always
-    follows the other framework's step."""
-    for f in fns.values():
-        f()
+    follows the other framework's step. A function that raises (a kernel the GPU refuses at
+    run time, out of memory) is dropped with its error, and the others go on."""
+    failed: dict[str, Exception] = {}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+
+    def call(k: str, timed: bool) -> None:
+        try:
+            seconds = timeit(fns[k], 1)
+        except Exception as e:  # noqa: BLE001 - reported in k's row
+            failed[k] = e
+            return
+        if timed:
+            times[k] += seconds
+
     keys = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in keys}
+    for k in keys:
+        call(k, False)
     for i in range(reps):
         for k in keys[i % len(keys):] + keys[:i % len(keys)]:
-            times[k] += timeit(fns[k], 1)
-    return {k: median(v) for k, v in times.items()}
+            if k not in failed:
+                call(k, True)
+    return {k: median(v) for k, v in times.items() if k not in failed}, failed
 
 
 def profile(job: Job, run: Any, steps: int, top: int = 12) -> list[str]:
@@ -329,26 +343,39 @@ def main() -> int:
     print('|---|---|---|---|---|---|', flush=True)
     grouped = [j for j in jobs if j.batch in batches and j.name != REMAT]
     paper_run = None  # the paper's step at the first batch, warm: profiled at the end
+    reference_failed: list[str] = []  # PyTorch's step, by batch
     for b in batches:  # ours and PyTorch, alternated
         group = [j for j in grouped if j.batch == b]
+        data = synthetic_batch(b, size, mesh)
+        fns: dict[str, Any] = {}
+        failed: dict[str, Exception] = {}
+        for j in group:
+            try:
+                if j.compiled:
+                    fns[j.name] = runner(j, data, args.steps)
+            except Exception as e:  # noqa: BLE001 - reported in the row, the rest runs
+                failed[j.name] = e
         try:
-            data = synthetic_batch(b, size, mesh)
-            fns = {j.name: runner(j, data, args.steps) for j in group if j.compiled}
             fns['pytorch'] = torch_step(name, size, b, gpu=on_gpu, bf16=True,
                                         num_classes=NUM_CLASSES, steps=args.steps)
-            per_image = {k: v / (b * args.steps) for k, v in alternate(fns, reps).items()}
-            if b == batches[0] and not args.no_profile:
-                paper_run = fns.get('paper')
-        except Exception as e:  # noqa: BLE001 - the group's rows say what failed, the rest runs
-            for j in group:
-                j.status = j.status or f'run failed: {first_line(e)}'
-                row(j, None)
-            continue
-        finally:
-            fns = None  # the group's states go before the next group's
+        except Exception as e:  # noqa: BLE001 - our rows still run
+            failed['pytorch'] = e
+        seconds, errors = alternate(fns, reps)
+        failed.update(errors)
+        per_image = {k: v / (b * args.steps) for k, v in seconds.items()}
+        if b == batches[0] and not args.no_profile and 'paper' in per_image:
+            paper_run = fns['paper']
+        fns = {}  # the group's states go before the next group's
+        torch_rate = 1 / per_image['pytorch'] if 'pytorch' in per_image else None
+        if 'pytorch' in failed:
+            reference_failed.append(f'PyTorch @ {b}: run failed: '
+                                    f'{first_line(failed["pytorch"])}')
+            print(f'# {reference_failed[-1]}', flush=True)
         for j in group:
-            row(j, 1 / per_image[j.name] if j.name in per_image else None,
-                1 / per_image['pytorch'])
+            if j.name in failed:
+                e = failed[j.name]
+                j.status = 'out of memory' if oom(e) else f'run failed: {first_line(e)}'
+            row(j, 1 / per_image[j.name] if j.name in per_image else None, torch_rate)
         save()
     for j in [j for j in jobs if j not in grouped]:  # larger batches, one at a time
         why = j.status or (fits(j) if j.compiled else 'not compiled')
@@ -358,7 +385,10 @@ def main() -> int:
         try:
             steps = max(1, args.steps * batches[0] // j.batch)  # long steps: little to overlap
             run = runner(j, synthetic_batch(j.batch, size, mesh), steps)
-            row(j, j.batch * steps / alternate({'one': run}, max(reps // 2, 2))['one'])
+            seconds, errors = alternate({'one': run}, max(reps // 2, 2))
+            if errors:
+                raise errors['one']
+            row(j, j.batch * steps / seconds['one'])
         except Exception as e:  # noqa: BLE001 - XLA reports out-of-memory as a runtime error
             if not oom(e):
                 j.status = f'run failed: {first_line(e)}'
@@ -380,7 +410,8 @@ def main() -> int:
     summary = targets(results, batches[0])
     print('\n'.join(summary), flush=True)
     final = {'command': command(), 'environment': environment(), 'peak_tflops': peak,
-             'rows': results, 'fused_check': check, 'targets': summary}
+             'rows': results, 'reference_failed': reference_failed, 'fused_check': check,
+             'targets': summary}
     if args.json:
         write_json(args.json, final)
 
@@ -395,8 +426,9 @@ def main() -> int:
     print(f'# whole check: {time.perf_counter() - t0:.0f} s', flush=True)
     if args.json:
         write_json(args.json, {**final, 'profile': traced})
-    failed = [j for j in order if 'failed: ' in j.status]
-    return 1 if failed or not agree or not all(j.compiled for j in check_jobs) else 0
+    failed_jobs = [j for j in order if 'failed: ' in j.status]
+    return 1 if (failed_jobs or reference_failed or not agree
+                 or not all(j.compiled for j in check_jobs)) else 0
 
 
 def targets(results: list[dict[str, Any]], b0: int) -> list[str]:
@@ -408,7 +440,7 @@ def targets(results: list[dict[str, Any]], b0: int) -> list[str]:
         best = max(measured, key=lambda r: r['mfu_percent'])
         lines.append(f'best MFU {best["mfu_percent"]:.1f}% ({best["step"]}, batch '
                      f'{best["batch"]}); target >= 45%: {met(best["mfu_percent"] >= 45)}')
-    if 'paper' in at:
+    if 'paper' in at and at['paper']['pytorch_images_per_s']:
         ratio = at['paper']['images_per_s'] / at['paper']['pytorch_images_per_s']
         lines.append(f'paper step / PyTorch at batch {b0}: {ratio:.2f}x; target >= 1.3x: '
                      f'{met(ratio >= 1.3)}')

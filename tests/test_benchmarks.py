@@ -96,6 +96,29 @@ def not_on_the_gpu_machine() -> tuple[list[str], list[str]]:
                             for d in metadata.distributions()} - have)
 
 
+def test_gpu_check_times_the_others_when_one_step_fails():
+    """gpu_check.alternate: a step that raises (on its first call, or later) is dropped with
+    its error; the others are called every round and timed."""
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    from gpu_check import alternate
+
+    calls = {'ok': 0, 'first': 0, 'third': 0}
+
+    def step(name, fails_at):
+        def run():
+            calls[name] += 1
+            if calls[name] == fails_at:
+                raise RuntimeError(f'{name} refused\nmore')
+        return run
+
+    seconds, failed = alternate({'ok': step('ok', 0), 'first': step('first', 1),
+                                 'third': step('third', 3)}, reps=4)
+    assert set(seconds) == {'ok'} and seconds['ok'] >= 0
+    assert {k: str(e) for k, e in failed.items()} == {'first': 'first refused\nmore',
+                                                      'third': 'third refused\nmore'}
+    assert calls == {'ok': 5, 'first': 1, 'third': 3}
+
+
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                     reason='libtpu is not installed (its wheels are for Linux x86-64 only)')
 def test_the_train_step_compiles_for_a_tpu():
