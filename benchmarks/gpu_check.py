@@ -126,7 +126,7 @@ def logits_jobs(c: Any) -> tuple[list[Job], tuple[Any, Any]]:
     fused = build_model(c, NUM_CLASSES, 'jax')
     exact = fused.clone(attention_impl='xla')
     size = c.model.image_size
-    params = jax.jit(lambda r: fused.init(r, jnp.zeros((1, size, size, 3)))['params'])(
+    params = jax.jit(lambda r: exact.init(r, jnp.zeros((1, size, size, 3)))['params'])(
         jax.random.key(0))
     params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(2), p.shape),
                           params)
@@ -395,15 +395,19 @@ def main() -> int:
             row(j, None, note='out of memory' if oom(e) else j.status)
         save()
 
-    agree = True
+    agree = False
     if all(j.compiled for j in check_jobs):
-        a, b = (np.asarray(j.compiled(variables, images)) for j in check_jobs)
-        share = float((a.argmax(-1) == b.argmax(-1)).mean())
-        scale = float(np.abs(b).max())
-        agree = share >= 0.9 and np.abs(a - b).max() <= 0.05 * scale
-        check = (f'{check_jobs[0].name} vs {check_jobs[1].name}, bf16 logits: max |diff| '
-                 f'{np.abs(a - b).max():.4f} (logit scale {scale:.2f}), argmax agreement '
-                 f'{share:.3f}: {"agree" if agree else "DISAGREE"}')
+        try:
+            a, b = (np.asarray(j.compiled(variables, images)) for j in check_jobs)
+        except Exception as e:  # noqa: BLE001 - a line, then the rest of the report
+            check = f'fused vs XLA logits: run failed: {first_line(e)}'
+        else:
+            share = float((a.argmax(-1) == b.argmax(-1)).mean())
+            scale = float(np.abs(b).max())
+            agree = share >= 0.9 and np.abs(a - b).max() <= 0.05 * scale
+            check = (f'{check_jobs[0].name} vs {check_jobs[1].name}, bf16 logits: max |diff| '
+                     f'{np.abs(a - b).max():.4f} (logit scale {scale:.2f}), argmax agreement '
+                     f'{share:.3f}: {"agree" if agree else "DISAGREE"}')
     else:
         check = 'fused vs XLA logits: not compiled: ' + '; '.join(j.status for j in check_jobs)
     print(f'\n{check}')
@@ -427,8 +431,7 @@ def main() -> int:
     if args.json:
         write_json(args.json, {**final, 'profile': traced})
     failed_jobs = [j for j in order if 'failed: ' in j.status]
-    return 1 if (failed_jobs or reference_failed or not agree
-                 or not all(j.compiled for j in check_jobs)) else 0
+    return 1 if failed_jobs or reference_failed or not agree else 0
 
 
 def targets(results: list[dict[str, Any]], b0: int) -> list[str]:
