@@ -16,8 +16,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/sparse_vit_site .whl/*.whl
+  # A pure-Python wheel is a zip of what installing it puts on the path: no pip needed.
+  rm -rf /tmp/sparse_vit_site
+  for wheel in .whl/*.whl; do python3 -m zipfile -e "$wheel" /tmp/sparse_vit_site; done
   export PYTHONPATH=/tmp/sparse_vit_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
