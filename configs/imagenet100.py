@@ -9,8 +9,9 @@ Data: a folder tree root/{train,val}/<wnid>/*.JPEG (prepared once into TFRecords
 in data_dir), or --config.data.source=imagenet2012 to filter a prepared TFDS
 imagenet2012 by the class list. Labels are the class list's order. Nothing is
 downloaded. Note: ImageNet-1k fine-tuned weights have seen these classes' images.
-Produces checkpoints, results.json/.csv and TensorBoard logs. On a GPU or TPU the step runs in
-bfloat16 with fused attention (model.dtype / model.attention_impl 'auto'); on a CPU in float32.
+Produces checkpoints, results.json/.csv and TensorBoard logs. On a TPU or a GPU (NVIDIA's from
+Ampere) the step runs in bfloat16, with cuDNN's fused attention on those GPUs (model.dtype /
+model.attention_impl 'auto'); on a CPU in float32.
 Expected: not reproduced here (no weights or data offline).
 """
 

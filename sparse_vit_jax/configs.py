@@ -44,9 +44,11 @@ def base_config() -> mlc.ConfigDict:
     c.model.name = 'ViT-B_16'
     c.model.image_size = 384
     c.model.numerics = 'jax'       # auto (from the weights' format) | jax | timm | hf | asyml
-    c.model.dtype = 'float32'      # compute: float32 | bfloat16 | auto (bfloat16 on GPU/TPU,
-                                   # float32 on CPU); parameters and optimizer stay float32
-    c.model.attention_impl = 'auto'  # auto (cudnn on NVIDIA GPUs in bfloat16, else xla) | xla |
+    c.model.dtype = 'float32'      # compute: float32 | bfloat16 | auto (bfloat16 on TPUs and
+                                   # GPUs, NVIDIA's from Ampere; else float32); parameters and
+                                   # optimizer stay float32
+    c.model.attention_impl = 'auto'  # auto (cudnn where it runs: NVIDIA GPUs from Ampere, in
+                                     # bfloat16; else xla) | xla |
                                      # cudnn (fused, tokens padded) | padded_xla (its check) |
                                      # pallas (Pallas flash attention on TPUs, tokens padded)
     c.model.remat = 'none'         # none | full | dots: recompute activations, larger batches
@@ -132,7 +134,7 @@ def paper_recipe(c: mlc.ConfigDict, dataset: str) -> mlc.ConfigDict:
     """The paper's fine-tuning recipe (its implementation's values) on `dataset`."""
     c.model.name, c.model.image_size = 'ViT-B_16', 384
     c.model.numerics = 'auto'      # from the weights' format (the paper's .pth: 'asyml')
-    c.model.dtype = 'auto'         # bfloat16 matmuls on GPUs and TPUs, float32 on a CPU
+    c.model.dtype = 'auto'         # bfloat16 on TPUs and GPUs (NVIDIA's from Ampere), else float32
     c.data.name = dataset
     c.data.shuffle_buffer = 50_000  # the paper's code never shuffled; we do
     c.batch_size, c.num_epochs = 16, 20.0

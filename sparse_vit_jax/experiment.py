@@ -36,6 +36,8 @@ from sparse_vit_jax.models import (
     attention_impl,
     compute_dtype,
     create_model,
+    cudnn_refusal,
+    head_dim,
 )
 from sparse_vit_jax.multihost import everywhere, from_process0, on_process0
 from sparse_vit_jax.objective import EvalMetrics, TrainMetrics, make_loss_fn
@@ -70,11 +72,12 @@ def build_model(c: Any, num_classes: int, numerics: str = 'jax', mesh: Mesh | No
     overrides = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
                                    'patch_size') if m[k] > 0}
     dtype = compute_dtype(m.dtype)
+    impl = attention_impl(m.attention_impl, dtype, head_dim(m.name, overrides))
     return create_model(m.name, num_classes=num_classes, image_size=m.image_size,
                         dropout_rate=m.dropout_rate,
                         attention_dropout_rate=m.attention_dropout_rate, dtype=dtype,
-                        attention_impl=attention_impl(m.attention_impl, dtype), remat=m.remat,
-                        mesh=mesh, **NUMERICS[numerics], **overrides)
+                        attention_impl=impl, remat=m.remat, mesh=mesh, **NUMERICS[numerics],
+                        **overrides)
 
 
 # Attention kernels for one kind of device: (its JAX backend, what to call it).
@@ -197,6 +200,9 @@ class Experiment:
         if jax.default_backend() != backend:
             raise UserError(f'model.attention_impl={impl} needs {device}; this run is on '
                             f'{jax.default_backend()}: use model.attention_impl=xla')
+        if impl == 'cudnn' and (why := cudnn_refusal(head_dim(c.model.name, c.model))):
+            raise UserError(f'model.attention_impl=cudnn: cuDNN\'s fused attention {why}; use '
+                            'model.attention_impl=auto or xla')
         use_rng_impl(c.rng_impl)
         use_compile_cache(c.compile_cache)
         mesh = make_mesh()

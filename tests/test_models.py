@@ -1,5 +1,7 @@
 """The model: official names and shapes, variants, options."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,8 +202,72 @@ def test_auto_choices_on_this_cpu():
     from sparse_vit_jax.models import attention_impl, compute_dtype
     assert jax.default_backend() == 'cpu'
     assert compute_dtype('auto') == jnp.float32 and compute_dtype('bfloat16') == jnp.bfloat16
-    assert attention_impl('auto', jnp.bfloat16) == 'xla'
-    assert attention_impl('padded_xla', jnp.float32) == 'padded_xla'
+    assert attention_impl('auto', jnp.bfloat16, 64) == 'xla'
+    assert attention_impl('padded_xla', jnp.float32, 64) == 'padded_xla'
+
+
+@dataclasses.dataclass
+class FakeDevice:
+    platform: str
+    device_kind: str
+    compute_capability: str = ''
+
+
+H200 = FakeDevice('gpu', 'NVIDIA H200', '9.0')
+A100 = FakeDevice('gpu', 'NVIDIA A100-SXM4-80GB', '8.0')
+T4 = FakeDevice('gpu', 'Tesla T4', '7.5')
+RTX_2080 = FakeDevice('gpu', 'NVIDIA GeForce RTX 2080 Ti', '7.5')  # Turing, named NVIDIA
+MI300 = FakeDevice('gpu', 'AMD Instinct MI300X', 'gfx942')
+TPU = FakeDevice('tpu', 'TPU v5 lite')
+
+
+@pytest.mark.parametrize('device,head,dtype,want', [
+    (H200, 64, 'bfloat16', 'cudnn'), (A100, 64, 'bfloat16', 'cudnn'),
+    (A100, 80, 'bfloat16', 'cudnn'),        # ViT-H/14's heads
+    (A100, 160, 'bfloat16', 'xla'), (H200, 160, 'bfloat16', 'cudnn'),  # 128 / 256 at most
+    (H200, 264, 'bfloat16', 'xla'), (H200, 36, 'bfloat16', 'xla'),    # a multiple of 8
+    (H200, 64, 'float32', 'xla'),           # cuDNN's flash attention is 16-bit
+    (T4, 64, 'bfloat16', 'xla'), (RTX_2080, 64, 'bfloat16', 'xla'),   # before Ampere
+    (MI300, 64, 'bfloat16', 'xla'), (TPU, 64, 'bfloat16', 'xla')])
+def test_auto_attention_is_fused_only_where_cudnn_runs_it(device, head, dtype, want):
+    """cuDNN's support matrix: compute capability 8.0 or newer, 16-bit, head dims multiples
+    of 8 up to 128 (256 from 9.0); elsewhere XLA's attention instead of a refused kernel."""
+    from sparse_vit_jax.models import attention_impl, compute_dtype, cudnn_refusal
+    assert attention_impl('auto', compute_dtype(dtype), head, device) == want
+    assert attention_impl('cudnn', jnp.float32, head, device) == 'cudnn'  # asked for: as asked
+    assert (cudnn_refusal(head, device) == '') == (want == 'cudnn' or dtype == 'float32')
+
+
+def test_cudnn_asked_for_where_it_cannot_run_is_one_line(monkeypatch, tmp_path):
+    """model.attention_impl=cudnn on a GPU before Ampere: refused before anything is built."""
+    from sparse_vit_jax.configs import base_config
+    from sparse_vit_jax.experiment import Experiment
+    c = base_config()
+    c.model.attention_impl, c.model.dtype = 'cudnn', 'bfloat16'
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    monkeypatch.setattr(jax, 'devices', lambda *a: [T4])
+    with pytest.raises(UserError, match=r"^model.attention_impl=cudnn: cuDNN's fused attention "
+                       r'needs an NVIDIA GPU of compute capability 8.0 \(Ampere\) or newer; '
+                       r'Tesla T4 is 7.5; use model.attention_impl=auto or xla$'):
+        Experiment.create(c, tmp_path)
+
+
+def test_auto_dtype_is_bfloat16_where_it_is_fast():
+    from sparse_vit_jax.models import compute_dtype
+    fast = {d.device_kind: compute_dtype('auto', d) == jnp.bfloat16
+            for d in (H200, A100, T4, RTX_2080, MI300, TPU)}
+    assert fast == {'NVIDIA H200': True, 'NVIDIA A100-SXM4-80GB': True, 'Tesla T4': False,
+                    'NVIDIA GeForce RTX 2080 Ti': False, 'AMD Instinct MI300X': True,
+                    'TPU v5 lite': True}
+
+
+def test_head_dim_of_a_config():
+    from sparse_vit_jax.configs import base_config
+    from sparse_vit_jax.models import head_dim
+    c = base_config()
+    assert head_dim('ViT-B_16') == 64 and head_dim('ViT-H_14') == 80
+    c.model.name, c.model.hidden_size, c.model.num_heads = 'ViT-B_16', 0, 6
+    assert head_dim(c.model.name, c.model) == 128
 
 
 @pytest.mark.parametrize('remat', ['full', 'dots'])

@@ -36,21 +36,71 @@ NUMERICS: dict[str, dict[str, Any]] = {
 }
 
 
-def compute_dtype(name: str) -> Any:
-    """'auto': bfloat16 where matmuls are fast in it (GPU, TPU), float32 on CPUs."""
+def variant(name: str) -> dict[str, int]:
+    if name not in VARIANTS:
+        raise UserError(f'unknown model {name!r}; choose one of {", ".join(VARIANTS)}')
+    return VARIANTS[name]
+
+
+def head_dim(name: str, overrides: Any = None) -> int:
+    """The width of one attention head of variant `name`; `overrides` (a mapping) may set
+    hidden_size and num_heads (values <= 0 keep the variant's, as in the configs)."""
+    v, o = variant(name), overrides or {}
+    width = lambda k: o[k] if k in o and o[k] > 0 else v[k]
+    return width('hidden_size') // width('num_heads')
+
+
+def cuda_capability(device: Any = None) -> tuple[int, int] | None:
+    """An NVIDIA GPU's compute capability ((9, 0) for an H100); None for any other device."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform != 'gpu':
+        return None
+    try:
+        major, minor = (int(x) for x in str(device.compute_capability).split('.'))
+    except (AttributeError, ValueError):
+        return None  # not CUDA: ROCm names its architectures ('gfx90a')
+    return major, minor
+
+
+def compute_dtype(name: str, device: Any = None) -> Any:
+    """'auto': bfloat16 where matmuls are fast in it (TPUs; GPUs, NVIDIA's from Ampere, 8.0),
+    float32 elsewhere (CPUs; older NVIDIA GPUs such as the V100 and T4 have no bfloat16 units)."""
     if name == 'auto':
-        name = 'bfloat16' if jax.default_backend() in ('gpu', 'tpu') else 'float32'
+        device = jax.devices()[0] if device is None else device
+        cc = cuda_capability(device)
+        fast = device.platform == 'tpu' or (device.platform == 'gpu'
+                                            and (cc is None or cc >= (8, 0)))
+        name = 'bfloat16' if fast else 'float32'
     return jnp.bfloat16 if name == 'bfloat16' else jnp.float32
 
 
-def attention_impl(name: str, dtype: Any) -> str:
-    """'auto': cuDNN's fused kernel on NVIDIA GPUs in a 16-bit dtype, XLA's attention elsewhere
-    (TPUs included: 'pallas' is their opt-in flash attention, see the README)."""
+def cudnn_refusal(head_dim: int, device: Any = None) -> str:
+    """'' where cuDNN's fused attention runs heads of `head_dim` on `device`, else why not. Its
+    flash attention needs compute capability 8.0 (Ampere) or newer, and head dims that are
+    multiples of 8, up to 128 (256 from Hopper, 9.0), as its support matrix and JAX's
+    checks say."""
+    device = jax.devices()[0] if device is None else device
+    cc = cuda_capability(device)
+    if cc is None:
+        return f'needs an NVIDIA GPU; this run is on {device.platform}'
+    if cc < (8, 0):
+        return (f'needs an NVIDIA GPU of compute capability 8.0 (Ampere) or newer; '
+                f'{device.device_kind} is {cc[0]}.{cc[1]}')
+    limit = 256 if cc >= (9, 0) else 128
+    if head_dim % 8 or head_dim > limit:
+        return (f'takes head dims that are multiples of 8 up to {limit} on '
+                f'{device.device_kind}, not {head_dim}')
+    return ''
+
+
+def attention_impl(name: str, dtype: Any, head_dim: int, device: Any = None) -> str:
+    """'auto': cuDNN's fused kernel where it runs (NVIDIA GPUs from Ampere, a 16-bit dtype,
+    heads it takes: `cudnn_refusal`), XLA's attention elsewhere (TPUs included: 'pallas' is
+    their opt-in flash attention, see the README)."""
     if name != 'auto':
         return name
-    device = jax.devices()[0]
-    nvidia = device.platform == 'gpu' and 'nvidia' in device.device_kind.lower()
-    return 'cudnn' if nvidia and jnp.dtype(dtype).itemsize == 2 else 'xla'
+    fused = jnp.dtype(dtype).itemsize == 2 and not cudnn_refusal(head_dim, device)
+    return 'cudnn' if fused else 'xla'
 
 
 def create_model(name: str, *, num_classes: int, image_size: int | None = None,
@@ -60,11 +110,9 @@ def create_model(name: str, *, num_classes: int, image_size: int | None = None,
     `image_size` is only checked here (divisible by the patch); the parameter
     shapes follow the images the model is initialised with.
     """
-    if name not in VARIANTS:
-        raise UserError(f'unknown model {name!r}; choose one of {", ".join(VARIANTS)}')
     if num_classes < 1:
         raise UserError(f'num_classes must be >= 1, got {num_classes}')
-    kwargs: dict[str, Any] = {**VARIANTS[name], **overrides}
+    kwargs: dict[str, Any] = {**variant(name), **overrides}
     if image_size is not None and image_size % kwargs['patch_size']:
         raise UserError(f'image_size {image_size} is not divisible by the patch size '
                         f'{kwargs["patch_size"]} of {name}')
@@ -86,4 +134,5 @@ def abstract_params(model: VisionTransformer, image_size: int, channels: int = 3
 
 
 __all__ = ['VARIANTS', 'NUMERICS', 'VisionTransformer', 'create_model', 'init_params',
-           'abstract_params', 'per_block', 'compute_dtype', 'attention_impl']
+           'abstract_params', 'per_block', 'compute_dtype', 'attention_impl', 'cuda_capability',
+           'cudnn_refusal', 'head_dim', 'variant']
