@@ -125,6 +125,8 @@ def base_config() -> mlc.ConfigDict:
 
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 2
+    c.checkpoint_timeout_s = 1200  # with several hosts: how long one host's checkpoint write
+    #                                may keep the others waiting before all stop with one line
     c.log_every_steps = 50
     c.lock()
     return c
@@ -202,7 +204,8 @@ def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
 # Keys a re-run of the same workdir may change: they do not shape its checkpoints or the
 # training that produced them (how often to log and save, what to evaluate and prune after).
 RERUN_FREE = ('stages', 'smoke', 'compile_cache', 'init_from', 'log_every_steps',
-              'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'data.data_dir',
+              'checkpoint_every_steps', 'keep_checkpoints', 'checkpoint_timeout_s',
+              'eval_batch_size', 'data.data_dir',
               'data.root', 'mesh.fsdp', 'model.attention_impl', 'model.remat', 'prune.', 'sweep.')
 
 
@@ -363,8 +366,8 @@ def validate(c: Any) -> None:
     _one_of(c, 'prune.scope', ('global', 'layerwise'))
     _at_least(c, 0, 'model.image_size', 'batch_size', 'eval_batch_size', 'optimizer.lr',
               'optimizer.accumulate', 'checkpoint_every_steps', 'keep_checkpoints',
-              'log_every_steps', 'data.shuffle_buffer', 'schedule.div_factor',
-              'schedule.final_div_factor', 'sweep.seeds', strict=True)
+              'checkpoint_timeout_s', 'log_every_steps', 'data.shuffle_buffer',
+              'schedule.div_factor', 'schedule.final_div_factor', 'sweep.seeds', strict=True)
     _at_least(c, 0, 'seed', 'num_epochs', 'num_steps', 'optimizer.weight_decay',
               'optimizer.grad_clip', 'sparsity.attention.weight', 'sparsity.l1.weight',
               'schedule.warmup_steps', 'sweep.l1_weight', 'sweep.l1_proximal_weight',
@@ -388,6 +391,9 @@ def validate(c: Any) -> None:
     if c.optimizer.accumulate >= 2 ** 31:
         raise UserError(f'config optimizer.accumulate must be < 2**31, got '
                         f'{c.optimizer.accumulate}')
+    if c.checkpoint_timeout_s * 1000 >= 2 ** 31:  # milliseconds, as barriers count them
+        raise UserError(f'config checkpoint_timeout_s must be < 2147483 (24.8 days), got '
+                        f'{c.checkpoint_timeout_s}')
     if 'train' in c.stages and 0 < c.num_steps < c.optimizer.accumulate:
         raise UserError(f'config optimizer.accumulate {c.optimizer.accumulate} is more than '
                         f'num_steps {c.num_steps}: no update would ever be applied; lower it or '

@@ -241,7 +241,7 @@ class Experiment:
         total = steps_for(c, data.steps_per_epoch)
         parts = train_parts(c, self.model, self.mesh, total)
         ckpt = Checkpointer(self.workdir, every_steps=c.checkpoint_every_steps,
-                            keep=c.keep_checkpoints)
+                            keep=c.keep_checkpoints, timeout_s=c.checkpoint_timeout_s)
         try:
             return self._train(ckpt, data, parts, total)
         finally:

@@ -185,6 +185,57 @@ def test_a_bug_on_one_process_stops_the_others_in_one_line_and_the_run_resumes(
     assert 'step 12/12' in again[0][0]
 
 
+# main, where process 1's storage stops answering at the checkpoint of step 4: it never
+# finishes that write (never reaches the barrier that ends it)
+HUNG_WRITE = """
+import sys, time
+import jax
+from sparse_vit_jax import cli, main
+from sparse_vit_jax.train import checkpointing, distributed
+save, barrier, hung = checkpointing.Checkpointer.save, distributed.FailFastBarrier.__call__, []
+def saving(self, state, meta, *, step=None, force=False):
+    if jax.process_index() == 1 and step >= 4:
+        hung.append(step)
+    return save(self, state, meta, step=step, force=force)
+def hanging(self, *, key, timeout_ms):
+    if hung:
+        time.sleep(3600)
+    return barrier(self, key=key, timeout_ms=timeout_ms)
+checkpointing.Checkpointer.save, distributed.FailFastBarrier.__call__ = saving, hanging
+sys.exit(cli.run(['main.py', *sys.argv[1:]], main.job, main.__doc__))
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_that_hangs_on_one_host_ends_both_in_one_line_and_resumes(
+        tmp_path):
+    """One host's checkpoint write never ends (storage that stops answering): after
+    config.checkpoint_timeout_s (8 s here; 20 minutes by default) the other host stops with
+    one line, the hung one stops with it (`FailureWatch`), no partial step is left, and the
+    re-run resumes from the newest complete step."""
+    script = tmp_path / 'hung_write.py'
+    script.write_text(HUNG_WRITE)
+    args = [*ARGS, '--config.num_steps=8', '--config.checkpoint_every_steps=2',
+            '--config.stages=train', '--config.checkpoint_timeout_s=8']
+    port = free_port()
+    procs = [start([str(script), *cli(tmp_path / 'w', *args)[2:]], pid, port, tmp_path / 'tfds',
+                   timeout_s=100) for pid in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [stacks(o[1]) for o in outs]
+    ckpt = tmp_path / 'w' / 'checkpoints'
+    line = (rf'could not write a checkpoint to {ckpt} \(TimeoutError: not every process '
+            r'reached \S+ within 8 s \(storage that hangs or is slow\?\)\); the newest '
+            r'complete checkpoint is step 2; fix that and re-run the same command to resume')
+    last = [o[1].strip().splitlines()[-1] for o in outs]
+    assert re.fullmatch(f'error: {line}', last[0]), last
+    assert re.fullmatch(rf'error: process 0 failed \({line}\); this process stops with it: fix '
+                        r'that and re-run the same command to resume', last[1]), last
+    assert [p.name for p in ckpt.iterdir()] == ['2']
+    again = run_both(cli(tmp_path / 'w', *args), tmp_path / 'tfds')
+    assert 'checkpoints at step 2\n' in again[0][0], again[0][0][-2000:]  # resumed there
+    assert 'step 8/8' in again[0][0]
+
+
 @pytest.mark.slow
 def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
     """Preemption is agreed: the process that got SIGTERM and the other one stop at one step,

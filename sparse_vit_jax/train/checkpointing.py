@@ -236,10 +236,12 @@ HELD = _HeldWriteErrors()
 
 
 class Checkpointer:
-    """Saves every `every_steps` (or when forced), keeps the newest `keep`."""
+    """Saves every `every_steps` (or when forced), keeps the newest `keep`; with several
+    processes, a save that one of them has not finished within `timeout_s` (its storage hangs)
+    ends on every process with one line."""
 
     def __init__(self, workdir: Any, *, every_steps: int, keep: int,
-                 log: Callable[[str], None] = _say) -> None:
+                 log: Callable[[str], None] = _say, timeout_s: int = 1200) -> None:
         self.workdir = epath.Path(workdir)
         self.directory = self.workdir / CKPT_DIR
         self.log = log
@@ -253,7 +255,8 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, save_decision_policy=policy,
                 cleanup_tmp_directories=True,
-                async_options=ocp.AsyncOptions(barrier_sync_fn=self._barrier)))
+                async_options=ocp.AsyncOptions(timeout_secs=int(timeout_s),
+                                               barrier_sync_fn=self._barrier)))
         self._bytes = 0
         self._failed = False
         self._set_aside_steps = 0  # in this restore_latest

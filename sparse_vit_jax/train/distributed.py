@@ -235,8 +235,8 @@ class FailFastBarrier:
             if int(self._client.key_value_try_get(counter)) >= jax.process_count():
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f'processes did not all reach barrier {key} within '
-                                   f'{timeout_ms / 1000:.0f} s')
+                raise TimeoutError(f'not every process reached {key} within '
+                                   f'{timeout_ms / 1000:.0f} s (storage that hangs or is slow?)')
             time.sleep(delay)
             delay = min(2 * delay, 0.1)
         if self._previous is not None and jax.process_index() == 0:
