@@ -391,8 +391,8 @@ def validate(c: Any) -> None:
     if c.optimizer.accumulate >= 2 ** 31:
         raise UserError(f'config optimizer.accumulate must be < 2**31, got '
                         f'{c.optimizer.accumulate}')
-    if c.checkpoint_timeout_s * 1000 >= 2 ** 31:  # milliseconds, as barriers count them
-        raise UserError(f'config checkpoint_timeout_s must be < 2147483 (24.8 days), got '
+    if c.checkpoint_timeout_s > (2 ** 31 - 1) // 1000:  # int32 milliseconds in barriers
+        raise UserError(f'config checkpoint_timeout_s must be <= 2147483 (24.8 days), got '
                         f'{c.checkpoint_timeout_s}')
     if 'train' in c.stages and 0 < c.num_steps < c.optimizer.accumulate:
         raise UserError(f'config optimizer.accumulate {c.optimizer.accumulate} is more than '

@@ -292,7 +292,7 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.optimizer.accumulate=9'], 'optimizer.accumulate 9 is more than num_steps 8'),
     (['--config.optimizer.accumulate=2147483648'], 'optimizer.accumulate must be < 2**31'),
     (['--config.checkpoint_timeout_s=0'], 'checkpoint_timeout_s must be > 0'),
-    (['--config.checkpoint_timeout_s=2147483'], 'checkpoint_timeout_s must be < 2147483'),
+    (['--config.checkpoint_timeout_s=2147484'], 'checkpoint_timeout_s must be <= 2147483'),
     (['--config.model.hidden_size=100000000000'], 'describe a ViT of about'),
     # 2 blocks x 2 x 32 x 1e8 weights and their SGD momentum: about 97 GiB on every device
     (['--config.model.mlp_dim=100000000'], 'the train state (parameters and optimizer state) '
