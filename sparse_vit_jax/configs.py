@@ -205,8 +205,8 @@ def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
 # training that produced them (how often to log and save, what to evaluate and prune after).
 RERUN_FREE = ('stages', 'smoke', 'compile_cache', 'init_from', 'log_every_steps',
               'checkpoint_every_steps', 'keep_checkpoints', 'checkpoint_timeout_s',
-              'eval_batch_size', 'data.data_dir',
-              'data.root', 'mesh.fsdp', 'model.attention_impl', 'model.remat', 'prune.', 'sweep.')
+              'eval_batch_size', 'data.data_dir', 'data.root', 'mesh.fsdp', 'model.attention_impl',
+              'model.remat', 'prune.', 'sweep.')
 
 
 def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:

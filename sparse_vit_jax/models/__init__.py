@@ -37,6 +37,7 @@ NUMERICS: dict[str, dict[str, Any]] = {
 
 
 def variant(name: str) -> dict[str, int]:
+    """The shape of variant `name`; an unknown name is a one-line error."""
     if name not in VARIANTS:
         raise UserError(f'unknown model {name!r}; choose one of {", ".join(VARIANTS)}')
     return VARIANTS[name]
@@ -74,8 +75,8 @@ def compute_dtype(name: str, device: Any = None) -> Any:
     return jnp.bfloat16 if name == 'bfloat16' else jnp.float32
 
 
-def cudnn_refusal(head_dim: int, device: Any = None) -> str:
-    """'' where cuDNN's fused attention runs heads of `head_dim` on `device`, else why not. Its
+def cudnn_refusal(head_width: int, device: Any = None) -> str:
+    """'' where cuDNN's fused attention runs heads `head_width` wide on `device`, else why not. Its
     flash attention needs compute capability 8.0 (Ampere) or newer, and head dims that are
     multiples of 8, up to 128 (256 from Hopper, 9.0), as its support matrix and JAX's
     checks say."""
@@ -87,19 +88,19 @@ def cudnn_refusal(head_dim: int, device: Any = None) -> str:
         return (f'needs an NVIDIA GPU of compute capability 8.0 (Ampere) or newer; '
                 f'{device.device_kind} is {cc[0]}.{cc[1]}')
     limit = 256 if cc >= (9, 0) else 128
-    if head_dim % 8 or head_dim > limit:
+    if head_width % 8 or head_width > limit:
         return (f'takes head dims that are multiples of 8 up to {limit} on '
-                f'{device.device_kind}, not {head_dim}')
+                f'{device.device_kind}, not {head_width}')
     return ''
 
 
-def attention_impl(name: str, dtype: Any, head_dim: int, device: Any = None) -> str:
+def attention_impl(name: str, dtype: Any, head_width: int, device: Any = None) -> str:
     """'auto': cuDNN's fused kernel where it runs (NVIDIA GPUs from Ampere, a 16-bit dtype,
     heads it takes: `cudnn_refusal`), XLA's attention elsewhere (TPUs included: 'pallas' is
     their opt-in flash attention, see the README)."""
     if name != 'auto':
         return name
-    fused = jnp.dtype(dtype).itemsize == 2 and not cudnn_refusal(head_dim, device)
+    fused = jnp.dtype(dtype).itemsize == 2 and not cudnn_refusal(head_width, device)
     return 'cudnn' if fused else 'xla'
 
 
