@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from sparse_vit_jax.checkpoints import load_pretrained, save_params
 from sparse_vit_jax.checkpoints.io import directory_message
-from sparse_vit_jax.configs import training_differences, validate
+from sparse_vit_jax.configs import model_shape, training_differences, validate
 from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import (
@@ -37,7 +37,6 @@ from sparse_vit_jax.models import (
     compute_dtype,
     create_model,
     cudnn_refusal,
-    head_dim,
 )
 from sparse_vit_jax.multihost import everywhere, from_process0, on_process0
 from sparse_vit_jax.objective import EvalMetrics, TrainMetrics, make_loss_fn
@@ -72,12 +71,17 @@ def build_model(c: Any, num_classes: int, numerics: str = 'jax', mesh: Mesh | No
     overrides = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
                                    'patch_size') if m[k] > 0}
     dtype = compute_dtype(m.dtype)
-    impl = attention_impl(m.attention_impl, dtype, head_dim(m.name, overrides))
+    impl = attention_impl(m.attention_impl, dtype, head_width(c))
     return create_model(m.name, num_classes=num_classes, image_size=m.image_size,
                         dropout_rate=m.dropout_rate,
                         attention_dropout_rate=m.attention_dropout_rate, dtype=dtype,
                         attention_impl=impl, remat=m.remat, mesh=mesh, **NUMERICS[numerics],
                         **overrides)
+
+
+def head_width(c: Any) -> int:
+    shape = model_shape(c)
+    return shape['hidden_size'] // shape['num_heads']
 
 
 # Attention kernels for one kind of device: (its JAX backend, what to call it).
@@ -200,7 +204,7 @@ class Experiment:
         if jax.default_backend() != backend:
             raise UserError(f'model.attention_impl={impl} needs {device}; this run is on '
                             f'{jax.default_backend()}: use model.attention_impl=xla')
-        if impl == 'cudnn' and (why := cudnn_refusal(head_dim(c.model.name, c.model))):
+        if impl == 'cudnn' and (why := cudnn_refusal(head_width(c))):
             raise UserError(f'model.attention_impl=cudnn: cuDNN\'s fused attention {why}; use '
                             'model.attention_impl=auto or xla')
         use_rng_impl(c.rng_impl)

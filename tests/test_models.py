@@ -261,15 +261,6 @@ def test_auto_dtype_is_bfloat16_where_it_is_fast():
                     'TPU v5 lite': True}
 
 
-def test_head_dim_of_a_config():
-    from sparse_vit_jax.configs import base_config
-    from sparse_vit_jax.models import head_dim
-    c = base_config()
-    assert head_dim('ViT-B_16') == 64 and head_dim('ViT-H_14') == 80
-    c.model.name, c.model.hidden_size, c.model.num_heads = 'ViT-B_16', 0, 6
-    assert head_dim(c.model.name, c.model) == 128
-
-
 @pytest.mark.parametrize('remat', ['full', 'dots'])
 def test_remat_keeps_parameters_and_gradients(remat):
     plain = create_model('testing', num_classes=5, dropout_rate=0.1)

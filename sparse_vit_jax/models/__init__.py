@@ -36,21 +36,6 @@ NUMERICS: dict[str, dict[str, Any]] = {
 }
 
 
-def variant(name: str) -> dict[str, int]:
-    """The shape of variant `name`; an unknown name is a one-line error."""
-    if name not in VARIANTS:
-        raise UserError(f'unknown model {name!r}; choose one of {", ".join(VARIANTS)}')
-    return VARIANTS[name]
-
-
-def head_dim(name: str, overrides: Any = None) -> int:
-    """The width of one attention head of variant `name`; `overrides` (a mapping) may set
-    hidden_size and num_heads (values <= 0 keep the variant's, as in the configs)."""
-    v, o = variant(name), overrides or {}
-    width = lambda k: o[k] if k in o and o[k] > 0 else v[k]
-    return width('hidden_size') // width('num_heads')
-
-
 def cuda_capability(device: Any = None) -> tuple[int, int] | None:
     """An NVIDIA GPU's compute capability ((9, 0) for an H100); None for any other device."""
     device = jax.devices()[0] if device is None else device
@@ -111,9 +96,11 @@ def create_model(name: str, *, num_classes: int, image_size: int | None = None,
     `image_size` is only checked here (divisible by the patch); the parameter
     shapes follow the images the model is initialised with.
     """
+    if name not in VARIANTS:
+        raise UserError(f'unknown model {name!r}; choose one of {", ".join(VARIANTS)}')
     if num_classes < 1:
         raise UserError(f'num_classes must be >= 1, got {num_classes}')
-    kwargs: dict[str, Any] = {**variant(name), **overrides}
+    kwargs: dict[str, Any] = {**VARIANTS[name], **overrides}
     if image_size is not None and image_size % kwargs['patch_size']:
         raise UserError(f'image_size {image_size} is not divisible by the patch size '
                         f'{kwargs["patch_size"]} of {name}')
@@ -136,4 +123,4 @@ def abstract_params(model: VisionTransformer, image_size: int, channels: int = 3
 
 __all__ = ['VARIANTS', 'NUMERICS', 'VisionTransformer', 'create_model', 'init_params',
            'abstract_params', 'per_block', 'compute_dtype', 'attention_impl', 'cuda_capability',
-           'cudnn_refusal', 'head_dim', 'variant']
+           'cudnn_refusal']
