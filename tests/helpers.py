@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -151,3 +152,17 @@ ckpt.save(step(state), {})
 ckpt.close()
 log(f'saved {int(state.step) + 1}')
 '''
+
+
+@dataclass
+class FakeDevice:
+    """A described device (what a JAX device reports), for the choices and checks made for
+    GPUs and TPUs that no machine here has."""
+
+    platform: str
+    device_kind: str
+    compute_capability: str = ''
+    stats: dict[str, Any] | None = None
+
+    def memory_stats(self) -> dict[str, Any] | None:
+        return self.stats

@@ -1,11 +1,10 @@
 """The model: official names and shapes, variants, options."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import FakeDevice
 
 from sparse_vit_jax.checkpoints import flatten
 from sparse_vit_jax.errors import UserError
@@ -204,13 +203,6 @@ def test_auto_choices_on_this_cpu():
     assert compute_dtype('auto') == jnp.float32 and compute_dtype('bfloat16') == jnp.bfloat16
     assert attention_impl('auto', jnp.bfloat16, 64) == 'xla'
     assert attention_impl('padded_xla', jnp.float32, 64) == 'padded_xla'
-
-
-@dataclasses.dataclass
-class FakeDevice:
-    platform: str
-    device_kind: str
-    compute_capability: str = ''
 
 
 H200 = FakeDevice('gpu', 'NVIDIA H200', '9.0')

@@ -12,7 +12,17 @@ import numpy as np
 import optax
 import pytest
 from clu import metrics
-from helpers import ROOT, SMOKE, main_here, needs_torch, params, results, run_main, torch
+from helpers import (
+    ROOT,
+    SMOKE,
+    FakeDevice,
+    main_here,
+    needs_torch,
+    params,
+    results,
+    run_main,
+    torch,
+)
 
 from sparse_vit_jax.configs import base_config, from_saved, validate
 from sparse_vit_jax.errors import UserError
@@ -470,25 +480,17 @@ def test_what_a_state_takes_on_each_device_is_its_shards():
     assert state_bytes(shapes, layout) == 64 // n * 12 * 4 + 5 * 2 + 2 * 4  # key: 2 x uint32
 
 
-class FakeDevice:
-    platform, device_kind = 'gpu', 'Fake GPU'
-
-    def __init__(self, stats):
-        self.stats = stats
-
-    def memory_stats(self):
-        return self.stats
-
-
 def test_a_need_beyond_the_free_memory_is_one_line_and_unknown_memory_no_check():
     from sparse_vit_jax.train.memory import GiB, check_fits
-    gpu = FakeDevice({'bytes_limit': 10 * GiB, 'bytes_in_use': 4 * GiB})
+    gpu = FakeDevice('gpu', 'Fake GPU', stats={'bytes_limit': 10 * GiB,
+                                                'bytes_in_use': 4 * GiB})
     check_fits('the step', 6 * GiB, 'lower the batch', gpu)  # exactly what is free: fits
     with pytest.raises(UserError) as e:
         check_fits('the step', 7 * GiB, 'lower the batch', gpu)
     assert str(e.value) == ('the step needs 7.00 GiB per device, more than the 6.00 GiB free '
                             'on each gpu device (Fake GPU): lower the batch')
-    check_fits('the step', 10 ** 15, 'lower the batch', FakeDevice(None))  # unknown: no check
+    unknown = FakeDevice('gpu', 'Fake GPU')  # no statistics: no check
+    check_fits('the step', 10 ** 15, 'lower the batch', unknown)
 
 
 def test_running_out_of_memory_is_recognised_and_becomes_one_line(tmp_path, data_dir,
