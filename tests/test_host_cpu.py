@@ -82,6 +82,62 @@ def test_host_malloc_mode_from_environment(monkeypatch):
     assert not host_memory._wanted(big)
 
 
+class _Hardware:
+    """Stands in for jax/_src/hardware_utils.py: what is attached."""
+
+    def __init__(self, tpus=0, nvidia=False, amd=0):
+        self.tpus, self.nvidia, self.amd = tpus, nvidia, amd
+
+    def num_available_tpu_chips_and_device_id(self):
+        return self.tpus, None
+
+    def has_visible_nvidia_gpu(self):
+        return self.nvidia
+
+    def num_available_amd_gpus(self, stop_at=None):
+        return self.amd
+
+
+def test_auto_keeps_memory_where_a_plugin_has_no_device(monkeypatch):
+    """libtpu (the test extra) or a CUDA plugin on a CPU machine leaves JAX on the CPU, so
+    the heavy steps run on the host: keep its memory there, not where a device is attached."""
+    monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+    monkeypatch.setenv(host_memory.ENV, 'auto')
+    monkeypatch.setattr(host_memory, '_accelerator_plugin_installed', lambda: True)
+    for attached, want in [(_Hardware(), True), (_Hardware(tpus=4), False),
+                           (_Hardware(nvidia=True), False), (_Hardware(amd=1), False),
+                           (None, False)]:  # no checks to ask: assume an accelerator
+        monkeypatch.setattr(host_memory, '_jax_hardware_utils', lambda a=attached: a)
+        assert host_memory._wanted(None) is want, attached and vars(attached)
+    monkeypatch.setattr(host_memory, '_accelerator_plugin_installed', lambda: False)
+    monkeypatch.setattr(host_memory, '_jax_hardware_utils', lambda: _Hardware(nvidia=True))
+    assert host_memory._wanted(None)  # a GPU without a plugin: JAX runs on the CPU
+
+
+_BACKEND = """
+import sys
+from sparse_vit_jax.train import host_memory
+hw = host_memory._jax_hardware_utils()
+loaded_jax = 'jax' in sys.modules
+wanted = host_memory._wanted(None)
+import jax
+print(hw is not None, loaded_jax, wanted, jax.default_backend())
+"""
+
+
+def test_auto_foresees_jax_backend_with_jax_own_checks():
+    """The checks are JAX's real ones, read without importing jax (whose import starts a
+    thread, and the malloc options precede every thread), and foresee the backend it picks."""
+    env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+    env[host_memory.ENV] = 'auto'
+    r = subprocess.run([sys.executable, '-c', _BACKEND], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    found, loaded_jax, wanted, backend = r.stdout.split()[-4:]
+    assert (found, loaded_jax) == ('True', 'False')
+    assert wanted == str(backend == 'cpu'), (wanted, backend)
+
+
 def test_auto_keeps_memory_for_vit_steps_not_for_the_digits_default():
     digits = config_file('digits')
     vit = base_config()
