@@ -11,8 +11,9 @@ setup(
     packages=find_packages(include=['sparse_vit_jax', 'sparse_vit_jax.*']),
     python_requires='>=3.11',
     # Both ends of each range are tested (CI, CPU): the oldest on Python 3.11 (jax 0.10.2,
-    # flax 0.12.8), the newest on Python 3.12 (jax 0.12.0.1, flax 0.12.12); with optax 0.2.8,
-    # orbax-checkpoint 0.12.8, tensorflow-cpu 2.21.0, tensorflow-datasets 4.9.10, clu 0.0.12.
+    # flax 0.12.8), the newest on Python 3.12 and 3.13 (jax 0.12.0.1, flax 0.12.12); with
+    # optax 0.2.8, orbax-checkpoint 0.12.8, tensorflow-cpu 2.21.0, tensorflow-datasets 4.9.10,
+    # clu 0.0.12.
     install_requires=[
         'jax>=0.10.2,<0.13',  # 0.10 is the last for Python 3.11; 0.11 and 0.12 need 3.12+
         'flax>=0.12.8,<0.13',
