@@ -180,9 +180,10 @@ def test_flipped_bytes_are_caught_and_init_from_falls_back(tmp_path, data_dir, r
     main_here(wd, *RUN, data_dir=data_dir)
     ev = tmp_path / 'eval'
     flip_bytes(wd / 'checkpoints' / '24')
-    r = main_here(ev, *RUN[:-1], '--config.stages=eval', f'--config.init_from={wd}',
-                  data_dir=data_dir)
+    r = run_main(ev, *RUN[:-1], '--config.stages=eval', f'--config.init_from={wd}',
+                 data_dir=data_dir)  # a fresh process: the user's stderr
     assert 'checkpoint' in r.stdout and 'is damaged' in r.stdout  # falls back to step 20
+    assert 'Traceback' not in r.stderr and 'Event loop' not in r.stderr, r.stderr[-2000:]
     assert (wd / 'checkpoints' / '24').exists()  # not ours to move
     (wd / 'params.npz').unlink()
     r = main_here(wd, *RUN, data_dir=data_dir)

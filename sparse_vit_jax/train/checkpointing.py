@@ -488,15 +488,21 @@ def _newest_usable(path: Any, read: Callable[[int, epath.Path], Any],
     steps = same_steps_everywhere(d, ocp.utils.checkpoint_steps(absolute(d)))  # finished ones
     if not steps:
         raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
-    for step in steps:
-        try:
-            return read(step, d)
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-            log(f'warning: checkpoint {d / str(step)} is damaged ({type(e).__name__}: '
-                f'{_first_line(e)}); trying the previous one')
-    raise UserError(f'no usable checkpoint in {d} (all {len(steps)} damaged)')
+    HELD.install(str(absolute(d)))  # tensorstore's tracebacks about a damaged step's read
+    damaged = 0
+    try:
+        for step in steps:
+            try:
+                return read(step, d)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+                damaged += 1
+                log(f'warning: checkpoint {d / str(step)} is damaged ({type(e).__name__}: '
+                    f'{_first_line(e)}); trying the previous one')
+        raise UserError(f'no usable checkpoint in {d} (all {len(steps)} damaged)')
+    finally:
+        HELD.discard() if damaged else HELD.release()  # as in Checkpointer.restore_latest
 
 
 def latest_meta(path: Any, log: Callable[[str], None] = _say) -> tuple[int, dict[str, Any]]:
