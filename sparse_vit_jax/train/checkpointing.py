@@ -163,7 +163,7 @@ class _HeldWriteErrors(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.held: list[Any] = []
-        self.dropping = False
+        self.dropping = self._read_failed = False
         self.directories: list[str] = []
         self._installed = False
         self._hook = sys.unraisablehook
@@ -214,9 +214,20 @@ class _HeldWriteErrors(logging.Filter):
         text = record.getMessage()
         return any(w in text for w in _WRITERS) or self._names_a_directory(text)
 
-    def discard(self) -> None:
-        """Drops what is held (about reads that failed and were reported in one line each)."""
-        self.held = []
+    def read_failed(self) -> None:
+        """Notes that a damaged step's read was reported in one line: what tensorstore says
+        about it (its callbacks meet the event loops orbax closed) arrives while later steps
+        are read, and `end_reads` drops it."""
+        self._read_failed = True
+
+    def end_reads(self) -> None:
+        """Ends a search for a usable step: drops what is held if a read failed (its warning
+        line said it), else lets it through."""
+        if self._read_failed:
+            self.held = []
+        else:
+            self.release()
+        self._read_failed = False
 
     def drop(self) -> None:
         """Drops what is held and what the writers' threads still say about the failure
@@ -259,7 +270,6 @@ class Checkpointer:
                                                barrier_sync_fn=self._barrier)))
         self._bytes = 0
         self._failed = False
-        self._set_aside_steps = 0  # in this restore_latest
         HELD.install(str(absolute(self.directory)))
 
     def save(self, state: Any, meta: dict[str, Any], *, step: int | None = None,
@@ -336,13 +346,10 @@ class Checkpointer:
         or when they hold another layout than `target`, or when `check_meta` (called with
         the step's meta before anything is restored) refuses it.
         """
-        self._set_aside_steps = 0
         try:
             return self._restore_latest(target, check_meta)
         finally:
-            # What tensorstore says about a damaged step's read (its callbacks meet the event
-            # loops orbax closed) arrives while later steps are read: the warning line says it.
-            HELD.discard() if self._set_aside_steps else HELD.release()
+            HELD.end_reads()
 
     def _restore_latest(self, target: Any, check_meta: Any) -> Any:
         steps = same_steps_everywhere(self.directory, self.manager.all_steps())
@@ -379,7 +386,7 @@ class Checkpointer:
         self.log(f'warning: checkpoint {self.directory / str(step)} is damaged '
                  f'({type(e).__name__}: {_first_line(e)}); moved to {aside}, trying the '
                  'previous one')
-        self._set_aside_steps += 1
+        HELD.read_failed()
 
         def move() -> None:
             aside.parent.mkdir(parents=True, exist_ok=True)
@@ -489,7 +496,6 @@ def _newest_usable(path: Any, read: Callable[[int, epath.Path], Any],
     if not steps:
         raise UserError(f'no checkpoint found in {d}; pass a run directory or a .npz')
     HELD.install(str(absolute(d)))  # tensorstore's tracebacks about a damaged step's read
-    damaged = 0
     try:
         for step in steps:
             try:
@@ -497,12 +503,12 @@ def _newest_usable(path: Any, read: Callable[[int, epath.Path], Any],
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-                damaged += 1
+                HELD.read_failed()
                 log(f'warning: checkpoint {d / str(step)} is damaged ({type(e).__name__}: '
                     f'{_first_line(e)}); trying the previous one')
         raise UserError(f'no usable checkpoint in {d} (all {len(steps)} damaged)')
     finally:
-        HELD.discard() if damaged else HELD.release()  # as in Checkpointer.restore_latest
+        HELD.end_reads()
 
 
 def latest_meta(path: Any, log: Callable[[str], None] = _say) -> tuple[int, dict[str, Any]]:
