@@ -467,6 +467,37 @@ def test_what_orbax_logs_is_held_until_the_writes_end_well_then_shown(tmp_path, 
     ckpt.close()
 
 
+def test_what_names_a_step_reported_damaged_is_dropped_whenever_it_comes(tmp_path):
+    """asyncio logs a failed read's tasks when they are collected, which can be after the
+    search for a usable step ended (seen under load in a fresh process): what names a step
+    whose damage the warning line reported is dropped then too, held or late; what names
+    another step is still held, to be shown."""
+    import logging
+
+    from sparse_vit_jax.train.checkpointing import _HeldWriteErrors
+
+    held = _HeldWriteErrors()  # not installed: its filter is called directly
+    held.directories.append(str(tmp_path))
+    asyncio_log = logging.getLogger('asyncio')
+
+    def task_log(step: int) -> logging.LogRecord:
+        error = ValueError(f'DATA_LOSS: Error reading "w/.zarray" in OCDBT database at local '
+                           f'file "{tmp_path}/checkpoints/{step}/state/"')
+        return asyncio_log.makeRecord(
+            'asyncio', logging.ERROR, '/usr/lib/python3/asyncio/base_events.py', 1,
+            f'Task exception was never retrieved\nfuture: <Task finished exception={error!r}>',
+            (), None)
+
+    early = task_log(24)
+    assert held.filter(early) is False and held.held == [early]
+    held.read_failed(tmp_path / 'checkpoints' / '24')
+    assert held.held == []
+    held.end_reads()
+    late, other = task_log(24), task_log(240)
+    assert held.filter(late) is False and held.filter(other) is False
+    assert held.held == [other]
+
+
 def test_damaged_record_file_is_one_line_naming_it(tmp_path):
     """A prepared dataset whose record file was damaged on disk (bytes changed, size kept):
     one line that names the split and its directory and says to prepare it again."""

@@ -165,6 +165,7 @@ class _HeldWriteErrors(logging.Filter):
         self.held: list[Any] = []
         self.dropping = self._read_failed = False
         self.directories: list[str] = []
+        self.damaged: list[str] = []  # steps whose failed read was reported in one line
         self._installed = False
         self._hook = sys.unraisablehook
 
@@ -181,7 +182,7 @@ class _HeldWriteErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR or not self._about_writes(record):
             return True
-        if not self.dropping:
+        if not self.dropping and not self._names_damaged(_text(record)):
             self.held.append(record)
         return False
 
@@ -190,7 +191,7 @@ class _HeldWriteErrors(logging.Filter):
         if not ('Event loop is closed' in text or _through_writers(u.exc_traceback)
                 or self._names_a_directory(text)):
             self._hook(u)
-        elif not self.dropping:
+        elif not self.dropping and not self._names_damaged(text):
             self.held.append(u)
 
     def release(self) -> None:
@@ -204,6 +205,11 @@ class _HeldWriteErrors(logging.Filter):
     def _names_a_directory(self, text: str) -> bool:
         return any(d in text for d in self.directories)
 
+    def _names_damaged(self, text: str) -> bool:
+        """Whether `text` is about a step whose damage was reported (asyncio logs the failed
+        read's futures whenever they are collected, after the search too)."""
+        return any(d in text for d in self.damaged)
+
     def _about_writes(self, record: logging.LogRecord) -> bool:
         """Whether orbax logged `record`, or it is about the writers' code or files (asyncio's
         tasks and futures that a failed write left behind)."""
@@ -214,11 +220,14 @@ class _HeldWriteErrors(logging.Filter):
         text = record.getMessage()
         return any(w in text for w in _WRITERS) or self._names_a_directory(text)
 
-    def read_failed(self) -> None:
-        """Notes that a damaged step's read was reported in one line: what tensorstore says
-        about it (its callbacks meet the event loops orbax closed) arrives while later steps
-        are read, and `end_reads` drops it."""
+    def read_failed(self, step_dir: Any) -> None:
+        """Notes that the read of `step_dir` was reported damaged in one line: what names it
+        is dropped from now on, and what tensorstore says about it without naming it (its
+        callbacks meet the event loops orbax closed), which arrives while later steps are
+        read, is dropped by `end_reads`."""
         self._read_failed = True
+        self.damaged.append(str(absolute(step_dir)).rstrip('/') + '/')
+        self.held = [x for x in self.held if not self._names_damaged(_text(x))]
 
     def end_reads(self) -> None:
         """Ends a search for a usable step: drops what is held if a read failed (its warning
@@ -237,6 +246,13 @@ class _HeldWriteErrors(logging.Filter):
 
 
 _WRITERS = (f'{os.sep}orbax{os.sep}', f'{os.sep}tensorstore{os.sep}')  # their code
+
+
+def _text(held: Any) -> str:
+    """A held log record's or unraisable exception's message and error."""
+    if isinstance(held, logging.LogRecord):
+        return f'{held.getMessage()} {held.exc_info[1] if held.exc_info else None}'
+    return str(held.exc_value)
 
 
 def _through_writers(tb: Any) -> bool:
@@ -386,7 +402,7 @@ class Checkpointer:
         self.log(f'warning: checkpoint {self.directory / str(step)} is damaged '
                  f'({type(e).__name__}: {_first_line(e)}); moved to {aside}, trying the '
                  'previous one')
-        HELD.read_failed()
+        HELD.read_failed(self.directory / str(step))
 
         def move() -> None:
             aside.parent.mkdir(parents=True, exist_ok=True)
@@ -503,7 +519,7 @@ def _newest_usable(path: Any, read: Callable[[int, epath.Path], Any],
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
-                HELD.read_failed()
+                HELD.read_failed(d / str(step))
                 log(f'warning: checkpoint {d / str(step)} is damaged ({type(e).__name__}: '
                     f'{_first_line(e)}); trying the previous one')
         raise UserError(f'no usable checkpoint in {d} (all {len(steps)} damaged)')
