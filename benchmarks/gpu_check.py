@@ -70,6 +70,7 @@ VARIANTS = {  # name -> (config overrides, masks?, XLA compile options)
     'L1': ({'sparsity.l1.weight': 1e-5}, False, {}),
     'masks': ({}, True, {}),
     'xla attention': ({'model.attention_impl': 'xla'}, False, {}),
+    'dropout 8-bit': ({'model.dropout_bits': 8}, False, {}),
     'threefry': ({'rng_impl': 'threefry'}, False, {}),
     'unsafe_rbg': ({'rng_impl': 'unsafe_rbg'}, False, {}),
     'remat dots': ({'model.remat': 'dots'}, False, {}),
@@ -82,6 +83,9 @@ VARIANTS = {  # name -> (config overrides, masks?, XLA compile options)
     'cuDNN LayerNorm': ({}, False, {'xla_gpu_enable_cudnn_layer_norm': True}),
 }
 TARGET_ROWS = ('paper', PLAIN, 'L1', 'masks')  # what the targets compare, compiled first
+# The default: the targets, the fused attention's alternative and the cheaper dropout draws;
+# the rest (--variants all) was measured once (README) and costs a minute more.
+DEFAULT_VARIANTS = (*TARGET_ROWS, 'xla attention', 'dropout 8-bit')
 REMAT = 'paper, remat dots'
 
 
@@ -99,26 +103,37 @@ class Job:
     compiled: Any = None
     compile_s: float = 0.0
     status: str = ''  # '' compiled | 'skipped' | an error line
+    key: tuple[Any, ...] = ()  # what the lowered program depends on
 
 
-def plan(base: Any, batches: list[int], largest: list[int], largest_remat: list[int]
-         ) -> list[Job]:
-    """Every train-step program, in the order the targets need them."""
+def plan(base: Any, batches: list[int], largest: list[int], largest_remat: list[int],
+         variants: tuple[str, ...] = DEFAULT_VARIANTS) -> list[Job]:
+    """Every train-step program, in the order the targets need them: `variants` at the first
+    batch (the targets' rows first), the paper's step at the others, remat at the largest."""
     b0 = batches[0]
 
     def job(batch: int, name: str, variant: str) -> Job:
         overrides, masks, options = VARIANTS[variant]
-        return Job(batch, name, with_overrides(base, overrides, batch), masks, options)
+        return Job(batch, name, with_overrides(base, overrides, batch), masks, options,
+                   key=(batch, tuple(sorted(overrides.items())), masks))
 
-    return ([job(b0, v, v) for v in TARGET_ROWS]
+    first = [v for v in TARGET_ROWS if v in variants]
+    return ([job(b0, v, v) for v in first]
             + [job(b, 'paper', 'paper') for b in batches[1:] + largest]
             + [job(b, REMAT, 'remat dots') for b in largest_remat]
-            + [job(b0, v, v) for v in VARIANTS if v not in TARGET_ROWS])
+            + [job(b0, v, v) for v in variants if v not in first])
 
 
-def lower_step(job: Job, mesh: Any) -> None:
-    """Traces the trainer's step on abstract shapes: no device memory is used yet."""
-    job.parts, job.lowered = lower_train_step(job.config, mesh, job.masks)
+def lower_steps(jobs: list[Job], mesh: Any) -> None:
+    """Traces the trainer's steps on abstract shapes (no device memory is used yet), once
+    for programs that differ only in XLA's compile options."""
+    done: dict[tuple[Any, ...], Job] = {}
+    for job in jobs:
+        if job.key in done:
+            job.parts, job.lowered = done[job.key].parts, done[job.key].lowered
+        else:
+            job.parts, job.lowered = lower_train_step(job.config, mesh, job.masks)
+            done[job.key] = job
 
 
 def logits_jobs(c: Any) -> tuple[list[Job], tuple[Any, Any]]:
@@ -136,6 +151,15 @@ def logits_jobs(c: Any) -> tuple[list[Job], tuple[Any, Any]]:
     return jobs, ({'params': params}, x)
 
 
+START = time.perf_counter()  # reset by main: the check's clock, for the progress lines
+
+
+def at() -> str:
+    """How far into the check: on each progress line, so that a run cut short by its time
+    limit shows where the time went."""
+    return f'[{time.perf_counter() - START:.0f} s]'
+
+
 def compile_all(jobs: list[Job], deadline: float, workers: int, must: int) -> None:
     """Compiles `jobs` in order, the first alone; after `deadline` only the first `must`."""
     def compile_one(i: int, job: Job) -> None:
@@ -148,7 +172,7 @@ def compile_all(jobs: list[Job], deadline: float, workers: int, must: int) -> No
         except Exception as e:  # noqa: BLE001 - reported in the job's row, the rest goes on
             job.status = f'compile failed: {first_line(e)}'
         job.compile_s = time.perf_counter() - t
-        print(f'# {job.name} @ {job.batch}: '
+        print(f'# {at()} {job.name} @ {job.batch}: '
               f'{job.status or "compiled"} in {job.compile_s:.1f} s', flush=True)
 
     compile_one(0, jobs[0])
@@ -269,7 +293,9 @@ def main() -> int:
     ap.add_argument('--steps', type=int, default=5,
                     help='steps per sample, dispatched back to back, then waited for')
     ap.add_argument('--batches', default='32,64', help='with PyTorch alongside; the first '
-                    'also runs every variant')
+                    'also runs the variants')
+    ap.add_argument('--variants', default=','.join(DEFAULT_VARIANTS),
+                    help=f'steps at the first batch, or "all": {", ".join(VARIANTS)}')
     ap.add_argument('--largest', default='128,256', help='larger batches, the plain config')
     ap.add_argument('--largest-remat', default='512', help='larger batches with remat dots')
     ap.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
@@ -285,7 +311,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.tiny:
         trace_cpu_ops()
-    t0 = time.perf_counter()
+    global START
+    t0 = START = time.perf_counter()
     import torch
     on_gpu = jax.default_backend() == 'gpu' and torch.cuda.is_available()
     if not on_gpu and not args.tiny:
@@ -294,6 +321,11 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     print(f'# {command()}\n# {environment()}\n', flush=True)
     ints = lambda s: [int(b) for b in s.split(',') if b]  # noqa: E731
+    variants = tuple(VARIANTS) if args.variants == 'all' else tuple(
+        v.strip() for v in args.variants.split(',') if v.strip())
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        raise SystemExit(f'error: unknown --variants {", ".join(unknown)}; choose from '
+                         f'{", ".join(VARIANTS)} or "all"')
     base = load_config(args.config, args.tiny)
     if args.tiny:
         batches, largest, largest_remat, reps, args.steps = [8], [16], [32], 2, 2
@@ -310,9 +342,8 @@ def main() -> int:
           f'matmul peak {peak:.1f} TFLOP/s; {flops_per_image:.3g} TFLOP per image and step',
           flush=True)
 
-    jobs = plan(base, batches, largest, largest_remat)
-    for job in jobs:
-        lower_step(job, mesh)
+    jobs = plan(base, batches, largest, largest_remat, variants)
+    lower_steps(jobs, mesh)
     use_rng_impl(base.rng_impl)
     check_jobs, (variables, images) = logits_jobs(with_overrides(base, {}, batches[0]))
     order = jobs[:1] + check_jobs + jobs[1:]  # the logits check is needed whatever happens
@@ -360,6 +391,7 @@ def main() -> int:
                                         num_classes=NUM_CLASSES, steps=args.steps)
         except Exception as e:  # noqa: BLE001 - our rows still run
             failed['pytorch'] = e
+        print(f'# {at()} batch {b}: {len(fns)} steps ready, timing', file=sys.stderr, flush=True)
         seconds, errors = alternate(fns, reps)
         failed.update(errors)
         per_image = {k: v / (b * args.steps) for k, v in seconds.items()}

@@ -3,6 +3,7 @@
     python benchmarks/gpu_compile.py                       # H200, cuDNN and XLA attention
     python benchmarks/gpu_compile.py --gpu h100 --batches 32,64,128 --remat none,dots
     python benchmarks/gpu_compile.py --batches 32 --remat none --rng rbg,threefry --top 12
+    python benchmarks/gpu_compile.py --batches 32 --attention cudnn --remat none --dropout-bits 32,8
     python benchmarks/gpu_compile.py --tiny                # the testing ViT at 32 px
 
 The step is the one `python -m sparse_vit_jax.main --config=configs/imagenet100.py` runs on
@@ -109,6 +110,8 @@ def main() -> int:
     ap.add_argument('--attention', default='cudnn,xla')
     ap.add_argument('--remat', default='none,dots,full')
     ap.add_argument('--rng', default='rbg', help='dropout RNGs: rbg, threefry, unsafe_rbg')
+    ap.add_argument('--dropout-bits', default='32', help='random bits per dropout draw: 32, 8 '
+                    '(model.dropout_bits)')
     ap.add_argument('--top', type=int, default=0,
                     help="also list each row's N jax ops that move the most memory")
     ap.add_argument('--json', default='', help='also write the rows here')
@@ -117,7 +120,7 @@ def main() -> int:
     mesh = gpu_mesh(args.gpu)
     from common import command, environment, write_json
     from tpu_compile import compile_row
-    from trainer import load_config
+    from trainer import load_config, with_overrides
     base = load_config(args.config, args.tiny)
     if args.tiny:
         args.batches = '8'
@@ -128,26 +131,28 @@ def main() -> int:
           f'{base.model.name}@{base.model.image_size}, '
           f'{name} ({gib} GiB), bf16 compute; compiled (GEMMs for cuBLAS), not '
           'run\n', flush=True)
-    print('| attention | remat | dropout RNG | batch | result | memory GiB | of which '
+    print('| attention | remat | dropout RNG | bits | batch | result | memory GiB | of which '
           'temporaries | fused attention fwd / bwd | kernels | traffic GB | of which fusions '
-          '| compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
+          '| compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
     rows = []
-    for attention, remat, rng, batch in itertools.product(
+    for attention, remat, rng, bits, batch in itertools.product(
             words(args.attention), words(args.remat), words(args.rng),
-            [int(b) for b in words(args.batches)]):
-        r = compile_row(base, mesh, attention, remat, batch, inspect=lambda c: examine(c, args.top),
+            [int(b) for b in words(args.dropout_bits)], [int(b) for b in words(args.batches)]):
+        c = with_overrides(base, {'model.dropout_bits': bits}, base.batch_size)
+        r = compile_row(c, mesh, attention, remat, batch, inspect=lambda c: examine(c, args.top),
                         rng=rng)
-        r['over_memory'] = r.get('memory_gib', 0) > gib
+        r.update(dropout_bits=bits, over_memory=r.get('memory_gib', 0) > gib)
         rows.append(r)
         result = r['result'] + (' (more than the card has)' if r['over_memory'] else '')
         fused = f'{r["fused_forward"]} / {r["fused_backward"]}' if 'fused_forward' in r else ''
-        print(f'| {attention} | {remat} | {rng} | {batch} | {result} | '
+        print(f'| {attention} | {remat} | {rng} | {bits} | {batch} | {result} | '
               f'{r.get("memory_gib", "")} | {r.get("temp_gib", "")} | {fused} | '
               f'{r.get("kernels", "")} | {r.get("traffic_gb", "")} | '
               f'{r.get("fusions_gb", "")} | {r["compile_s"]} |',
               flush=True)
     for r in rows if args.top else []:
-        print(f'\n{r["attention"]} attention, remat {r["remat"]}, {r["rng"]}, batch '
+        print(f'\n{r["attention"]} attention, remat {r["remat"]}, {r["rng"]}, '
+              f'{r["dropout_bits"]}-bit dropout, batch '
               f'{r["batch_per_chip"]}: the jax ops whose kernels move the most memory\n\n'
               '| GB | kernels | jax op |\n|---|---|---|')
         for gb, calls, op in r.get('traffic_top', []):

@@ -69,7 +69,7 @@ def trace_events(trace_dir: str) -> list[dict[str, Any]]:
 KERNEL_KINDS = (
     ('attention (fused)', r'sdpa|fmha|flash'),
     ('matmul', r'gemm|nvjet|xmma|cutlass|cublas|wgmma|matmul'),
-    ('convolution', r'conv|fprop|dgrad|wgrad'),
+    ('convolution', r'conv(?!ert)|fprop|dgrad|wgrad'),  # not XLA's loop_convert_* fusions
     ('memcpy / memset', r'memcpy|memset'),
     ('reduction fusion', r'reduce|softmax|norm'),
     ('other fusion', r''),
@@ -109,11 +109,21 @@ def device_ops(events: list[dict[str, Any]], hlo: dict[str, tuple[str, str]], st
         kinds[kernel_kind(name)] += ms
         by_kernel[name] += ms
         calls[name] += 1 / steps
-        op = e.get('args', {}).get('hlo_op', '')
-        _, jax_op = hlo.get(op, ('', ''))
-        where.setdefault(name, (op, any_block(jax_op)))
+        if name not in where:
+            op = hlo_op_of(name, e.get('args', {}).get('hlo_op', ''), hlo)
+            where[name] = (op, any_block(hlo.get(op, ('', ''))[1]))
     return {'busy_ms': sum(kinds.values()), 'kinds': kinds.most_common(),
             'top': [(ms, calls[k], k, *where[k]) for k, ms in by_kernel.most_common(top)]}
+
+
+def hlo_op_of(kernel: str, op: str, hlo: dict[str, tuple[str, str]]) -> str:
+    """The HLO instruction a kernel runs: the trace's hlo_op, or, where that is a command
+    buffer (a CUDA graph of many kernels), the kernel's own name, which XLA gives its fusions
+    ('loop_add_fusion_84' runs %loop_add_fusion.84)."""
+    for name in (op, kernel, re.sub(r'_(\d+)$', r'.\1', kernel)):
+        if name in hlo:
+            return name
+    return op
 
 
 _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4,

@@ -53,6 +53,9 @@ def base_config() -> mlc.ConfigDict:
                                      # pallas (Pallas flash attention on TPUs, tokens padded)
     c.model.remat = 'none'         # none | full | dots: recompute activations, larger batches
     c.model.dropout_rate = 0.1
+    c.model.dropout_bits = 32      # random bits per dropout draw: 32 | 8 (a quarter of the
+                                   # random bytes on GPUs; the rate is rounded to a multiple
+                                   # of 1/256: 0.1 is drawn as 0.1016)  (models.vit.Dropout)
     c.model.attention_dropout_rate = 0.0
     c.model.hidden_size = 0        # 0 = the variant's; set to build a custom size
     c.model.num_layers = 0
@@ -352,6 +355,7 @@ def validate(c: Any) -> None:
     _one_of(c, 'model.attention_impl', ('auto', 'xla', 'cudnn', 'padded_xla',
                                               'pallas'))
     _one_of(c, 'model.remat', ('none', 'full', 'dots'))
+    _one_of(c, 'model.dropout_bits', (32, 8))
     _one_of(c, 'rng_impl', ('auto', 'threefry', 'rbg', 'unsafe_rbg'))
     if c.model.attention_impl == 'cudnn' and c.model.dtype == 'float32':
         raise UserError('config model.attention_impl=cudnn needs model.dtype=bfloat16 (or auto)')

@@ -73,7 +73,7 @@ def build_model(c: Any, num_classes: int, numerics: str = 'jax', mesh: Mesh | No
     dtype = compute_dtype(m.dtype)
     impl = attention_impl(m.attention_impl, dtype, head_width(c))
     return create_model(m.name, num_classes=num_classes, image_size=m.image_size,
-                        dropout_rate=m.dropout_rate,
+                        dropout_rate=m.dropout_rate, dropout_bits=m.dropout_bits,
                         attention_dropout_rate=m.attention_dropout_rate, dtype=dtype,
                         attention_impl=impl, remat=m.remat, mesh=mesh, **NUMERICS[numerics],
                         **overrides)

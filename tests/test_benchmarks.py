@@ -37,8 +37,9 @@ runpy.run_path(sys.argv[0], run_name='__main__')
     ('train_step.py', r'\| testing \| 32 \| 4 \|'),
     # gpu_check.sh's code, here on the CPU with only what the GPU machine has (no TensorFlow):
     # every variant timed, then past its compile budget
-    ('gpu_check.py', r'\| 8 \| cuDNN LayerNorm \| \d+\.\d \|(.|\n)*\| 32 \| paper, remat dots '
-     r'\| \d(.|\n)*profile: paper @ 8, 2 steps traced(.|\n)*\| \d+\.\d\d \| \w'),
+    ('gpu_check.py --variants all',
+     r'\| 8 \| cuDNN LayerNorm \| \d+\.\d \|(.|\n)*\| 32 \| paper, remat dots \| \d(.|\n)*'
+     r'profile: paper @ 8, 2 steps traced(.|\n)*\| \d+\.\d\d \| \w'),
     ('gpu_check.py --budget-s 0', r'\| 8 \| paper \| \d+\.\d \|(.|\n)*\| 8 \| masks \| skipped'),
     ('profile_step.py', 'page faults/step'),
     ('compile_time.py', r'\| testing@32 \| 2 \| \d+\.\d \| \d+\.\d \|'),
@@ -96,6 +97,25 @@ def not_on_the_gpu_machine() -> tuple[list[str], list[str]]:
                             for d in metadata.distributions()} - have)
 
 
+def test_gpu_check_plan_lowers_each_program_once():
+    """gpu_check.plan: the targets' rows first; programs that differ only in XLA's compile
+    options share one lowering (tracing a ViT-B/16 step takes seconds on the GPU machine)."""
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    from gpu_check import DEFAULT_VARIANTS, REMAT, TARGET_ROWS, VARIANTS, plan
+    from trainer import load_config
+    base = load_config('configs/imagenet100.py', True)
+    jobs = plan(base, [8, 16], [32], [64], tuple(VARIANTS))
+    assert [j.name for j in jobs[:4]] == list(TARGET_ROWS)
+    assert [(j.batch, j.name) for j in jobs[4:7]] == [(16, 'paper'), (32, 'paper'), (64, REMAT)]
+    with_options = [j for j in jobs if j.options]
+    assert len(with_options) == 4 and {j.key for j in with_options} == {jobs[0].key}
+    assert len({j.key for j in jobs}) == len(jobs) - 4
+    short = plan(base, [8], [], [], ('masks', 'dropout 8-bit'))
+    assert [j.name for j in short] == ['masks', 'dropout 8-bit']
+    assert short[1].config.model.dropout_bits == 8 and base.model.dropout_bits == 32
+    assert [j.name for j in plan(base, [8], [], [])] == list(DEFAULT_VARIANTS)
+
+
 def test_gpu_check_times_the_others_when_one_step_fails():
     """gpu_check.alternate: a step that raises (on its first call, or later) is dropped with
     its error; the others are called every round and timed."""
@@ -148,16 +168,18 @@ def test_the_train_step_compiles_for_a_gpu_or_says_what_it_needs():
             '"jax[cuda12]" (about 6 GB; no GPU is needed)'), r.stderr[-2000:]
         return
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    fused = dict(re.findall(r'^\| cudnn \| (\w+) \| rbg \| 8 \| compiles \|.*\| (\d / \d) \|',
+    fused = dict(re.findall(r'^\| cudnn \| (\w+) \| rbg \| 32 \| 8 \| compiles \|.*\| (\d / \d) \|',
                             r.stdout, re.M))
     assert fused == {'none': '1 / 1', 'dots': '1 / 1', 'full': '2 / 1'}, r.stdout[-3000:]
-    assert re.search(r'^\| xla \| none \| rbg \| 8 \| compiles \|.*\| 0 / 0 \|', r.stdout, re.M)
+    assert re.search(r'^\| xla \| none \| rbg \| 32 \| 8 \| compiles \|.*\| 0 / 0 \|', r.stdout,
+                     re.M)
 
 
 def test_device_profile_reads_a_gpu_trace():
     """benchmarks/profile_step.device_ops on a GPU-shaped Chrome trace (as jax.profiler writes
     one on a GPU): stream lines only (the derived 'XLA Ops' line would count twice), kernels
-    classified by name, per step, joined with the HLO op's jax op."""
+    classified by name, per step, joined with the HLO op's jax op (for a kernel inside a
+    command buffer, through its own name: XLA's fusion kernels are named after their HLO)."""
     sys.path.insert(0, str(ROOT / 'benchmarks'))
     from profile_step import device_ops
 
@@ -179,20 +201,25 @@ def test_device_profile_reads_a_gpu_trace():
                    kernel(7, 'loop_add_fusion_2', 50, 'fusion.2'),
                    kernel(7, 'input_reduce_fusion', 30, 'fusion.9'),
                    kernel(7, 'memcpy32_post', 20),
+                   kernel(7, 'loop_convert_select_fusion_11', 40, 'command_buffer_383'),
                    kernel(9, 'custom-call.3', 300, 'custom-call.3')]
-    hlo = {'custom-call.3': ('bf16[4608,2304]', 'jvp(VisionTransformer)/encoderblock_3/qkv')}
-    out = device_ops(events, hlo, steps=2, top=3)
-    assert out['busy_ms'] == pytest.approx(0.5)
+    hlo = {'custom-call.3': ('bf16[4608,2304]', 'jvp(VisionTransformer)/encoderblock_3/qkv'),
+           'loop_convert_select_fusion.11': ('bf16[32,577,3072]',
+                                             'jvp(VisionTransformer)/encoderblock_5/select_n')}
+    out = device_ops(events, hlo, steps=2, top=4)
+    assert out['busy_ms'] == pytest.approx(0.54)
     assert dict(out['kinds']) == pytest.approx({
-        'matmul': 0.3, 'attention (fused)': 0.1, 'other fusion': 0.05,
-        'reduction fusion': 0.03, 'memcpy / memset': 0.02})
+        'matmul': 0.3, 'attention (fused)': 0.1, 'other fusion': 0.09,
+        'reduction fusion': 0.03, 'memcpy / memset': 0.02})  # 'convert' is no convolution
     ms, calls, name, op, jax_op = out['top'][0]
     assert (ms, calls, op) == (pytest.approx(0.3), 1, 'custom-call.3')
     assert name.startswith('nvjet') and jax_op.endswith('encoderblock_N/qkv')
+    assert out['top'][3][3:] == ('loop_convert_select_fusion.11',
+                                 'jvp(VisionTransformer)/encoderblock_N/select_n')
     assert device_ops(events[:1] + events[4:5], hlo, 2, 3) is None  # no device: a CPU trace
     from profile_step import fusion_bandwidth
     assert fusion_bandwidth(out['kinds'], {'by_kind': {'fusion': 0.2, 'custom-call': 9}}) == (
-        "XLA's fusions: 0.2 GB/step by the HLO (a floor), 0.08 ms/step, 2.50 TB/s")
+        "XLA's fusions: 0.2 GB/step by the HLO (a floor), 0.12 ms/step, 1.67 TB/s")
 
 
 def test_memory_traffic_counts_what_each_kernel_reads_and_writes():

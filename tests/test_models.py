@@ -1,5 +1,8 @@
 """The model: official names and shapes, variants, options."""
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,7 @@ from helpers import FakeDevice
 from sparse_vit_jax.checkpoints import flatten
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import VARIANTS, abstract_params, create_model, init_params
+from sparse_vit_jax.models.vit import Dropout
 
 OFFICIAL_PARAM_COUNTS = {  # from the ViT paper, Table 1 (ImageNet-1k heads, 224 px)
     'ViT-B_16': 86.6e6, 'ViT-L_16': 304.3e6, 'ViT-H_14': 632.0e6}
@@ -76,6 +80,66 @@ def test_dropout_and_bf16():
     e16 = bf.apply({'params': p}, x)
     assert e16.dtype == jnp.float32
     np.testing.assert_allclose(e16, e, atol=0.05 * float(jnp.abs(e).max()))
+
+
+@pytest.mark.parametrize('bits', [8, 32])
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
+def test_dropout_keeps_the_rounded_rate_and_the_mean(bits, impl):
+    """Kept share and scale against the formula: kept iff the draw < round(0.9 * 2**bits),
+    scaled by 2**bits / that; over 10**6 draws the share is within 5 standard deviations."""
+    n, rate = 1_000_000, 0.1
+    keep = round((1 - rate) * 2 ** bits)
+    x = jnp.full((n,), 3.0)
+    y = np.asarray(Dropout(rate, bits).apply({}, x, deterministic=False,
+                                             rngs={'dropout': jax.random.key(0, impl=impl)}))
+    kept = y != 0
+    p = keep / 2 ** bits
+    assert abs(kept.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+    np.testing.assert_allclose(y[kept], 3.0 * 2 ** bits / keep, rtol=1e-6)
+    assert abs(y.mean() - 3.0) < 5 * 3.0 * np.sqrt((1 - p) / p / n)
+    if bits == 8:  # 0.1 is drawn as 26/256
+        assert abs(kept.mean() - 230 / 256) < 0.002 and abs(230 / 256 - 0.9) > 0.001
+    np.testing.assert_array_equal(
+        Dropout(rate, bits).apply({}, x, deterministic=True), x)
+    assert not np.asarray(Dropout(1.0, bits).apply(
+        {}, x, deterministic=False, rngs={'dropout': jax.random.key(0)})).any()
+
+
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
+def test_dropout_32_bits_is_flax_dropout(impl):
+    """The default draws are flax's: the same key keeps the same elements (flax compares 23
+    of the 32 bits as a float, so at most the rare draws at the boundary differ) with the
+    same scale."""
+    x = jax.random.normal(jax.random.key(1), (4, 65, 96))
+    rngs = {'dropout': jax.random.key(7, impl=impl)}
+    ours = np.asarray(Dropout(0.1).apply({}, x, deterministic=False, rngs=rngs))
+    flax = np.asarray(nn.Dropout(0.1).apply({}, x, deterministic=False, rngs=rngs))
+    assert ((ours == 0) != (flax == 0)).sum() <= 2
+    both = (ours != 0) & (flax != 0)
+    np.testing.assert_allclose(ours[both], flax[both], rtol=1e-6)
+
+
+def test_dropout_bits_shrink_the_random_words_the_step_draws():
+    """What the GPU saves: the random bytes drawn for a training forward pass are 1 per
+    element instead of 4 (read off the jaxpr's random_bits: 32-bit words, as XLA's GPU
+    generator writes them whatever width it is asked for)."""
+    x = jnp.ones((2, 16, 16, 3))
+
+    m = create_model('testing', num_classes=3, dropout_rate=0.1)
+    p = init_params(m, 16)
+
+    def drawn_bytes(bits: int) -> int:
+        model = m.clone(dropout_bits=bits)
+        jaxpr = jax.make_jaxpr(lambda k: model.apply({'params': p}, x, train=True,
+                                                     rngs={'dropout': k}))(jax.random.key(0))
+        return sum(e.params['bit_width'] // 8 * math.prod(e.params['shape'])
+                   for e in jaxpr.eqns if e.primitive.name == 'random_bits')
+
+    # What the dropouts see: the embedding's output; per block, two residual branches and
+    # the MLP's hidden layer.
+    tokens, width, mlp = 2 * 17, m.hidden_size, m.mlp_dim
+    elements = tokens * width * (1 + 2 * m.num_layers) + tokens * mlp * m.num_layers
+    assert [drawn_bytes(b) for b in (32, 8)] == [4 * elements, elements]
 
 
 def test_bad_names_and_sizes():
