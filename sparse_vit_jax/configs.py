@@ -53,9 +53,9 @@ def base_config() -> mlc.ConfigDict:
                                      # pallas (Pallas flash attention on TPUs, tokens padded)
     c.model.remat = 'none'         # none | full | dots: recompute activations, larger batches
     c.model.dropout_rate = 0.1
-    c.model.dropout_bits = 32      # random bits per dropout draw: 32 | 8 (a quarter of the
-                                   # random bytes on GPUs; the rate is rounded to a multiple
-                                   # of 1/256: 0.1 is drawn as 0.1016)  (models.vit.Dropout)
+    c.model.dropout_bits = 32      # random bits per dropout draw: 32 (flax's nn.Dropout) | 8
+                                   # (a quarter of the random bytes on GPUs; the rate is
+                                   # rounded to a multiple of 1/256: 0.1 is drawn as 0.1016)
     c.model.attention_dropout_rate = 0.0
     c.model.hidden_size = 0        # 0 = the variant's; set to build a custom size
     c.model.num_layers = 0

@@ -97,13 +97,14 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None
 
 
 class Dropout(nn.Module):
-    """Inverted dropout drawing 32 random bits per element, as flax's does, or 8. On a GPU
-    the random words are written to memory and read back: with 32 bits about a fifth of the
-    bytes XLA's fusions move in a ViT-B/16 step at 384 px, with 8 those fusions move 13% less
-    (the draws fuse into the mask; benchmarks/gpu_compile.py). An element is kept when its
-    draw falls below round((1 - rate) * 2**bits), and kept elements are scaled by the inverse
-    of that exact probability, so the expectation is unchanged; the rate drawn is the asked
-    one rounded to a multiple of 2**-bits (8 bits: 0.1 is drawn as 26/256 = 0.1016)."""
+    """Inverted dropout: with 32 bits exactly flax's nn.Dropout (a float draw per element),
+    with 8 one random byte per element. On a GPU the random words are written to memory and
+    read back: with 32 bits about a fifth of the bytes XLA's fusions move in a ViT-B/16 step at
+    384 px, with 8 those fusions move 13% less (the draws fuse into the mask;
+    benchmarks/gpu_compile.py). A byte keeps its element when it is below
+    round((1 - rate) * 256), and kept elements are scaled by the inverse of that exact
+    probability, so the expectation is unchanged; the rate drawn is the asked one rounded to a
+    multiple of 1/256 (0.1 is drawn as 26/256 = 0.1016)."""
 
     rate: float
     bits: int = 32
@@ -112,18 +113,23 @@ class Dropout(nn.Module):
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
-        levels = 1 << self.bits
-        keep = min(round((1.0 - self.rate) * levels), levels)
-        if keep == levels:  # the rate rounds to 0
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        if self.bits == 32:  # flax's draws, bit for bit
+            keep = 1.0 - self.rate
+            mask = jax.random.bernoulli(self.make_rng('dropout'), keep, x.shape)
+            return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+        keep = round((1.0 - self.rate) * 256)
+        if keep == 256:  # the rate rounds to 0
             return x
         if keep == 0:
             return jnp.zeros_like(x)
-        # 32-bit words split into bytes: XLA's GPU generator writes 32-bit words whatever
+        # Bytes cut from 32-bit words: XLA's GPU generator writes 32-bit words whatever
         # width it is asked for.
-        word, n = np.dtype(f'uint{self.bits}'), x.size
-        words = jax.random.bits(self.make_rng('dropout'), (-(-n * self.bits // 32),), jnp.uint32)
-        draws = jax.lax.bitcast_convert_type(words, word).reshape(-1)[:n].reshape(x.shape)
-        return jax.lax.select(draws < word.type(keep), x * (levels / keep), jnp.zeros_like(x))
+        words = jax.random.bits(self.make_rng('dropout'), (-(-x.size // 4),), jnp.uint32)
+        draws = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:x.size]
+        return jax.lax.select(draws.reshape(x.shape) < np.uint8(keep), x * (256 / keep),
+                              jnp.zeros_like(x))
 
 
 def per_block(value: IntOrPerBlock, depth: int, name: str) -> tuple[int, ...]:
