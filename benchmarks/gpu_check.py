@@ -1,6 +1,6 @@
 """The GPU check: the trainer's own jitted step, timed on synthetic batches, against PyTorch.
 
-    bash benchmarks/gpu_check.sh                 # one GPU, under 6 minutes
+    bash benchmarks/gpu_check.sh                 # one GPU, meant for under 6 minutes
     python benchmarks/gpu_check.py --tiny        # the same code on any device (CI: the CPU)
 
 The step is the one `python -m sparse_vit_jax.main --config=configs/imagenet100.py` runs:

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The GPU check (one NVIDIA GPU, under 6 minutes): the trainer's jitted step for
+# The GPU check (one NVIDIA GPU; meant to take under 6 minutes, which the README says where
+# it was measured): the trainer's jitted step for
 # configs/imagenet100.py (ViT-B/16 at 384 px, bf16, fused attention, the paper's penalty) on
 # synthetic batches, its variants, the largest batch that fits, and PyTorch's step alternated
 # with it; images/s and MFU against a bf16 matmul peak measured in the same run
 # (benchmarks/gpu_check.py says what each row is). No TensorFlow is needed.
 #
 # Run from the repository root:  bash benchmarks/gpu_check.sh [RESULTS.json [FLAGS...]]
-# (FLAGS go to gpu_check.py: --tiny runs the same code on the testing ViT, on any device.)
+# (FLAGS go to gpu_check.py: --tiny runs the same code on the testing ViT, on any device;
+# --variants all adds the rows measured once, see the README.) Its lines are printed as they
+# happen, with the check's clock; a filter in a pipe must pass them on at once
+# (grep --line-buffered), or a run stopped by a time limit loses them.
 # A machine without ml-collections or clu (and wrapt, which clu imports) takes them as
 # pure-Python wheels in .whl/, downloaded where there is a package index:
 #   python3 -m pip download --no-deps --only-binary=:all: --platform any --implementation py \

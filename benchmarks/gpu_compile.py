@@ -120,7 +120,7 @@ def main() -> int:
     mesh = gpu_mesh(args.gpu)
     from common import command, environment, write_json
     from tpu_compile import compile_row
-    from trainer import load_config, with_overrides
+    from trainer import load_config
     base = load_config(args.config, args.tiny)
     if args.tiny:
         args.batches = '8'
@@ -138,10 +138,9 @@ def main() -> int:
     for attention, remat, rng, bits, batch in itertools.product(
             words(args.attention), words(args.remat), words(args.rng),
             [int(b) for b in words(args.dropout_bits)], [int(b) for b in words(args.batches)]):
-        c = with_overrides(base, {'model.dropout_bits': bits}, base.batch_size)
-        r = compile_row(c, mesh, attention, remat, batch, inspect=lambda c: examine(c, args.top),
-                        rng=rng)
-        r.update(dropout_bits=bits, over_memory=r.get('memory_gib', 0) > gib)
+        r = compile_row(base, mesh, attention, remat, batch,
+                        inspect=lambda c: examine(c, args.top), rng=rng, dropout_bits=bits)
+        r['over_memory'] = r.get('memory_gib', 0) > gib
         rows.append(r)
         result = r['result'] + (' (more than the card has)' if r['over_memory'] else '')
         fused = f'{r["fused_forward"]} / {r["fused_backward"]}' if 'fused_forward' in r else ''

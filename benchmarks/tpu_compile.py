@@ -63,14 +63,15 @@ def tpu_mesh(topology: str) -> Any:
 
 
 def compile_row(base: Any, mesh: Any, attention: str, remat: str, per_chip: int,
-                fsdp: bool = False, inspect: Any = None, rng: str = 'rbg') -> dict[str, Any]:
+                fsdp: bool = False, inspect: Any = None, rng: str = 'rbg',
+                dropout_bits: int = 32) -> dict[str, Any]:
     """One compile: the step for `per_chip` images on each chip of `mesh`; `inspect(compiled)`
     adds its own entries to the row."""
     c = with_overrides(base, {'model.attention_impl': attention, 'model.remat': remat,
-                              'model.dtype': 'bfloat16', 'rng_impl': rng, 'mesh.fsdp': fsdp},
-                       per_chip * mesh.size)
+                              'model.dtype': 'bfloat16', 'rng_impl': rng, 'mesh.fsdp': fsdp,
+                              'model.dropout_bits': dropout_bits}, per_chip * mesh.size)
     row: dict[str, Any] = {'attention': attention, 'remat': remat, 'rng': rng,
-                           'batch_per_chip': per_chip}
+                           'dropout_bits': dropout_bits, 'batch_per_chip': per_chip}
     t = time.perf_counter()
     try:
         _, lowered = lower_train_step(c, mesh)
