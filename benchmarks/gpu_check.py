@@ -312,7 +312,7 @@ def main() -> int:
     if args.tiny:
         trace_cpu_ops()
     global START
-    t0 = START = time.perf_counter()
+    START = time.perf_counter()
     import torch
     on_gpu = jax.default_backend() == 'gpu' and torch.cuda.is_available()
     if not on_gpu and not args.tiny:
@@ -347,9 +347,9 @@ def main() -> int:
     use_rng_impl(base.rng_impl)
     check_jobs, (variables, images) = logits_jobs(with_overrides(base, {}, batches[0]))
     order = jobs[:1] + check_jobs + jobs[1:]  # the logits check is needed whatever happens
-    print(f'# {len(order)} programs lowered in {time.perf_counter() - t0:.1f} s; compiling '
+    print(f'# {len(order)} programs lowered in {time.perf_counter() - START:.1f} s; compiling '
           f'with {args.workers} threads', flush=True)
-    compile_all(order, t0 + args.budget_s, args.workers, must=1 + len(check_jobs))
+    compile_all(order, START + args.budget_s, args.workers, must=1 + len(check_jobs))
 
     results: list[dict[str, Any]] = []
 
@@ -453,13 +453,13 @@ def main() -> int:
 
     # Last, so that a run cut short has printed and saved everything else.
     traced = ['profile: skipped (--no-profile, the step did not run, or past --profile-by-s)']
-    if paper_run is not None and time.perf_counter() - t0 < args.profile_by_s:
+    if paper_run is not None and time.perf_counter() - START < args.profile_by_s:
         try:
             traced = profile(jobs[0], paper_run, args.steps)
         except (Exception, SystemExit) as e:  # noqa: BLE001 - a line, not the end
             traced = [f'profile: failed: {first_line(e)}']
     print('\n' + '\n'.join(traced))
-    print(f'# whole check: {time.perf_counter() - t0:.0f} s', flush=True)
+    print(f'# whole check: {time.perf_counter() - START:.0f} s', flush=True)
     if args.json:
         write_json(args.json, {**final, 'profile': traced})
     failed_jobs = [j for j in order if 'failed: ' in j.status]

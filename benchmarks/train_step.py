@@ -3,12 +3,14 @@
     python benchmarks/train_step.py                 # CPU: Ti/16@224 b32, B/16@224 b8, B/16@384 b2
     python benchmarks/train_step.py --tiny          # CI smoke run (asserts nothing)
     python benchmarks/train_step.py --jax-defaults  # ours without the two CPU fixes below
+    python benchmarks/train_step.py --variants plain,dropout8  # 8-bit against 32-bit dropout
 
 Both steps do forward, cross-entropy, backward and an SGD-momentum update with
 coupled weight decay (the paper's optimizer) on the same architecture, batch and
 image size; they alternate after warm-up and the median images/s is reported.
 Ours is also timed with the attention penalty, the L1 transform and the
-mask-keeping wrapper. The PyTorch model is HuggingFace's ViTForImageClassification
+mask-keeping wrapper (`--variants` picks them; `dropout8` is 8-bit dropout draws).
+The PyTorch model is HuggingFace's ViTForImageClassification
 (exact GELU, as in our 'hf' numerics) with a dropout after the MLP's GELU added,
 so that it drops out where the official ViT (and ours, and timm's) does.
 Synthetic batches live on the device.
@@ -48,7 +50,8 @@ from sparse_vit_jax.train.host_memory import retain_freed_memory  # noqa: E402
 
 
 def ours(name, size, batch, dtype, variant='plain', return_step=False):
-    model = create_model(name, num_classes=10, dtype=dtype, **NUMERICS['hf'])
+    model = create_model(name, num_classes=10, dtype=dtype, **NUMERICS['hf'],
+                         dropout_bits=8 if variant == 'dropout8' else 32)
     params = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)))['params'])(
         jax.random.key(0))
     base = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(1e-3, momentum=0.9))
@@ -159,6 +162,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument('--tiny', action='store_true')
     ap.add_argument('--reps', type=int, default=5)
+    ap.add_argument('--variants', default='plain,attention,l1,masks',
+                    help='ours: plain, attention (penalty), l1, masks, dropout8 (8-bit draws)')
     ap.add_argument('--jax-defaults', action='store_true',
                     help='leave out the CPU Threefry lowering and the malloc settings')
     args = ap.parse_args()
@@ -167,7 +172,7 @@ def main() -> None:
     print(f'# {command()}\n# {environment()}\n')
     cases = ([('testing', 32, 4)] if args.tiny else
              [('ViT-Ti_16', 224, 32), ('ViT-B_16', 224, 8), ('ViT-B_16', 384, 2)])
-    variants = ['plain'] if args.tiny else ['plain', 'attention', 'l1', 'masks']
+    variants = ['plain'] if args.tiny else args.variants.split(',')
     reps = 2 if args.tiny else args.reps
     print('| model | image | batch | ' + ' | '.join(f'{v} img/s' for v in variants) +
           ' | pytorch img/s | ratio (plain / pytorch) |')
