@@ -147,11 +147,28 @@ def _pass_and_op(jax_op: str) -> str:
     return ('bwd ' if 'transpose(' in jax_op else 'fwd ') + '/'.join(parts)
 
 
+_COMPUTATION = re.compile(r'^%?([\w.-]+) \(.*?\) -> .*? \{\n(.*?)^\}', re.M | re.S)
+_DUS_ROOT = re.compile(r'ROOT %\S+ = \S+ dynamic-update-slice\(%[\w.-]+, %([\w.-]+)')
+
+
+def _in_place_updates(hlo_text: str) -> dict[str, int]:
+    """{fused computation: bytes of its update} for the fusions whose root is a
+    dynamic-update-slice: XLA runs them in place, writing only the updated region."""
+    out = {}
+    for name, body in _COMPUTATION.findall(hlo_text):
+        if (root := _DUS_ROOT.search(body)) and (
+                update := re.search(rf'%{re.escape(root.group(1))} = (\S+) ', body)):
+            out[name] = _shape_bytes(update.group(1))
+    return out
+
+
 def memory_traffic(hlo_text: str, top: int = 0) -> dict[str, Any]:
     """What the compiled program's kernels read and write, from its optimized HLO: each
     kernel of the entry computation (a fusion, a library call, a copy) reads its operands
-    and writes its result once. A rough floor of the memory traffic (caches aside, and
-    the bodies of loops uncounted): what memory-bound kernels cost, seen without a device.
+    and writes its result once, but an in-place update (a fusion whose root is a
+    dynamic-update-slice) reads and writes only its update. A rough floor of the memory
+    traffic (caches aside, and the bodies of loops uncounted): what memory-bound kernels
+    cost, seen without a device.
     {'gb', 'kernels', 'by_kind': {HLO kind: gb}, 'top': [(gb, calls, jax op), ...] by op
     (any block)}. On a GPU the kind 'fusion' holds XLA's own memory-bound kernels; matmuls
     are library calls (custom-call, as fused attention) or 'matmul fusion' (Triton's or
@@ -161,6 +178,7 @@ def memory_traffic(hlo_text: str, top: int = 0) -> dict[str, Any]:
     by_op: collections.Counter = collections.Counter()
     by_kind: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
+    updates = _in_place_updates(hlo_text)
     for m in re.finditer(r'^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][\w-]*)\((.*)$', entry, re.M):
         name, shape, kind, rest = m.groups()
         sizes[name] = _shape_bytes(shape)
@@ -172,6 +190,9 @@ def memory_traffic(hlo_text: str, top: int = 0) -> dict[str, Any]:
         op = re.search(r'op_name="([^"]*)"', rest)
         key = _pass_and_op(op.group(1)) if op else kind
         moved = sizes[name] + sum(sizes.get(o, 0) for o in operands)
+        if kind == 'fusion' and (called := re.search(r'calls=%([\w.-]+)', rest)) and \
+                called.group(1) in updates:
+            moved = 2 * updates[called.group(1)]
         by_op[key] += moved
         by_kind['matmul fusion' if kind == 'fusion' and _GEMM.search(rest) else kind] += moved
         calls[key] += 1

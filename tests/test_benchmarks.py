@@ -263,3 +263,36 @@ ENTRY %main (p0: bf16[64,128], p1: bf16[128,32]) -> f32[64,32] {
         'fwd Transformer/encoderblock_N/Dropout_0/select_n': fused,
         'bwd Transformer/encoderblock_N/Dense_0/dot_general': matmul, 'convert': convert,
         'fusion': triton}  # no op_name: its kind
+
+
+def test_memory_traffic_counts_an_in_place_update_as_its_update():
+    """A fusion whose root is a dynamic-update-slice (XLA runs it in place) moves the
+    updated region, read and written, not the whole buffer; other fusions are unchanged."""
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    from profile_step import memory_traffic
+    hlo = '''HloModule step
+
+%fused_dynamic_update_slice (param_0.1: bf16[4,64,8]) -> bf16[4,64,8] {
+  %param_0.1 = bf16[4,64,8]{2,1,0} parameter(0)
+  %constant_1 = bf16[] constant(0)
+  %broadcast.2 = bf16[4,47,8]{2,1,0} broadcast(%constant_1), dimensions={}
+  %constant_3 = s32[] constant(0)
+  %constant_4 = s32[] constant(17)
+  ROOT %dynamic-update-slice.5 = bf16[4,64,8]{2,1,0} dynamic-update-slice(%param_0.1, \
+%broadcast.2, %constant_3, %constant_4, %constant_3)
+}
+
+%fused_negate (param_0.2: bf16[4,64,8]) -> bf16[4,64,8] {
+  %param_0.2 = bf16[4,64,8]{2,1,0} parameter(0)
+  ROOT %negate.6 = bf16[4,64,8]{2,1,0} negate(%param_0.2)
+}
+
+ENTRY %main (p0: bf16[4,64,8]) -> bf16[4,64,8] {
+  %p0 = bf16[4,64,8]{2,1,0} parameter(0)
+  %u = bf16[4,64,8]{2,1,0} fusion(%p0), kind=kLoop, calls=%fused_dynamic_update_slice
+  ROOT %n = bf16[4,64,8]{2,1,0} fusion(%u), kind=kLoop, calls=%fused_negate
+}
+'''
+    out = memory_traffic(hlo)
+    assert out['kernels'] == 2
+    assert out['gb'] * 1e9 == 2 * 4 * 47 * 8 * 2 + 2 * 4 * 64 * 8 * 2

@@ -148,6 +148,33 @@ def test_dropout_bits_shrink_the_random_words_the_step_draws():
     assert [drawn_bytes(b) for b in (32, 8)] == [4 * elements, elements]
 
 
+@pytest.mark.parametrize('approximate', [True, False])
+def test_gelu_is_jax_gelu_with_the_derivative_of_the_formula(approximate):
+    """Forward: jax.nn.gelu bit for bit (fp32 and bf16). Gradient: the numpy float64
+    derivative of the GELU formula (central differences), within fp32 rounding; the backward
+    pass keeps the input only."""
+    from scipy.special import erf
+
+    from sparse_vit_jax.models.vit import gelu
+    x = np.linspace(-6, 6, 2001).astype(np.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        xs = jnp.asarray(x, dtype)
+        np.testing.assert_array_equal(np.asarray(gelu(xs, approximate), np.float32),
+                                      np.asarray(jax.nn.gelu(xs, approximate), np.float32))
+
+    def formula(z):
+        if approximate:
+            return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+        return 0.5 * z * (1 + erf(z / np.sqrt(2)))
+
+    z, eps = x.astype(np.float64), 1e-6
+    want = (formula(z + eps) - formula(z - eps)) / (2 * eps)
+    got = jax.vmap(jax.grad(lambda t: gelu(t, approximate)))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
+    _, vjp = jax.vjp(lambda t: gelu(t, approximate), jnp.asarray(x))
+    assert [r.shape for r in jax.tree.leaves(vjp)] == [x.shape]
+
+
 def test_bad_names_and_sizes():
     with pytest.raises(UserError, match='unknown model'):
         create_model('ViT-Q_16', num_classes=10)
@@ -204,16 +231,64 @@ def test_padded_fused_attention_equals_unpadded(image_size):
 
 
 def test_fused_attention_masks_padded_keys_against_numpy():
-    """Against a float64 numpy softmax(q k^T) v over the real tokens only."""
+    """Against a float64 numpy softmax(q k^T) v over the real tokens only: 17 of 64, the
+    padded ones filled with large values that would dominate if they were attended."""
     from sparse_vit_jax.models.vit import fused_attention
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(2, 17, 3, 8)).astype(np.float32) for _ in range(3))
-    got = np.asarray(fused_attention(q, k, v, 'xla'))
+    padded = [np.concatenate([t, np.full((2, 47, 3, 8), 30.0, np.float32)], axis=1)
+              for t in (q, k, v)]
+    got = np.asarray(fused_attention(*padded, 'xla', 17))
     logits = np.einsum('bqhd,bkhd->bhqk', q.astype(np.float64), k)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     want = np.einsum('bhqk,bkhd->bqhd', p / p.sum(-1, keepdims=True), v)
-    assert got.shape == want.shape
+    assert got.shape == (2, 64, 3, 8)
+    np.testing.assert_allclose(got[:, :17], want, atol=1e-5)
+
+
+def test_fused_path_ignores_what_the_kernel_leaves_in_padded_rows(monkeypatch):
+    """A kernel that leaves NaN in the padded rows of its output and of its gradients (cuDNN
+    leaves them unspecified): the model's logits and every parameter gradient stay those of
+    the exact attention (fp32, 1e-5), so neither the output projection nor any weight or bias
+    gradient reads a padded row."""
+    exact = create_model('testing', num_classes=5)
+    fused = create_model('testing', num_classes=5, attention_impl='padded_xla')
+    params = init_params(exact, 16)  # 17 tokens, padded to 64
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape),
+                          params)
+    x = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+    real = jax.nn.dot_product_attention
+
+    def nan_rows(t, n):
+        return t.at[:, n:].set(jnp.nan)
+
+    def leaves_nan(q, k, v, *, query_seq_lengths, **kw):
+        n = int(query_seq_lengths[0])
+
+        @jax.custom_vjp
+        def attend(q, k, v):
+            return jnp.concatenate([real(q[:, :n], k[:, :n], v[:, :n], **kw),
+                                    jnp.full_like(q[:, n:], jnp.nan)], axis=1)
+
+        def fwd(q, k, v):
+            return attend(q, k, v), (q, k, v)
+
+        def bwd(res, g):
+            _, vjp = jax.vjp(lambda *t: real(*(a[:, :n] for a in t), **kw), *res)
+            return tuple(nan_rows(d, n) for d in vjp(g[:, :n]))
+
+        attend.defvjp(fwd, bwd)
+        return attend(q, k, v)
+
+    monkeypatch.setattr(jax.nn, 'dot_product_attention', leaves_nan)
+    want, got = (np.asarray(m.apply({'params': params}, x)) for m in (exact, fused))
     np.testing.assert_allclose(got, want, atol=1e-5)
+    grads = [jax.grad(lambda p, m=m: jnp.sum(m.apply({'params': p}, x) ** 2))(params)
+             for m in (exact, fused)]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads[0]),
+                            jax.tree.leaves(grads[1])):
+        assert np.isfinite(np.asarray(b)).all(), path
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, err_msg=str(path))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ files is a key/shape check. Two additions serve sparsity work:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -39,12 +40,51 @@ def dots_and_fused_attention_saveable(prim: Any, *avals: Any, **params: Any) -> 
     the backward pass reruns every block's cuDNN or Pallas attention forward, about 11% of a
     block's forward FLOPs at 384 px (2*N*D against 12*D^2 multiply-adds per token). The
     Pallas kernel is the block's only custom_vjp: kept whole, with its residuals."""
-    return (prim.name.startswith('dot_product_attention_fwd') or prim.name == 'custom_vjp_call'
+    return (prim.name.startswith('dot_product_attention_fwd') or _is_pallas_call(prim, params)
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
+
+
+def _is_pallas_call(prim: Any, params: dict[str, Any]) -> bool:
+    """A custom_vjp around a Pallas kernel (not `gelu`'s, whose output is cheap to recompute)."""
+    return prim.name == 'custom_vjp_call' and any(
+        e.primitive.name == 'pallas_call' for e in params['call_jaxpr'].jaxpr.eqns)
 
 
 REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
          'dots': dots_and_fused_attention_saveable}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
+    """`jax.nn.gelu` whose backward pass keeps only the input: differentiated by JAX, XLA
+    keeps an intermediate of the forward pass (tanh's or erf's output) as large as the
+    MLP's hidden activations for the backward pass, about 1/17 of the bytes a ViT-B/16
+    step at 384 px moves on a GPU (benchmarks/gpu_compile.py); recomputing it from the
+    input costs a few flops in a kernel that reads that input anyway. The derivative is
+    computed in float32."""
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+def _gelu_fwd(x: jax.Array, approximate: bool) -> tuple[jax.Array, jax.Array]:
+    return jax.nn.gelu(x, approximate=approximate), x
+
+
+def _gelu_bwd(approximate: bool, x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    x32 = x.astype(jnp.float32)
+    # In sigmoids and erfc, which keep their precision in the tails where 1 + tanh and
+    # 1 + erf cancel (the derivative at x = -5 is -2e-6, not 0).
+    if approximate:  # 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = c (x + 0.044715 x^3)
+        two_u = 2 * math.sqrt(2 / math.pi) * (x32 + 0.044715 * x32 ** 3)
+        s = jax.nn.sigmoid(two_u)
+        d = s + x32 * s * jax.nn.sigmoid(-two_u) * (
+            2 * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x32 ** 2))
+    else:  # d/dx x Phi(x) = Phi(x) + x phi(x)
+        d = (0.5 * jax.lax.erfc(-x32 * (1 / math.sqrt(2)))
+             + x32 * jnp.exp(-0.5 * x32 * x32) * (1 / math.sqrt(2 * math.pi)))
+    return ((g.astype(jnp.float32) * d).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def _pad_tokens(align: int, *ts: jax.Array) -> tuple[int, list[jax.Array]]:
@@ -55,19 +95,37 @@ def _pad_tokens(align: int, *ts: jax.Array) -> tuple[int, list[jax.Array]]:
     return pad, [jnp.pad(t, ((0, 0), (0, pad)) + ((0, 0),) * (t.ndim - 2)) for t in ts]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def zero_padded_grad(x: jax.Array, length: int) -> jax.Array:
+    """Identity whose gradient has its token rows from `length` on set to zero, in place (an
+    update of the padded rows only, not a copy): a fused kernel's gradients of padded tokens
+    are unspecified (cuDNN leaves some unwritten), and must reach no weight or bias gradient."""
+    return x
+
+
+def _zero_padded_grad_fwd(x: jax.Array, length: int) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _zero_padded_grad_bwd(length: int, _: None, g: jax.Array) -> tuple[jax.Array]:
+    zeros = jnp.zeros((g.shape[0], g.shape[1] - length, *g.shape[2:]), g.dtype)
+    return (jax.lax.dynamic_update_slice(g, zeros, (0, length) + (0,) * (g.ndim - 2)),)
+
+
+zero_padded_grad.defvjp(_zero_padded_grad_fwd, _zero_padded_grad_bwd)
+
+
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
-                    align: int = FUSED_ALIGN) -> jax.Array:
-    """softmax(q k^T) v for (B, N, H, Dh) inputs (q pre-scaled) by `jax.nn.dot_product_attention`,
-    with N padded up to a multiple of `align`: padded keys are masked out through the
-    kernel's sequence lengths (never attended) and padded queries are sliced off."""
-    b, n = q.shape[:2]
-    pad, (q, k, v) = _pad_tokens(align, q, k, v)
-    if not pad:
+                    length: int) -> jax.Array:
+    """softmax(q k^T) v for (B, T, H, Dh) inputs (q pre-scaled) by `jax.nn.dot_product_attention`,
+    of which the first `length` tokens are real: the others are padding up to the kernel's
+    alignment, masked out through its sequence lengths (never attended). The output's
+    padded rows are unspecified."""
+    if length == q.shape[1]:
         return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation)
-    lengths = jnp.full((b,), n, jnp.int32)
-    out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation,
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation,
                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths)
-    return out[:, :n]
 
 
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None = None,
@@ -195,17 +253,17 @@ class MultiHeadDotProductAttention(nn.Module):
                for name in ('query', 'key', 'value')]
         out_kernel, out_bias = ProjectionParams((h, k, d), (d,), h * k, name='out')()
         scale = k ** -0.5  # folded into the query projection
-        w = jnp.concatenate([kk.reshape(d, h * k) * s for (kk, _), s in zip(qkv, (scale, 1, 1))],
-                            axis=1).astype(self.dtype)
-        bias = jnp.concatenate([bb.reshape(h * k) * s for (_, bb), s in zip(qkv, (scale, 1, 1))])
-        y = x.reshape(b * n, d).astype(self.dtype) @ w + bias.astype(self.dtype)
+        qkv[0] = qkv[0][0] * scale, qkv[0][1] * scale
         dropout = not deterministic and self.dropout_rate > 0
-        if self.impl in (*FUSED_IMPLS, 'pallas') and not self.sow_probs and not dropout:
-            # Fused (flash) attention; (B, N, H, Dh) in and out.
+        fused = self.impl in (*FUSED_IMPLS, 'pallas') and not self.sow_probs and not dropout
+        if fused and self.impl in FUSED_IMPLS:
+            return self._fused(x, qkv, out_kernel, out_bias)
+        w = jnp.concatenate([kk.reshape(d, h * k) for kk, _ in qkv], axis=1)
+        bias = jnp.concatenate([bb.reshape(h * k) for _, bb in qkv])
+        y = x.reshape(b * n, d).astype(self.dtype) @ w.astype(self.dtype) + bias.astype(self.dtype)
+        if fused:  # Pallas flash attention; (B, N, H, Dh) in and out
             q, key, v = (y.reshape(b, n, 3, h, k)[:, :, i] for i in range(3))
-            out = pallas_attention(q, key, v, self.mesh) if self.impl == 'pallas' else \
-                fused_attention(q, key, v, FUSED_IMPLS[self.impl])
-            return self._out(out, out_kernel, out_bias)
+            return self._out(pallas_attention(q, key, v, self.mesh), out_kernel, out_bias)
         q, key, v = y.reshape(b, n, 3, h, k).transpose(2, 0, 3, 1, 4)  # each (B, H, N, Dh)
         logits = jnp.einsum('bhqd,bhkd->bhqk', q, key)
         # Softmax in float32 whatever the compute dtype: the probabilities are
@@ -217,6 +275,38 @@ class MultiHeadDotProductAttention(nn.Module):
             probs = Dropout(self.dropout_rate, self.dropout_bits)(probs, deterministic=False)
         out = jnp.einsum('bhqk,bhkd->bqhd', probs.astype(self.dtype), v)
         return self._out(out, out_kernel, out_bias)
+
+    def _fused(self, x: jax.Array, qkv: list[tuple[jax.Array, jax.Array]],
+               out_kernel: jax.Array, out_bias: jax.Array) -> jax.Array:
+        """Fused attention (cuDNN's, or XLA's on the same padding) on tokens padded to
+        FUSED_ALIGN, laid out so that no activation is copied to feed the kernel or to take
+        its gradients apart (on a GPU, 1/8 of the bytes a ViT-B/16 step at 384 px moves in
+        XLA's own kernels; benchmarks/gpu_compile.py):
+
+        * the block's normalised input is padded (inside the LayerNorm's kernel) and
+          projected by three matmuls, each writing the (B, T, H, Dh) operand the kernel
+          reads; an optimization barrier keeps XLA from merging them into one matmul whose
+          output would be split into three copies;
+        * the key bias is left out and the value bias moved into the output bias, exactly:
+          q.b_k is the same for every key of a query's row, which softmax ignores (its
+          gradient is zero), and probabilities sum to one, so P (V + b_v) W_o = P V W_o +
+          b_v W_o. The key and value projections need no bias gradient reductions;
+        * the padded rows of the kernel's output are sliced off before the output projection,
+          and those of its gradients zeroed in place (`zero_padded_grad`): the kernel leaves
+          them unspecified, and they must reach no weight or bias gradient.
+        """
+        b, n, d = x.shape
+        h, k = self.num_heads, self.head_dim
+        t = n + (-n % FUSED_ALIGN)
+        xp = jnp.pad(x, ((0, 0), (0, t - n), (0, 0))).reshape(b * t, d).astype(self.dtype)
+        (wq, bq), (wk, _), (wv, bv) = qkv
+        q, key, v = (z @ w.reshape(d, h * k).astype(self.dtype)
+                     for z, w in zip(jax.lax.optimization_barrier((xp, xp, xp)), (wq, wk, wv)))
+        q = q + bq.reshape(h * k).astype(self.dtype)
+        q, key, v = (zero_padded_grad(z.reshape(b, t, h, k), n) for z in (q, key, v))
+        out = fused_attention(q, key, v, FUSED_IMPLS[self.impl], n)[:, :n]
+        bias = out_bias + bv.reshape(h * k) @ out_kernel.reshape(h * k, d)
+        return self._out(out, out_kernel, bias)
 
     def _out(self, out: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
         """(B, N, H, Dh) -> (B, N, D) through the `out` projection."""
@@ -238,7 +328,7 @@ class MlpBlock(nn.Module):
         init = dict(kernel_init=nn.initializers.xavier_uniform(),
                     bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
         y = nn.Dense(self.mlp_dim, **init)(x)
-        y = nn.gelu(y, approximate=self.gelu_approximate)
+        y = gelu(y, self.gelu_approximate)
         y = Dropout(self.dropout_rate, self.dropout_bits)(y, deterministic=deterministic)
         y = nn.Dense(x.shape[-1], **init)(y)
         return Dropout(self.dropout_rate, self.dropout_bits)(y, deterministic=deterministic)
