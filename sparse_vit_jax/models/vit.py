@@ -39,7 +39,7 @@ def dots_and_fused_attention_saveable(prim: Any, *avals: Any, **params: Any) -> 
     (its result, one (B, N, D) activation, and its softmax statistics). Without the second,
     the backward pass reruns every block's cuDNN or Pallas attention forward, about 11% of a
     block's forward FLOPs at 384 px (2*N*D against 12*D^2 multiply-adds per token). The
-    Pallas kernel is the block's only custom_vjp: kept whole, with its residuals."""
+    Pallas kernel's custom_vjp is kept whole, with its residuals (not `gelu`'s)."""
     return (prim.name.startswith('dot_product_attention_fwd') or _is_pallas_call(prim, params)
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
 
@@ -57,11 +57,10 @@ REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
     """`jax.nn.gelu` whose backward pass keeps only the input: differentiated by JAX, XLA
-    keeps an intermediate of the forward pass (tanh's or erf's output) as large as the
-    MLP's hidden activations for the backward pass, about 1/17 of the bytes a ViT-B/16
-    step at 384 px moves on a GPU (benchmarks/gpu_compile.py); recomputing it from the
-    input costs a few flops in a kernel that reads that input anyway. The derivative is
-    computed in float32."""
+    keeps an intermediate of the forward pass as large as the MLP's hidden activations for
+    the backward pass, about 1/17 of the bytes a ViT-B/16 step at 384 px moves on a GPU
+    (benchmarks/gpu_compile.py); recomputing it from the input costs a few flops in a kernel
+    that reads that input anyway. The derivative is computed in float32."""
     return jax.nn.gelu(x, approximate=approximate)
 
 
@@ -108,6 +107,8 @@ def _zero_padded_grad_fwd(x: jax.Array, length: int) -> tuple[jax.Array, None]:
 
 
 def _zero_padded_grad_bwd(length: int, _: None, g: jax.Array) -> tuple[jax.Array]:
+    if length == g.shape[1]:
+        return (g,)
     zeros = jnp.zeros((g.shape[0], g.shape[1] - length, *g.shape[2:]), g.dtype)
     return (jax.lax.dynamic_update_slice(g, zeros, (0, length) + (0,) * (g.ndim - 2)),)
 
@@ -280,7 +281,7 @@ class MultiHeadDotProductAttention(nn.Module):
                out_kernel: jax.Array, out_bias: jax.Array) -> jax.Array:
         """Fused attention (cuDNN's, or XLA's on the same padding) on tokens padded to
         FUSED_ALIGN, laid out so that no activation is copied to feed the kernel or to take
-        its gradients apart (on a GPU, 1/8 of the bytes a ViT-B/16 step at 384 px moves in
+        its gradients apart (on a GPU, 7% of the bytes a ViT-B/16 step at 384 px moves in
         XLA's own kernels; benchmarks/gpu_compile.py):
 
         * the block's normalised input is padded (inside the LayerNorm's kernel) and
