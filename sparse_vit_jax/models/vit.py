@@ -298,8 +298,9 @@ class MultiHeadDotProductAttention(nn.Module):
         """
         b, n, d = x.shape
         h, k = self.num_heads, self.head_dim
-        t = n + (-n % FUSED_ALIGN)
-        xp = jnp.pad(x, ((0, 0), (0, t - n), (0, 0))).reshape(b * t, d).astype(self.dtype)
+        pad, (xp,) = _pad_tokens(FUSED_ALIGN, x)
+        t = n + pad
+        xp = xp.reshape(b * t, d).astype(self.dtype)
         (wq, bq), (wk, _), (wv, bv) = qkv
         q, key, v = (z @ w.reshape(d, h * k).astype(self.dtype)
                      for z, w in zip(jax.lax.optimization_barrier((xp, xp, xp)), (wq, wk, wv)))
