@@ -61,7 +61,7 @@ from trainer import NUM_CLASSES, load_config, lower_train_step, with_overrides  
 from sparse_vit_jax.experiment import build_model, use_rng_impl  # noqa: E402
 from sparse_vit_jax.pruning import matmul_flops  # noqa: E402
 from sparse_vit_jax.train.sharding import batch_sharding, make_mesh  # noqa: E402
-from sparse_vit_jax.train.state import create_state  # noqa: E402
+from sparse_vit_jax.train.state import lower_state  # noqa: E402
 
 PLAIN = 'no penalty'
 VARIANTS = {  # name -> (config overrides, masks?, XLA compile options)
@@ -104,6 +104,8 @@ class Job:
     compile_s: float = 0.0
     status: str = ''  # '' compiled | 'skipped' | an error line
     key: tuple[Any, ...] = ()  # what the lowered program depends on
+    init: Job | None = None  # the program that makes a train step's fresh state
+    args: tuple[Any, ...] = ()  # a state init's arguments
 
 
 def plan(base: Any, batches: list[int], largest: list[int], largest_remat: list[int],
@@ -124,16 +126,31 @@ def plan(base: Any, batches: list[int], largest: list[int], largest_remat: list[
             + [job(b0, v, v) for v in variants if v not in first])
 
 
-def lower_steps(jobs: list[Job], mesh: Any) -> None:
+def lower_steps(jobs: list[Job], mesh: Any) -> list[Job]:
     """Traces the trainer's steps on abstract shapes (no device memory is used yet), once
-    for programs that differ only in XLA's compile options."""
+    for programs that differ only in XLA's compile options, and the programs that make their
+    fresh states (`lower_state`), which it returns: one per distinct state, as variants that
+    change neither the state's shapes, shardings, masks nor dropout keys start from the same
+    values. Tracing is slow on a GPU machine's host (6 s a program on the H200's); a state
+    made per step variant at run time cost more than the compiles on a fresh machine."""
     done: dict[tuple[Any, ...], Job] = {}
+    inits: dict[tuple[Any, ...], Job] = {}
     for job in jobs:
         if job.key in done:
             job.parts, job.lowered = done[job.key].parts, done[job.key].lowered
         else:
             job.parts, job.lowered = lower_train_step(job.config, mesh, job.masks)
             done[job.key] = job
+        p, c = job.parts, job.config
+        leaves = jax.tree.leaves(p.abstract)
+        key = (job.masks, c.seed, c.rng_impl, jax.tree.structure(p.abstract),
+               tuple((a.shape, a.dtype) for a in leaves), tuple(jax.tree.leaves(p.shardings)))
+        if key not in inits:
+            use_rng_impl(c.rng_impl)
+            lowered, args = lower_state(p.init_params, p.tx, c.seed, p.shardings)
+            inits[key] = Job(0, f'state init {len(inits) + 1}', lowered=lowered, args=args)
+        job.init = inits[key]
+    return list(inits.values())
 
 
 def logits_jobs(c: Any) -> tuple[list[Job], tuple[Any, Any]]:
@@ -172,7 +189,7 @@ def compile_all(jobs: list[Job], deadline: float, workers: int, must: int) -> No
         except Exception as e:  # noqa: BLE001 - reported in the job's row, the rest goes on
             job.status = f'compile failed: {first_line(e)}'
         job.compile_s = time.perf_counter() - t
-        print(f'# {at()} {job.name} @ {job.batch}: '
+        print(f'# {at()} {job.name}{f" @ {job.batch}" if job.batch else ""}: '
               f'{job.status or "compiled"} in {job.compile_s:.1f} s', flush=True)
 
     compile_one(0, jobs[0])
@@ -215,8 +232,8 @@ def runner(job: Job, batch: dict[str, jax.Array], steps: int) -> Any:
     """A closure that runs `steps` steps of `job` (from a fresh state), then waits for them:
     dispatch overlaps the device's work, as in the trainer's loop."""
     use_rng_impl(job.config.rng_impl)
-    p = job.parts
-    box = {'state': create_state(p.init_params, p.tx, job.config.seed, p.shardings)}
+    init = job.init
+    box = {'state': (init.compiled or init.lowered.compile())(*init.args)}
 
     def run() -> None:
         for _ in range(steps):
@@ -343,13 +360,14 @@ def main() -> int:
           flush=True)
 
     jobs = plan(base, batches, largest, largest_remat, variants)
-    lower_steps(jobs, mesh)
+    inits = lower_steps(jobs, mesh)
     use_rng_impl(base.rng_impl)
     check_jobs, (variables, images) = logits_jobs(with_overrides(base, {}, batches[0]))
-    order = jobs[:1] + check_jobs + jobs[1:]  # the logits check is needed whatever happens
+    # The logits check and the states are needed whatever happens.
+    order = jobs[:1] + check_jobs + inits + jobs[1:]
     print(f'# {len(order)} programs lowered in {time.perf_counter() - START:.1f} s; compiling '
           f'with {args.workers} threads', flush=True)
-    compile_all(order, START + args.budget_s, args.workers, must=1 + len(check_jobs))
+    compile_all(order, START + args.budget_s, args.workers, must=1 + len(check_jobs) + len(inits))
 
     results: list[dict[str, Any]] = []
 
@@ -386,6 +404,7 @@ def main() -> int:
                     fns[j.name] = runner(j, data, args.steps)
             except Exception as e:  # noqa: BLE001 - reported in the row, the rest runs
                 failed[j.name] = e
+        print(f'# {at()} batch {b}: states made', file=sys.stderr, flush=True)
         try:
             fns['pytorch'] = torch_step(name, size, b, gpu=on_gpu, bf16=True,
                                         num_classes=NUM_CLASSES, steps=args.steps)

@@ -462,6 +462,31 @@ def test_latest_meta_skips_a_step_whose_meta_is_damaged(tmp_path):
         latest_meta(tmp_path, log=said.append)
 
 
+def test_a_state_compiled_ahead_is_the_state_create_state_makes():
+    """`lower_state` (compiled ahead, run later) gives `create_state`'s values and shardings,
+    with an optimizer that closes over an array (as the mask-keeping one holds its masks):
+    the closed-over array enters as an argument, bit for bit."""
+    import optax
+
+    from sparse_vit_jax.train.sharding import make_mesh, state_shardings
+    from sparse_vit_jax.train.state import abstract_state, create_state, lower_state
+
+    held = jnp.asarray([0.0, 1.0, 0.0, 1.0])
+    tx = optax.GradientTransformation(lambda p: {'m': p['w'] * held + 1.0},
+                                      lambda u, s, p=None: (u, s))
+    init = lambda rng: {'w': jax.random.normal(rng, (4,))}  # noqa: E731
+    shardings = state_shardings(abstract_state(init, tx), make_mesh(), fsdp=False)
+    lowered, args = lower_state(init, tx, 3, shardings)
+    assert any(a is held for a in jax.tree.leaves(args))
+    ahead = lowered.compile()(*args)
+    made = create_state(init, tx, 3, shardings)
+    for a, b in zip(jax.tree.leaves(ahead), jax.tree.leaves(made), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.sharding == b.sharding
+    np.testing.assert_array_equal(ahead.opt_state['m'], ahead.params['w'] * np.array(held) + 1)
+    assert np.any(np.asarray(ahead.params['w']) != 0)
+
+
 def test_what_a_state_takes_on_each_device_is_its_shards():
     """`state_bytes`: per device, the shard of each leaf (numpy formula), a typed key included."""
     from jax.sharding import NamedSharding

@@ -1,6 +1,7 @@
 """The training engine: state, step builders, checkpoints and the loop.
 
-    train.state          TrainState, abstract_state (eval_shape), create_state, shardings
+    train.state          TrainState, abstract_state (eval_shape), create_state (lower_state
+                         to compile it ahead), shardings
     train.steps          make_train_step / make_eval_step from (loss_fn, optax tx, clu metrics)
     train.checkpointing  Checkpointer (orbax cadence, damaged-step fallback), restore_params
     train.loop           train_loop: metrics, progress, writers, checkpoints, SIGTERM

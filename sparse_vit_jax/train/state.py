@@ -55,21 +55,38 @@ def create_state(init_params: InitParams, tx: optax.GradientTransformation, seed
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 
+def lower_state(init_params: InitParams, tx: optax.GradientTransformation, seed: int,
+                shardings: TrainState) -> tuple[jax.stages.Lowered, tuple[Any, ...]]:
+    """`create_state`'s program, lowered, with the arguments it takes: for a caller that
+    compiles it ahead, beside other programs, and runs it later
+    (`lowered.compile()(*args)` is `create_state(init_params, tx, seed, shardings)`)."""
+    fn = lambda k: _init(init_params, tx, k)  # noqa: E731
+    jitted, args = _lift_constants(fn, shardings, (jax.random.PRNGKey(seed),))
+    return jitted.lower(*args), args
+
+
 def jit_lifting_constants(fn: Callable[..., Any], out_shardings: Any) -> Callable[..., Any]:
     """`jax.jit(fn, out_shardings=...)`, except that the arrays `fn` closes over (the masks
     `pruning.keep_masks` holds, say) enter the program as arguments. As constants they would
     be copied into the program (86 MB for ViT-B/16's masks), and JAX refuses them outright
     when they span devices of several hosts."""
-    from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
-
     def call(*args: Any) -> Any:
-        closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
-        tree = jax.tree.structure(shapes)
-
-        def run(consts: list[Any], *leaves: Any) -> Any:
-            return jax.tree.unflatten(tree, jaxpr_as_fun(ClosedJaxpr(closed.jaxpr, consts))(
-                *leaves))
-
-        return jax.jit(run, out_shardings=out_shardings)(closed.consts, *jax.tree.leaves(args))
+        jitted, lifted = _lift_constants(fn, out_shardings, args)
+        return jitted(*lifted)
 
     return call
+
+
+def _lift_constants(fn: Callable[..., Any], out_shardings: Any, args: tuple[Any, ...]
+                    ) -> tuple[Any, tuple[Any, ...]]:
+    """A jitted function of (constants, *leaves of args) that computes fn(*args), and those
+    arguments."""
+    from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+    tree = jax.tree.structure(shapes)
+
+    def run(consts: list[Any], *leaves: Any) -> Any:
+        return jax.tree.unflatten(tree, jaxpr_as_fun(ClosedJaxpr(closed.jaxpr, consts))(*leaves))
+
+    return jax.jit(run, out_shardings=out_shardings), (closed.consts, *jax.tree.leaves(args))
