@@ -15,10 +15,11 @@ last); then larger batches, plain and rematerialised. The L1 and masks rows keep
 penalty, so comparing them with the plain step is the stricter reading.
 
 Compiling dominates the run (a ViT-B/16@384 step compiles in about a minute on a fresh GPU),
-so every program is lowered from abstract shapes first, then compiled in threads (the first
-alone, so its autotuning runs undisturbed and fills XLA's cache for the shapes the variants
-share), in the order of what the targets need; none starts after --budget-s. Timing starts
-when compiling has ended. PyTorch's step (HF ViT with SDPA, bf16 autocast, same optimizer)
+so every program is lowered from abstract shapes and compiled in threads while the next
+is lowered (the first alone, so its autotuning runs undisturbed and fills XLA's cache for the
+shapes the variants share), in the order of what the targets need, with the programs that
+make the steps' fresh states; none starts after --budget-s. Timing starts when compiling has
+ended. PyTorch's step (HF ViT with SDPA, bf16 autocast, same optimizer)
 alternates with ours; each sample is --steps steps dispatched back to back and waited for
 once (as the trainer's loop runs them; the same for PyTorch); images/s are medians, MFU is
 the analytic matmul FLOPs (3x forward) over a bf16 matmul peak measured in the same run.
@@ -34,6 +35,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -126,33 +128,6 @@ def plan(base: Any, batches: list[int], largest: list[int], largest_remat: list[
             + [job(b0, v, v) for v in variants if v not in first])
 
 
-def lower_steps(jobs: list[Job], mesh: Any) -> list[Job]:
-    """Traces the trainer's steps on abstract shapes (no device memory is used yet), once
-    for programs that differ only in XLA's compile options, and the programs that make their
-    fresh states (`lower_state`), which it returns: one per distinct state, as variants that
-    change neither the state's shapes, shardings, masks nor dropout keys start from the same
-    values. Tracing is slow on a GPU machine's host (6 s a program on the H200's); a state
-    made per step variant at run time cost more than the compiles on a fresh machine."""
-    done: dict[tuple[Any, ...], Job] = {}
-    inits: dict[tuple[Any, ...], Job] = {}
-    for job in jobs:
-        if job.key in done:
-            job.parts, job.lowered = done[job.key].parts, done[job.key].lowered
-        else:
-            job.parts, job.lowered = lower_train_step(job.config, mesh, job.masks)
-            done[job.key] = job
-        p, c = job.parts, job.config
-        leaves = jax.tree.leaves(p.abstract)
-        key = (job.masks, c.seed, c.rng_impl, jax.tree.structure(p.abstract),
-               tuple((a.shape, a.dtype) for a in leaves), tuple(jax.tree.leaves(p.shardings)))
-        if key not in inits:
-            use_rng_impl(c.rng_impl)
-            lowered, args = lower_state(p.init_params, p.tx, c.seed, p.shardings)
-            inits[key] = Job(0, f'state init {len(inits) + 1}', lowered=lowered, args=args)
-        job.init = inits[key]
-    return list(inits.values())
-
-
 def logits_jobs(c: Any) -> tuple[list[Job], tuple[Any, Any]]:
     """The fused attention's forward and XLA's, on the same noisy parameters and images."""
     fused = build_model(c, NUM_CLASSES, 'jax')
@@ -177,24 +152,77 @@ def at() -> str:
     return f'[{time.perf_counter() - START:.0f} s]'
 
 
-def compile_all(jobs: list[Job], deadline: float, workers: int, must: int) -> None:
-    """Compiles `jobs` in order, the first alone; after `deadline` only the first `must`."""
-    def compile_one(i: int, job: Job) -> None:
-        if time.perf_counter() > deadline and i >= must:
-            job.status = 'skipped'
-            return
-        t = time.perf_counter()
-        try:
-            job.compiled = job.lowered.compile(compiler_options=job.options or None)
-        except Exception as e:  # noqa: BLE001 - reported in the job's row, the rest goes on
-            job.status = f'compile failed: {first_line(e)}'
-        job.compile_s = time.perf_counter() - t
-        print(f'# {at()} {job.name}{f" @ {job.batch}" if job.batch else ""}: '
-              f'{job.status or "compiled"} in {job.compile_s:.1f} s', flush=True)
+class Programs:
+    """Lowers the check's programs and compiles each in a thread as soon as it is lowered:
+    tracing holds the GIL and is slow on a GPU machine's host (6 s a ViT-B/16 step on the
+    H200's), XLA compiles without it. The first program compiles alone, so that its autotuning,
+    undisturbed, fills XLA's cache for the shapes the others share; then up to `workers` at
+    once, in the order given. None starts after `deadline` (its row says 'skipped') but those
+    marked `must`. Each train step also gets the program that makes its fresh state
+    (`lower_state`), one per distinct state: variants that change neither the state's shapes,
+    shardings, masks nor dropout keys start from the same values. Made at run time, a state
+    per variant took longer than the compiles on a fresh machine."""
 
-    compile_one(0, jobs[0])
-    with ThreadPoolExecutor(max(workers, 1)) as pool:  # XLA compiles without the GIL
-        list(pool.map(compile_one, range(1, len(jobs)), jobs[1:]))
+    def __init__(self, mesh: Any, deadline: float, workers: int) -> None:
+        self.mesh, self.deadline = mesh, deadline
+        self.pool = ThreadPoolExecutor(max(workers, 1))
+        self.first_done = threading.Event()
+        self.futures: list[Any] = []
+        self.steps: dict[tuple[Any, ...], Job] = {}  # what a lowered step depends on -> it
+        self.inits: dict[tuple[Any, ...], Job] = {}  # a distinct state -> its init program
+
+    def step(self, job: Job, must: bool = False) -> None:
+        if time.perf_counter() > self.deadline and not must:
+            job.status = 'skipped'
+            print(f'# {at()} {job.name} @ {job.batch}: skipped', flush=True)
+            return
+        if job.key in self.steps:  # differs only in XLA's compile options
+            job.parts, job.lowered = self.steps[job.key].parts, self.steps[job.key].lowered
+        else:
+            job.parts, job.lowered = lower_train_step(job.config, self.mesh, job.masks)
+            self.steps[job.key] = job
+        self.compile(job, must)
+        p, c = job.parts, job.config
+        leaves = jax.tree.leaves(p.abstract)
+        key = (job.masks, c.seed, c.rng_impl, jax.tree.structure(p.abstract),
+               tuple((a.shape, a.dtype) for a in leaves), tuple(jax.tree.leaves(p.shardings)))
+        if key not in self.inits:
+            use_rng_impl(c.rng_impl)
+            lowered, args = lower_state(p.init_params, p.tx, c.seed, p.shardings)
+            self.inits[key] = Job(0, f'state init {len(self.inits) + 1}', lowered=lowered,
+                                  args=args)
+            self.compile(self.inits[key], must=True)
+        job.init = self.inits[key]
+
+    def compile(self, job: Job, must: bool = False) -> None:
+        first = not self.futures
+        self.futures.append(self.pool.submit(self._compile, job, first, must))
+
+    def _compile(self, job: Job, first: bool, must: bool) -> None:
+        try:
+            if not first:
+                self.first_done.wait()
+            if time.perf_counter() > self.deadline and not (first or must):
+                job.status = 'skipped'
+            else:
+                t = time.perf_counter()
+                try:
+                    job.compiled = job.lowered.compile(compiler_options=job.options or None)
+                except Exception as e:  # noqa: BLE001 - reported in the job's row
+                    job.status = f'compile failed: {first_line(e)}'
+                job.compile_s = time.perf_counter() - t
+            print(f'# {at()} {job.name}{f" @ {job.batch}" if job.batch else ""}: '
+                  f'{job.status or "compiled"} in {job.compile_s:.1f} s', flush=True)
+        finally:
+            if first:
+                self.first_done.set()
+
+    def wait(self) -> int:
+        """Waits for every compile; returns how many programs there were."""
+        for f in self.futures:
+            f.result()
+        self.pool.shutdown()
+        return len(self.futures)
 
 
 def first_line(e: Exception) -> str:
@@ -360,14 +388,17 @@ def main() -> int:
           flush=True)
 
     jobs = plan(base, batches, largest, largest_remat, variants)
-    inits = lower_steps(jobs, mesh)
+    programs = Programs(mesh, START + args.budget_s, args.workers)
+    programs.step(jobs[0], must=True)  # the paper's step, whatever the budget
     use_rng_impl(base.rng_impl)
     check_jobs, (variables, images) = logits_jobs(with_overrides(base, {}, batches[0]))
-    # The logits check and the states are needed whatever happens.
-    order = jobs[:1] + check_jobs + inits + jobs[1:]
-    print(f'# {len(order)} programs lowered in {time.perf_counter() - START:.1f} s; compiling '
-          f'with {args.workers} threads', flush=True)
-    compile_all(order, START + args.budget_s, args.workers, must=1 + len(check_jobs) + len(inits))
+    for j in check_jobs:  # needed whatever happens
+        programs.compile(j, must=True)
+    for j in jobs[1:]:
+        programs.step(j)
+    print(f'# {at()} lowered; compiling with {args.workers} threads', flush=True)
+    count = programs.wait()
+    print(f'# {at()} {count} programs compiled', flush=True)
 
     results: list[dict[str, Any]] = []
 
@@ -481,7 +512,8 @@ def main() -> int:
     print(f'# whole check: {time.perf_counter() - START:.0f} s', flush=True)
     if args.json:
         write_json(args.json, {**final, 'profile': traced})
-    failed_jobs = [j for j in order if 'failed: ' in j.status]
+    failed_jobs = [j for j in [*jobs, *check_jobs, *programs.inits.values()]
+                   if 'failed: ' in j.status]
     return 1 if failed_jobs or reference_failed or not agree else 0
 
 

@@ -116,6 +116,39 @@ def test_gpu_check_plan_lowers_each_program_once():
     assert [j.name for j in plan(base, [8], [], [])] == list(DEFAULT_VARIANTS)
 
 
+def test_gpu_check_makes_one_state_program_per_distinct_state():
+    """gpu_check.Programs: each step is handed to the compiler as soon as it is lowered, the
+    program making its fresh state after it; variants whose states are alike (the penalty off,
+    an XLA option) share one, the mask-keeping optimizer's differs; options-only variants
+    share the lowering; past the deadline a step is skipped unlowered unless it is a must."""
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    import gpu_check
+    from trainer import load_config
+
+    from sparse_vit_jax.train.sharding import make_mesh
+
+    class Recorded(gpu_check.Programs):
+        def compile(self, job, must=False):
+            self.futures.append((job.name, must))
+
+    base = load_config('configs/imagenet100.py', True)
+    jobs = gpu_check.plan(base, [8], [], [], ('paper', 'no penalty', 'masks', 'cuBLAS GEMMs'))
+    programs = Recorded(make_mesh(), deadline=float('inf'), workers=1)
+    for j in jobs:
+        programs.step(j, must=j is jobs[0])
+    paper, plain, masks, gemms = jobs
+    assert programs.futures == [('paper', True), ('state init 1', True), ('no penalty', False),
+                                ('masks', False), ('state init 2', True), ('cuBLAS GEMMs', False)]
+    assert paper.init is plain.init is gemms.init and masks.init is not paper.init
+    assert gemms.lowered is paper.lowered and plain.lowered is not paper.lowered
+    late = Recorded(make_mesh(), deadline=0.0, workers=1)
+    skipped, kept = gpu_check.plan(base, [8], [], [], ('no penalty', 'masks'))
+    late.step(skipped)
+    late.step(kept, must=True)
+    assert skipped.status == 'skipped' and skipped.lowered is None
+    assert kept.lowered is not None and late.futures[0] == ('masks', True)
+
+
 def test_gpu_check_times_the_others_when_one_step_fails():
     """gpu_check.alternate: a step that raises (on its first call, or later) is dropped with
     its error; the others are called every round and timed."""
