@@ -21,7 +21,8 @@ shapes the variants share), in the order of what the targets need, with the prog
 make the steps' fresh states; none starts after --budget-s. Timing starts when compiling has
 ended. PyTorch's step (HF ViT with SDPA, bf16 autocast, same optimizer)
 alternates with ours; each sample is --steps steps dispatched back to back and waited for
-once (as the trainer's loop runs them; the same for PyTorch); images/s are medians, MFU is
+once (as the trainer's loop runs them; the same for PyTorch); images/s are medians, as is the
+share of a sample the host spent queuing its steps (near 100%: host-bound); MFU is
 the analytic matmul FLOPs (3x forward) over a bf16 matmul peak measured in the same run.
 Where cuDNN runs, its bf16 logits are compared with XLA's attention. Then the paper's step
 is traced (jax.profiler) and summarised: device busy time against the wall clock, time by
@@ -57,7 +58,7 @@ from profile_step import (  # noqa: E402
     trace_cpu_ops,
     trace_events,
 )
-from train_step import peak_bf16_tflops, timeit, torch_step  # noqa: E402
+from train_step import peak_bf16_tflops, torch_step  # noqa: E402
 from trainer import NUM_CLASSES, load_config, lower_train_step, with_overrides  # noqa: E402
 
 from sparse_vit_jax.experiment import build_model, use_rng_impl  # noqa: E402
@@ -258,36 +259,47 @@ def synthetic_batch(batch: int, size: int, mesh: Any) -> dict[str, jax.Array]:
 
 def runner(job: Job, batch: dict[str, jax.Array], steps: int) -> Any:
     """A closure that runs `steps` steps of `job` (from a fresh state), then waits for them:
-    dispatch overlaps the device's work, as in the trainer's loop."""
+    dispatch overlaps the device's work, as in the trainer's loop. It returns the seconds the
+    host took to dispatch them."""
     use_rng_impl(job.config.rng_impl)
     init = job.init
     box = {'state': (init.compiled or init.lowered.compile())(*init.args)}
 
-    def run() -> None:
+    def run() -> float:
+        t = time.perf_counter()
         for _ in range(steps):
             box['state'], _ = job.compiled(box['state'], batch)
+        dispatched = time.perf_counter() - t
         jax.block_until_ready(box['state'].params)
+        return dispatched
 
     return run
 
 
 def alternate(fns: dict[str, Any], reps: int
-              ) -> tuple[dict[str, float], dict[str, Exception]]:
-    """Median seconds per call, after one untimed call each. Every function runs once per
-    round, so all see the same machine state; the order rotates each round, so none always
-    follows the other framework's step. A function that raises (a kernel the GPU refuses at
-    run time, out of memory) is dropped with its error, and the others go on."""
+              ) -> tuple[dict[str, float], dict[str, float], dict[str, Exception]]:
+    """Median seconds per call, after one untimed call each, and the median share of a call
+    the host spent dispatching (what a function returns: seconds until its last step was
+    queued, before it waits): near 1, the host sets the pace, not the device. Every function
+    runs once per round, so all see the same machine state; the order rotates each round, so
+    none always follows the other framework's step. A function that raises (a kernel the GPU
+    refuses at run time, out of memory) is dropped with its error, and the others go on."""
     failed: dict[str, Exception] = {}
     times: dict[str, list[float]] = {k: [] for k in fns}
+    shares: dict[str, list[float]] = {k: [] for k in fns}
 
     def call(k: str, timed: bool) -> None:
+        t = time.perf_counter()
         try:
-            seconds = timeit(fns[k], 1)
+            dispatched = fns[k]()
         except Exception as e:  # noqa: BLE001 - reported in k's row
             failed[k] = e
             return
+        seconds = time.perf_counter() - t
         if timed:
-            times[k] += seconds
+            times[k].append(seconds)
+            if dispatched is not None:
+                shares[k].append(min(dispatched / seconds, 1.0))
 
     keys = list(fns)
     for k in keys:
@@ -296,7 +308,9 @@ def alternate(fns: dict[str, Any], reps: int
         for k in keys[i % len(keys):] + keys[:i % len(keys)]:
             if k not in failed:
                 call(k, True)
-    return {k: median(v) for k, v in times.items() if k not in failed}, failed
+    ok = [k for k in keys if k not in failed]
+    return ({k: median(times[k]) for k in ok},
+            {k: median(shares[k]) for k in ok if shares[k]}, failed)
 
 
 def profile(job: Job, run: Any, steps: int, top: int = 12) -> list[str]:
@@ -407,20 +421,25 @@ def main() -> int:
             write_json(args.json, {'command': command(), 'environment': environment(),
                                    'peak_tflops': peak, 'rows': results})
 
-    def row(job: Job, rate: float | None, torch_rate: float | None = None, note: str = ''
-            ) -> None:
+    def row(job: Job, rate: float | None, torch_rate: float | None = None, note: str = '',
+            host: tuple[float | None, float | None] = (None, None)) -> None:
         r = {'batch': job.batch, 'step': job.name, 'compile_s': round(job.compile_s, 1),
              'images_per_s': rate, 'note': note or job.status,
              'mfu_percent': rate and 100 * rate * flops_per_image / peak,
-             'pytorch_images_per_s': torch_rate}
+             'pytorch_images_per_s': torch_rate,
+             'dispatch_percent': host[0] and 100 * host[0],
+             'pytorch_dispatch_percent': host[1] and 100 * host[1]}
         results.append(r)
         cells = ([f'{rate:.1f}', f'{r["mfu_percent"]:.1f}'] if rate else [r['note'], ''])
         cells += [f'{torch_rate:.1f}', f'{rate / torch_rate:.2f}'] if rate and torch_rate else [
             '', '']
+        cells.append(' / '.join(f'{100 * h:.0f}' if h is not None else '-' for h in host)
+                     if rate else '')
         print(f'| {job.batch} | {job.name} | ' + ' | '.join(cells) + ' |', flush=True)
 
-    print('\n| batch | step | ours img/s | MFU % | pytorch img/s | ours / pytorch |')
-    print('|---|---|---|---|---|---|', flush=True)
+    print('\n| batch | step | ours img/s | MFU % | pytorch img/s | ours / pytorch '
+          '| host dispatch %, ours / pytorch |')
+    print('|---|---|---|---|---|---|---|', flush=True)
     grouped = [j for j in jobs if j.batch in batches and j.name != REMAT]
     paper_run = None  # the paper's step at the first batch, warm: profiled at the end
     reference_failed: list[str] = []  # PyTorch's step, by batch
@@ -442,7 +461,7 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - our rows still run
             failed['pytorch'] = e
         print(f'# {at()} batch {b}: {len(fns)} steps ready, timing', file=sys.stderr, flush=True)
-        seconds, errors = alternate(fns, reps)
+        seconds, host, errors = alternate(fns, reps)
         failed.update(errors)
         per_image = {k: v / (b * args.steps) for k, v in seconds.items()}
         if b == batches[0] and not args.no_profile and 'paper' in per_image:
@@ -457,7 +476,8 @@ def main() -> int:
             if j.name in failed:
                 e = failed[j.name]
                 j.status = 'out of memory' if oom(e) else f'run failed: {first_line(e)}'
-            row(j, 1 / per_image[j.name] if j.name in per_image else None, torch_rate)
+            row(j, 1 / per_image[j.name] if j.name in per_image else None, torch_rate,
+                host=(host.get(j.name), host.get('pytorch')))
         save()
     for j in [j for j in jobs if j not in grouped]:  # larger batches, one at a time
         why = j.status or (fits(j) if j.compiled else 'not compiled')
@@ -467,10 +487,10 @@ def main() -> int:
         try:
             steps = max(1, args.steps * batches[0] // j.batch)  # long steps: little to overlap
             run = runner(j, synthetic_batch(j.batch, size, mesh), steps)
-            seconds, errors = alternate({'one': run}, max(reps // 2, 2))
+            seconds, host, errors = alternate({'one': run}, max(reps // 2, 2))
             if errors:
                 raise errors['one']
-            row(j, j.batch * steps / seconds['one'])
+            row(j, j.batch * steps / seconds['one'], host=(host.get('one'), None))
         except Exception as e:  # noqa: BLE001 - XLA reports out-of-memory as a runtime error
             if not oom(e):
                 j.status = f'run failed: {first_line(e)}'

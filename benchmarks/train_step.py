@@ -94,7 +94,8 @@ def use_cpu_fixes() -> bool:
 
 
 def torch_step(name, size, batch, gpu=False, bf16=False, num_classes=10, steps=1):
-    """A closure running `steps` PyTorch train steps, then waiting for the GPU."""
+    """A closure running `steps` PyTorch train steps, then waiting for the GPU; it returns the
+    seconds until the last step was queued."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification
     v = VARIANTS[name]
@@ -114,15 +115,18 @@ def torch_step(name, size, batch, gpu=False, bf16=False, num_classes=10, steps=1
     x = torch.rand(batch, 3, size, size, device=dev) * 2 - 1
     y = torch.randint(0, num_classes, (batch,), device=dev)
 
-    def run():
+    def run():  # -> seconds until the last step was queued (on a GPU, before the wait)
+        t = time.perf_counter()
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
                 loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
             loss.backward()
             opt.step()
+        dispatched = time.perf_counter() - t
         if gpu:
             torch.cuda.synchronize()
+        return dispatched
 
     return run
 

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -162,11 +163,14 @@ def test_gpu_check_times_the_others_when_one_step_fails():
             calls[name] += 1
             if calls[name] == fails_at:
                 raise RuntimeError(f'{name} refused\nmore')
+            time.sleep(0.02)
+            return 0.01  # seconds "dispatching"
         return run
 
-    seconds, failed = alternate({'ok': step('ok', 0), 'first': step('first', 1),
-                                 'third': step('third', 3)}, reps=4)
-    assert set(seconds) == {'ok'} and seconds['ok'] >= 0
+    seconds, host, failed = alternate({'ok': step('ok', 0), 'first': step('first', 1),
+                                       'third': step('third', 3)}, reps=4)
+    assert set(seconds) == {'ok'} and 0.02 <= seconds['ok'] < 0.2
+    assert set(host) == {'ok'} and 0.05 < host['ok'] <= 0.5
     assert {k: str(e) for k, e in failed.items()} == {'first': 'first refused\nmore',
                                                       'third': 'third refused\nmore'}
     assert calls == {'ok': 5, 'first': 1, 'third': 3}
