@@ -410,7 +410,8 @@ def main() -> int:
         programs.compile(j, must=True)
     for j in jobs[1:]:
         programs.step(j)
-    print(f'# {at()} lowered; compiling with {args.workers} threads', flush=True)
+    print(f'# {at()} {len(programs.futures)} programs lowered, compiling with {args.workers} '
+          'threads', flush=True)
     count = programs.wait()
     print(f'# {at()} {count} programs compiled', flush=True)
 
