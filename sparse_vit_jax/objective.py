@@ -18,7 +18,7 @@ import optax
 from clu import metrics
 
 from sparse_vit_jax.models import VisionTransformer
-from sparse_vit_jax.sparsity import penalty_from_intermediates, resolve_layers
+from sparse_vit_jax.sparsity import attention_penalty, penalty_from_intermediates, resolve_layers
 
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array | None, bool],
                   tuple[jax.Array, dict[str, jax.Array]]]
@@ -40,7 +40,9 @@ def make_loss_fn(model: VisionTransformer, attention_weight: float = 0.0,
         rngs = {'dropout': rng} if train and rng is not None else {}
         if layers:
             logits, state = model.apply({'params': params}, images, train=train, rngs=rngs,
-                                        capture_attention=layers, mutable=['intermediates'])
+                                        capture_attention=layers,
+                                        reduce_attention=attention_penalty,
+                                        mutable=['intermediates'])
             penalty = penalty_from_intermediates(state['intermediates'], layers)
         else:
             logits = model.apply({'params': params}, images, train=train, rngs=rngs)

@@ -175,6 +175,42 @@ def test_gelu_is_jax_gelu_with_the_derivative_of_the_formula(approximate):
     assert [r.shape for r in jax.tree.leaves(vjp)] == [x.shape]
 
 
+def test_softmax_and_reduce_against_numpy():
+    """softmax_and_reduce with the paper's penalty: the probabilities (in the logits' dtype)
+    and the penalty (in float32) are float64 numpy's, and the gradient is the numpy formula
+    of softmax's backward pass, dlogits = p * (g - sum(g p)), with g the probabilities'
+    cotangent plus the penalty's weight times its derivative 2p / (1 + p^2) / size; float32
+    and bfloat16 logits. The backward pass keeps the logits and each row's log-sum-exp only."""
+    from sparse_vit_jax.models.vit import softmax_and_reduce
+    from sparse_vit_jax.sparsity import attention_penalty
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (2, 3, 5, 7)).astype(np.float32)
+    g_probs = rng.normal(0, 1, logits.shape).astype(np.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        lj = jnp.asarray(logits, dtype)
+        x = np.asarray(lj.astype(jnp.float32), np.float64)  # the logits as the model has them
+        e = np.exp(x - x.max(-1, keepdims=True))
+        p = e / e.sum(-1, keepdims=True)
+        probs, penalty = softmax_and_reduce(lj, attention_penalty)
+        assert probs.dtype == dtype and penalty.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(probs, np.float64), p,
+                                   rtol=1e-6 if dtype == jnp.float32 else 2 ** -8, atol=1e-7)
+        np.testing.assert_allclose(penalty, np.mean(np.log1p(p ** 2)), rtol=1e-6)
+
+        def loss(z):
+            q, r = softmax_and_reduce(z, attention_penalty)
+            return jnp.sum(q.astype(jnp.float32) * g_probs) + 3.0 * r
+
+        g = g_probs + 3.0 * 2 * p / (1 + p ** 2) / p.size
+        want = p * (g - (g * p).sum(-1, keepdims=True))
+        got = jax.grad(loss)(lj)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-6 if dtype ==
+                                   jnp.float32 else 1e-2 * np.abs(want).max())
+        _, vjp = jax.vjp(lambda z: softmax_and_reduce(z, attention_penalty), lj)
+        assert sorted(r.shape for r in jax.tree.leaves(vjp)) == [(2, 3, 5, 1), logits.shape]
+
+
 def test_bad_names_and_sizes():
     with pytest.raises(UserError, match='unknown model'):
         create_model('ViT-Q_16', num_classes=10)

@@ -73,6 +73,34 @@ def test_loss_penalty_matches_manual_last_block():
     np.testing.assert_allclose(loss, ce + 0.5 * np.mean(np.log1p(a ** 2)), rtol=1e-5)
 
 
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_penalty_sown_reduced_has_the_gradients_of_the_penalty_of_the_sown_probs(remat):
+    """The loss sows the penalty itself (`reduce_attention`, whose backward pass recomputes
+    the probabilities); its value and every parameter gradient equal those of the penalty
+    computed from the sown probabilities, with and without rematerialisation."""
+    from sparse_vit_jax.sparsity import penalty_from_intermediates
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    y = jnp.array([0, 2])
+    model = create_model('testing', num_classes=3, remat=remat)
+    params = init_params(model, 16, jax.random.key(1))
+
+    def from_probs(p):
+        logits, st = model.apply({'params': p}, x, capture_attention=(0, 1),
+                                 mutable=['intermediates'])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return ce + 0.5 * penalty_from_intermediates(st['intermediates'], (0, 1))
+
+    loss_fn = make_loss_fn(model, 0.5, 'all')
+    (loss, _), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, {'image': x, 'label': y}, None, False), has_aux=True)(params)
+    want_loss, want = jax.value_and_grad(from_probs)(params)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 grads, want)
+    assert float(jnp.abs(grads['Transformer']['encoderblock_0'][
+        'MultiHeadDotProductAttention_0']['query']['kernel']).max()) > 0
+
+
 def params_and_grads():
     model = create_model('testing', num_classes=3)
     params = init_params(model, 16, jax.random.key(0))

@@ -6,7 +6,9 @@ files is a key/shape check. Two additions serve sparsity work:
 
 * the post-softmax attention probabilities of chosen blocks are sown into the
   `intermediates` collection (``capture_attention``), so a loss can penalise
-  them from the same forward pass; blocks not asked for keep nothing;
+  them from the same forward pass; blocks not asked for keep nothing. Given
+  ``reduce_attention`` (a penalty, say), a block sows that function of its
+  probabilities instead, differentiated without keeping them (`softmax_and_reduce`);
 * ``num_heads`` and ``mlp_dim`` may differ per block, so a structurally pruned
   parameter tree runs through the same model.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -84,6 +86,57 @@ def _gelu_bwd(approximate: bool, x: jax.Array, g: jax.Array) -> tuple[jax.Array]
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax_and_reduce(logits: jax.Array, reduce: Callable[[jax.Array], jax.Array]
+                       ) -> tuple[jax.Array, jax.Array]:
+    """(softmax over the last axis, in the logits' dtype; reduce of it in float32): what an
+    attention block whose probabilities a penalty reads computes. Differentiated by JAX, the
+    probabilities (or their exponentials) are kept in float32 for the backward pass and read
+    back four times: on a GPU, ViT-B/16's exact block at 384 px moves about 3.9 GB in those
+    kernels (benchmarks/gpu_compile.py). Here only the logits, in their own dtype, and each
+    row's log-sum-exp are kept, and the backward pass recomputes the probabilities in the
+    kernels that read the logits; the forward pass computes them once more, after the
+    log-sum-exp, instead of keeping the exponentials its sum took."""
+    probs, _ = _probs_and_lse(logits)
+    return probs.astype(logits.dtype), reduce(probs)
+
+
+def _probs_and_lse(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x = logits.astype(jnp.float32)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    lse = top + jnp.log(jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True))
+    return jnp.exp(x - lse), lse
+
+
+def _softmax_and_reduce_fwd(logits: jax.Array, reduce: Callable[[jax.Array], jax.Array]
+                            ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    probs, lse = _probs_and_lse(logits)
+    return (probs.astype(logits.dtype), reduce(probs)), (logits, lse)
+
+
+def _softmax_and_reduce_bwd(reduce: Callable[[jax.Array], jax.Array],
+                            res: tuple[jax.Array, jax.Array], g: tuple[jax.Array, jax.Array]
+                            ) -> tuple[jax.Array]:
+    logits, lse = res
+    g_probs, g_reduced = g
+
+    def probs_and_cotangent(lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+        probs = jnp.exp(logits.astype(jnp.float32) - lse)
+        return probs, g_probs.astype(jnp.float32) + jax.vjp(reduce, probs)[1](g_reduced)[0]
+
+    # Each pass recomputes both from the logits: behind the barriers the expressions are not
+    # the forward pass's nor each other's, which XLA would merge, keeping float32 arrays of
+    # the probabilities' size between kernels after all.
+    probs, cot = probs_and_cotangent(jax.lax.optimization_barrier(lse))
+    dot = jnp.sum(cot * probs, axis=-1, keepdims=True)
+    lse, dot = jax.lax.optimization_barrier((lse, dot))
+    probs, cot = probs_and_cotangent(lse)
+    return ((probs * (cot - dot)).astype(logits.dtype),)
+
+
+softmax_and_reduce.defvjp(_softmax_and_reduce_fwd, _softmax_and_reduce_bwd)
 
 
 def _pad_tokens(align: int, *ts: jax.Array) -> tuple[int, list[jax.Array]]:
@@ -243,6 +296,7 @@ class MultiHeadDotProductAttention(nn.Module):
     dropout_rate: float = 0.0
     dropout_bits: int = 32
     sow_probs: bool = False
+    reduce_probs: Callable[[jax.Array], jax.Array] | None = None  # sown instead of the probs
     impl: str = 'xla'
     mesh: Mesh | None = None
 
@@ -269,9 +323,13 @@ class MultiHeadDotProductAttention(nn.Module):
         logits = jnp.einsum('bhqd,bhkd->bhqk', q, key)
         # Softmax in float32 whatever the compute dtype: the probabilities are
         # also what the attention penalty reads.
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        if self.sow_probs:
-            self.sow('intermediates', 'attention_probs', probs)
+        if self.sow_probs and self.reduce_probs is not None:
+            probs, reduced = softmax_and_reduce(logits, self.reduce_probs)
+            self.sow('intermediates', 'attention_probs_reduced', reduced)
+        else:
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            if self.sow_probs:
+                self.sow('intermediates', 'attention_probs', probs)
         if dropout:
             probs = Dropout(self.dropout_rate, self.dropout_bits)(probs, deterministic=False)
         out = jnp.einsum('bhqk,bhkd->bqhd', probs.astype(self.dtype), v)
@@ -347,6 +405,7 @@ class Encoder1DBlock(nn.Module):
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
     sow_probs: bool = False
+    reduce_probs: Callable[[jax.Array], jax.Array] | None = None
     attention_impl: str = 'xla'
     mesh: Mesh | None = None
 
@@ -356,8 +415,8 @@ class Encoder1DBlock(nn.Module):
         y = MultiHeadDotProductAttention(
             self.num_heads, self.head_dim, dtype=self.dtype,
             dropout_rate=self.attention_dropout_rate, dropout_bits=self.dropout_bits,
-            sow_probs=self.sow_probs, impl=self.attention_impl, mesh=self.mesh,
-            name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
+            sow_probs=self.sow_probs, reduce_probs=self.reduce_probs, impl=self.attention_impl,
+            mesh=self.mesh, name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
         x = x + Dropout(self.dropout_rate, self.dropout_bits)(y, deterministic=deterministic)
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
         y = MlpBlock(self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
@@ -394,7 +453,9 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool,
-                 capture_attention: Sequence[int] = ()) -> jax.Array:
+                 capture_attention: Sequence[int] = (),
+                 reduce_attention: Callable[[jax.Array], jax.Array] | None = None
+                 ) -> jax.Array:
         x = AddPositionEmbs(name='posembed_input')(x)
         x = Dropout(self.dropout_rate, self.dropout_bits)(x, deterministic=deterministic)
         heads = per_block(self.num_heads, self.num_layers, 'num_heads')
@@ -409,8 +470,10 @@ class Encoder(nn.Module):
                 dropout_rate=self.dropout_rate, dropout_bits=self.dropout_bits,
                 attention_dropout_rate=self.attention_dropout_rate,
                 layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
-                sow_probs=i in capture_attention, attention_impl=self.attention_impl,
-                mesh=self.mesh, name=f'encoderblock_{i}')(x, deterministic)
+                sow_probs=i in capture_attention,
+                reduce_probs=reduce_attention if i in capture_attention else None,
+                attention_impl=self.attention_impl, mesh=self.mesh,
+                name=f'encoderblock_{i}')(x, deterministic)
         return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                             name='encoder_norm')(x)
 
@@ -449,12 +512,17 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False,
-                 capture_attention: Sequence[int] = ()) -> jax.Array:
+                 capture_attention: Sequence[int] = (),
+                 reduce_attention: Callable[[jax.Array], jax.Array] | None = None
+                 ) -> jax.Array:
         """images: (B, H, W, C) float; returns logits (B, num_classes) in float32.
 
         capture_attention: block indices whose post-softmax attention
-        probabilities (B, heads, N, N) are sown into `intermediates`; apply
-        with ``mutable=['intermediates']`` to read them.
+        probabilities (B, heads, N, N) are sown into `intermediates` as
+        'attention_probs'; apply with ``mutable=['intermediates']`` to read them.
+        reduce_attention: sow this function of them instead, as
+        'attention_probs_reduced' (`softmax_and_reduce`: the backward pass
+        recomputes the probabilities rather than keeping them).
         """
         p = self.patch_size
         if images.shape[1] % p or images.shape[2] % p:
@@ -473,7 +541,8 @@ class VisionTransformer(nn.Module):
                     gelu_approximate=self.gelu_approximate,
                     attention_impl=self.attention_impl, remat=self.remat, mesh=self.mesh,
                     name='Transformer')(
-                        x, deterministic=not train, capture_attention=capture_attention)
+                        x, deterministic=not train, capture_attention=capture_attention,
+                        reduce_attention=reduce_attention)
         x = x[:, 0]
         if self.representation_size is not None:
             x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,

@@ -45,8 +45,14 @@ def resolve_layers(layers: Layers, depth: int) -> tuple[int, ...]:
 
 
 def penalty_from_intermediates(intermediates: Any, layers: Sequence[int]) -> jax.Array:
-    """Mean over `layers` of the penalty of each block's sown attention probabilities."""
+    """Mean over `layers` of each block's penalty: sown by the model as
+    'attention_probs_reduced' (applied with ``reduce_attention=attention_penalty``, which
+    spares the backward pass the probabilities), or computed here from the sown
+    'attention_probs'."""
     blocks = intermediates['Transformer']
-    values = [attention_penalty(blocks[f'encoderblock_{i}']['MultiHeadDotProductAttention_0']
-                                ['attention_probs'][0]) for i in layers]
+    values = []
+    for i in layers:
+        sown = blocks[f'encoderblock_{i}']['MultiHeadDotProductAttention_0']
+        values.append(sown['attention_probs_reduced'][0] if 'attention_probs_reduced' in sown
+                      else attention_penalty(sown['attention_probs'][0]))
     return jnp.mean(jnp.stack(values))
