@@ -9,8 +9,9 @@ loss with the paper's attention penalty on the last block, the optimizer chain),
 `create_state` its state; only the batches are synthetic (uniform images, random labels,
 already on the device, so no TensorFlow is needed). Variants change one config key each:
 no penalty (the plain step), the L1 transform, the mask-keeping optimizer, XLA attention
-instead of the fused one, Threefry / unsafe_rbg instead of rbg for dropout,
-rematerialisation, other GEMM emitters and cuDNN's LayerNorm (XLA compile options, compiled
+instead of the fused one, dropout masks drawn by the PRNG (flax's draws or a byte each, rbg;
+Threefry / unsafe_rbg) instead of hashed, rematerialisation, other GEMM emitters and cuDNN's
+LayerNorm (XLA compile options, compiled
 last); then larger batches, plain and rematerialised. The L1 and masks rows keep the
 penalty, so comparing them with the plain step is the stricter reading.
 
@@ -73,9 +74,12 @@ VARIANTS = {  # name -> (config overrides, masks?, XLA compile options)
     'L1': ({'sparsity.l1.weight': 1e-5}, False, {}),
     'masks': ({}, True, {}),
     'xla attention': ({'model.attention_impl': 'xla'}, False, {}),
-    'dropout 8-bit': ({'model.dropout_bits': 8}, False, {}),
-    'threefry': ({'rng_impl': 'threefry'}, False, {}),
-    'unsafe_rbg': ({'rng_impl': 'unsafe_rbg'}, False, {}),
+    # Dropout masks drawn by the PRNG, as flax does (rbg: its words go through memory), or a
+    # byte each; Threefry's and unsafe_rbg's draws (the paper's step hashes indices).
+    'flax dropout': ({'model.dropout_impl': 'flax'}, False, {}),
+    'bytes dropout': ({'model.dropout_impl': 'bytes'}, False, {}),
+    'threefry': ({'rng_impl': 'threefry', 'model.dropout_impl': 'flax'}, False, {}),
+    'unsafe_rbg': ({'rng_impl': 'unsafe_rbg', 'model.dropout_impl': 'flax'}, False, {}),
     'remat dots': ({'model.remat': 'dots'}, False, {}),
     # The paper's step under other XLA options (as XLA_FLAGS=--<option>=<value> would set
     # them for a whole run): cuBLAS only, Triton wherever it can, cuBLASLt (bias epilogues)
@@ -86,9 +90,9 @@ VARIANTS = {  # name -> (config overrides, masks?, XLA compile options)
     'cuDNN LayerNorm': ({}, False, {'xla_gpu_enable_cudnn_layer_norm': True}),
 }
 TARGET_ROWS = ('paper', PLAIN, 'L1', 'masks')  # what the targets compare, compiled first
-# The default: the targets, the fused attention's alternative and the cheaper dropout draws;
+# The default: the targets, the fused attention's alternative and the PRNG's dropout draws;
 # the rest (--variants all) was measured once (README) and costs a minute more.
-DEFAULT_VARIANTS = (*TARGET_ROWS, 'xla attention', 'dropout 8-bit')
+DEFAULT_VARIANTS = (*TARGET_ROWS, 'xla attention', 'flax dropout')
 REMAT = 'paper, remat dots'
 
 
@@ -397,7 +401,8 @@ def main() -> int:
     flops_per_image = 3 * matmul_flops(build_model(base, NUM_CLASSES, 'jax'), size) / 1e12
     resolved = build_model(with_overrides(base, {}, batches[0]), NUM_CLASSES, 'jax')
     print(f'{name}@{size}, {jax.devices()[0].device_kind}: model dtype '
-          f'{jnp.dtype(resolved.dtype).name}, attention {resolved.attention_impl}; measured bf16 '
+          f'{jnp.dtype(resolved.dtype).name}, attention {resolved.attention_impl}, dropout masks '
+          f'{resolved.dropout_impl}; measured bf16 '
           f'matmul peak {peak:.1f} TFLOP/s; {flops_per_image:.3g} TFLOP per image and step',
           flush=True)
 

@@ -2,13 +2,15 @@
 
     python benchmarks/tpu_compile.py                      # TPU v5e, 4 chips (v5litepod-4)
     python benchmarks/tpu_compile.py --topology v5p:2x2x1 --batches 32,64,128,256
+    python benchmarks/tpu_compile.py --attention xla --remat none --dropout flax,hash
     python benchmarks/tpu_compile.py --tiny               # CI: the testing ViT at 32 px
 
 The step is the one `python -m sparse_vit_jax.main --config=configs/imagenet100.py` runs on
-TPUs (bf16 compute, rbg dropout, the paper's penalty on the last block, its optimizer chain,
-the batch sharded over every chip), built by the code that benchmarks/gpu_check.py times
-(benchmarks/trainer.py), for each attention (XLA's: what `auto` takes on TPUs; the Pallas
-flash kernel), remat option and batch per chip, and compiled ahead of time for a TPU topology
+TPUs (bf16 compute, rbg dropout with flax's masks unless --dropout says otherwise, the
+paper's penalty on the last block, its optimizer chain, the batch sharded over every chip),
+built by the code that benchmarks/gpu_check.py times (benchmarks/trainer.py), for each
+attention (XLA's: what `auto` takes on TPUs; the Pallas flash kernel), remat option, dropout
+mask and batch per chip, and compiled ahead of time for a TPU topology
 (`jax.experimental.topologies`; needs libtpu: `pip install "jax[tpu]"`). This checks what no
 CPU test can: that XLA and Mosaic (the Pallas kernel's compiler) accept the program for that
 chip. The TPU compiler refuses a program that does not fit the chip's HBM, so a row that
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import itertools
 import os
 import re
 import sys
@@ -64,14 +67,14 @@ def tpu_mesh(topology: str) -> Any:
 
 def compile_row(base: Any, mesh: Any, attention: str, remat: str, per_chip: int,
                 fsdp: bool = False, inspect: Any = None, rng: str = 'rbg',
-                dropout_bits: int = 32) -> dict[str, Any]:
+                dropout: str = 'flax') -> dict[str, Any]:
     """One compile: the step for `per_chip` images on each chip of `mesh`; `inspect(compiled)`
     adds its own entries to the row."""
     c = with_overrides(base, {'model.attention_impl': attention, 'model.remat': remat,
                               'model.dtype': 'bfloat16', 'rng_impl': rng, 'mesh.fsdp': fsdp,
-                              'model.dropout_bits': dropout_bits}, per_chip * mesh.size)
+                              'model.dropout_impl': dropout}, per_chip * mesh.size)
     row: dict[str, Any] = {'attention': attention, 'remat': remat, 'rng': rng,
-                           'dropout_bits': dropout_bits, 'batch_per_chip': per_chip}
+                           'dropout': dropout, 'batch_per_chip': per_chip}
     t = time.perf_counter()
     try:
         _, lowered = lower_train_step(c, mesh)
@@ -106,6 +109,8 @@ def main() -> int:
     ap.add_argument('--batches', default='32,64,128', help='images per chip')
     ap.add_argument('--attention', default='xla,pallas')
     ap.add_argument('--remat', default='none,dots')
+    ap.add_argument('--dropout', default='flax', help='dropout masks: flax (what auto takes on '
+                    'TPUs), bytes, hash (model.dropout_impl)')
     ap.add_argument('--fsdp', action='store_true',
                     help='shard parameters and optimizer state over the chips (mesh.fsdp)')
     ap.add_argument('--json', default='', help='also write the rows here')
@@ -123,19 +128,19 @@ def main() -> int:
           f'{", parameters and optimizer state too (fsdp)" if args.fsdp else ""}; '
           'compiled, not run\n',
           flush=True)
-    print('| attention | remat | batch per chip | result | memory per chip GiB | '
-          'of which temporaries | compile s |\n|---|---|---|---|---|---|---|', flush=True)
+    print('| attention | remat | dropout | batch per chip | result | memory per chip GiB | '
+          'of which temporaries | compile s |\n|---|---|---|---|---|---|---|---|', flush=True)
     rows = []
-    for attention in words(args.attention):
-        for remat in words(args.remat):
-            for per_chip in (int(b) for b in words(args.batches)):
-                r = compile_row(base, mesh, attention, remat, per_chip, args.fsdp)
-                rows.append(r)
-                print(f'| {attention} | {remat} | {per_chip} | {r["result"]} | '
-                      f'{r.get("memory_gib", "")} | {r.get("temp_gib", "")} | '
-                      f'{r["compile_s"]} |', flush=True)
-                if r.get('fits') is False:
-                    break  # larger batches do not fit either
+    for attention, remat, dropout in itertools.product(
+            words(args.attention), words(args.remat), words(args.dropout)):
+        for per_chip in (int(b) for b in words(args.batches)):
+            r = compile_row(base, mesh, attention, remat, per_chip, args.fsdp, dropout=dropout)
+            rows.append(r)
+            print(f'| {attention} | {remat} | {dropout} | {per_chip} | {r["result"]} | '
+                  f'{r.get("memory_gib", "")} | {r.get("temp_gib", "")} | '
+                  f'{r["compile_s"]} |', flush=True)
+            if r.get('fits') is False:
+                break  # larger batches do not fit either
     if args.json:
         write_json(args.json, {'command': command(), 'environment': environment(),
                                'device_kind': kind, 'rows': rows})

@@ -3,13 +3,14 @@
     python benchmarks/train_step.py                 # CPU: Ti/16@224 b32, B/16@224 b8, B/16@384 b2
     python benchmarks/train_step.py --tiny          # CI smoke run (asserts nothing)
     python benchmarks/train_step.py --jax-defaults  # ours without the two CPU fixes below
-    python benchmarks/train_step.py --variants plain,dropout8  # 8-bit against 32-bit dropout
+    python benchmarks/train_step.py --variants plain,bytes,hash  # dropout masks drawn 3 ways
 
 Both steps do forward, cross-entropy, backward and an SGD-momentum update with
 coupled weight decay (the paper's optimizer) on the same architecture, batch and
 image size; they alternate after warm-up and the median images/s is reported.
 Ours is also timed with the attention penalty, the L1 transform and the
-mask-keeping wrapper (`--variants` picks them; `dropout8` is 8-bit dropout draws).
+mask-keeping wrapper (`--variants` picks them; `bytes` and `hash` draw dropout masks as
+`model.dropout_impl` says, the others as flax does).
 The PyTorch model is HuggingFace's ViTForImageClassification
 (exact GELU, as in our 'hf' numerics) with a dropout after the MLP's GELU added,
 so that it drops out where the official ViT (and ours, and timm's) does.
@@ -51,7 +52,7 @@ from sparse_vit_jax.train.host_memory import retain_freed_memory  # noqa: E402
 
 def ours(name, size, batch, dtype, variant='plain', return_step=False):
     model = create_model(name, num_classes=10, dtype=dtype, **NUMERICS['hf'],
-                         dropout_bits=8 if variant == 'dropout8' else 32)
+                         dropout_impl=variant if variant in ('bytes', 'hash') else 'flax')
     params = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3)))['params'])(
         jax.random.key(0))
     base = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(1e-3, momentum=0.9))
@@ -178,7 +179,8 @@ def main() -> None:
     ap.add_argument('--tiny', action='store_true')
     ap.add_argument('--reps', type=int, default=5)
     ap.add_argument('--variants', default='plain,attention,l1,masks',
-                    help='ours: plain, attention (penalty), l1, masks, dropout8 (8-bit draws)')
+                    help='ours: plain, attention (penalty), l1, masks; bytes, hash (dropout '
+                    'masks drawn as model.dropout_impl says)')
     ap.add_argument('--jax-defaults', action='store_true',
                     help='leave out the CPU Threefry lowering and the malloc settings')
     args = ap.parse_args()

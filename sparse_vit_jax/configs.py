@@ -53,9 +53,11 @@ def base_config() -> mlc.ConfigDict:
                                      # pallas (Pallas flash attention on TPUs, tokens padded)
     c.model.remat = 'none'         # none | full | dots: recompute activations, larger batches
     c.model.dropout_rate = 0.1
-    c.model.dropout_bits = 32      # random bits per dropout draw: 32 (flax's nn.Dropout) | 8
-                                   # (a quarter of the random bytes on GPUs; the rate is
-                                   # rounded to a multiple of 1/256: 0.1 is drawn as 0.1016)
+    c.model.dropout_impl = 'auto'  # how dropout draws its mask: auto (hash on GPUs, flax
+                                   # elsewhere) | flax (nn.Dropout's draws) | bytes (a random
+                                   # byte each: 0.1 is drawn as 0.1016) | hash (a hash of each
+                                   # element's index, fused where the mask is applied and
+                                   # recomputed in the backward pass; models/dropout.py)
     c.model.attention_dropout_rate = 0.0
     c.model.hidden_size = 0        # 0 = the variant's; set to build a custom size
     c.model.num_layers = 0
@@ -182,13 +184,25 @@ def _variant_depth(name: str) -> int:
     return VARIANTS[name]['num_layers'] if name in VARIANTS else 1
 
 
+def _renamed_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """Keys older versions wrote under another name: model.dropout_bits (32: flax's draws,
+    8: one byte each) is model.dropout_impl."""
+    model = dict(saved.get('model', {}))
+    if 'dropout_bits' in model:
+        model['dropout_impl'] = {8: 'bytes'}.get(model.pop('dropout_bits'), 'flax')
+        saved = {**saved, 'model': model}
+    return saved
+
+
 def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
     """A config saved by a run (its checkpoint meta) on today's schema.
 
-    Keys added since the run was saved take their defaults and values written in
+    Keys added since the run was saved take their defaults and keys and values written in
     older forms are converted, so checkpoints of older versions keep loading;
     keys the schema no longer has are an error.
     """
+    saved = _renamed_keys(saved)
+
     def merge(c: mlc.ConfigDict, d: dict[str, Any], prefix: str) -> None:
         for k, v in d.items():
             if k not in c:
@@ -205,11 +219,12 @@ def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
 # ---- re-runs of a workdir ---------------------------------------------------------------------
 
 # Keys a re-run of the same workdir may change: they do not shape its checkpoints or the
-# training that produced them (how often to log and save, what to evaluate and prune after).
+# training that produced them (how often to log and save, what to evaluate and prune after;
+# kernels and how dropout draws its masks, which may differ between the machines of a run).
 RERUN_FREE = ('stages', 'smoke', 'compile_cache', 'init_from', 'log_every_steps',
               'checkpoint_every_steps', 'keep_checkpoints', 'checkpoint_timeout_s',
               'eval_batch_size', 'data.data_dir', 'data.root', 'mesh.fsdp', 'model.attention_impl',
-              'model.remat', 'prune.', 'sweep.')
+              'model.remat', 'model.dropout_impl', 'prune.', 'sweep.')
 
 
 def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -339,7 +354,7 @@ def approx_params(c: Any, shape: dict[str, int]) -> int:
 def validate(c: Any) -> None:
     """One clear UserError for the first problem found; returns None if the config is sound."""
     from sparse_vit_jax.data import DATASETS
-    from sparse_vit_jax.models import NUMERICS, VARIANTS
+    from sparse_vit_jax.models import DROPOUT_IMPLS, NUMERICS, VARIANTS
 
     for key, v in _leaves(c):
         if isinstance(v, float) and not math.isfinite(v):
@@ -355,7 +370,7 @@ def validate(c: Any) -> None:
     _one_of(c, 'model.attention_impl', ('auto', 'xla', 'cudnn', 'padded_xla',
                                               'pallas'))
     _one_of(c, 'model.remat', ('none', 'full', 'dots'))
-    _one_of(c, 'model.dropout_bits', (32, 8))
+    _one_of(c, 'model.dropout_impl', ('auto', *DROPOUT_IMPLS))
     _one_of(c, 'rng_impl', ('auto', 'threefry', 'rbg', 'unsafe_rbg'))
     if c.model.attention_impl == 'cudnn' and c.model.dtype == 'float32':
         raise UserError('config model.attention_impl=cudnn needs model.dtype=bfloat16 (or auto)')

@@ -37,6 +37,7 @@ from sparse_vit_jax.models import (
     compute_dtype,
     create_model,
     cudnn_refusal,
+    dropout_impl,
 )
 from sparse_vit_jax.multihost import everywhere, from_process0, on_process0
 from sparse_vit_jax.objective import EvalMetrics, TrainMetrics, make_loss_fn
@@ -73,7 +74,7 @@ def build_model(c: Any, num_classes: int, numerics: str = 'jax', mesh: Mesh | No
     dtype = compute_dtype(m.dtype)
     impl = attention_impl(m.attention_impl, dtype, head_width(c))
     return create_model(m.name, num_classes=num_classes, image_size=m.image_size,
-                        dropout_rate=m.dropout_rate, dropout_bits=m.dropout_bits,
+                        dropout_rate=m.dropout_rate, dropout_impl=dropout_impl(m.dropout_impl),
                         attention_dropout_rate=m.attention_dropout_rate, dtype=dtype,
                         attention_impl=impl, remat=m.remat, mesh=mesh, **NUMERICS[numerics],
                         **overrides)

@@ -111,9 +111,9 @@ def test_gpu_check_plan_lowers_each_program_once():
     with_options = [j for j in jobs if j.options]
     assert len(with_options) == 4 and {j.key for j in with_options} == {jobs[0].key}
     assert len({j.key for j in jobs}) == len(jobs) - 4
-    short = plan(base, [8], [], [], ('masks', 'dropout 8-bit'))
-    assert [j.name for j in short] == ['masks', 'dropout 8-bit']
-    assert short[1].config.model.dropout_bits == 8 and base.model.dropout_bits == 32
+    short = plan(base, [8], [], [], ('masks', 'flax dropout'))
+    assert [j.name for j in short] == ['masks', 'flax dropout']
+    assert short[1].config.model.dropout_impl == 'flax' and base.model.dropout_impl == 'auto'
     assert [j.name for j in plan(base, [8], [], [])] == list(DEFAULT_VARIANTS)
 
 
@@ -186,7 +186,7 @@ def test_the_train_step_compiles_for_a_tpu():
                        capture_output=True, text=True, cwd=ROOT, timeout=600,
                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = re.findall(r'^\| (xla|pallas) \| none \| 8 \| compiles \|', r.stdout, re.M)
+    rows = re.findall(r'^\| (xla|pallas) \| none \| flax \| 8 \| compiles \|', r.stdout, re.M)
     assert rows == ['xla', 'pallas'] and 'TPU v5 lite x4' in r.stdout, r.stdout[-3000:]
 
 
@@ -205,10 +205,10 @@ def test_the_train_step_compiles_for_a_gpu_or_says_what_it_needs():
             '"jax[cuda12]" (about 6 GB; no GPU is needed)'), r.stderr[-2000:]
         return
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    fused = dict(re.findall(r'^\| cudnn \| (\w+) \| rbg \| 32 \| 8 \| compiles \|.*\| (\d / \d) \|',
-                            r.stdout, re.M))
+    row = r'^\| cudnn \| (\w+) \| rbg \| hash \| 8 \| compiles \|.*\| (\d / \d) \|'
+    fused = dict(re.findall(row, r.stdout, re.M))
     assert fused == {'none': '1 / 1', 'dots': '1 / 1', 'full': '2 / 1'}, r.stdout[-3000:]
-    assert re.search(r'^\| xla \| none \| rbg \| 32 \| 8 \| compiles \|.*\| 0 / 0 \|', r.stdout,
+    assert re.search(r'^\| xla \| none \| rbg \| hash \| 8 \| compiles \|.*\| 0 / 0 \|', r.stdout,
                      re.M)
 
 

@@ -12,7 +12,7 @@ from helpers import FakeDevice
 from sparse_vit_jax.checkpoints import flatten
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import VARIANTS, abstract_params, create_model, init_params
-from sparse_vit_jax.models.vit import Dropout
+from sparse_vit_jax.models.dropout import Dropout
 
 OFFICIAL_PARAM_COUNTS = {  # from the ViT paper, Table 1 (ImageNet-1k heads, 224 px)
     'ViT-B_16': 86.6e6, 'ViT-L_16': 304.3e6, 'ViT-H_14': 632.0e6}
@@ -83,29 +83,29 @@ def test_dropout_and_bf16():
 
 
 @pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
-def test_dropout_8_bits_keeps_the_rounded_rate_and_the_mean(impl):
+def test_dropout_bytes_keeps_the_rounded_rate_and_the_mean(impl):
     """Kept share and scale against the formula: kept iff the byte < round(0.9 * 256) = 230,
     scaled by 256 / 230; over 10**6 draws the share is within 5 standard deviations of
     230/256, which is 0.0016 from 0.9."""
     n = 1_000_000
     x = jnp.full((n + 3,), 3.0)  # not a whole number of 32-bit words
-    y = np.asarray(Dropout(0.1, 8).apply({}, x, deterministic=False,
+    y = np.asarray(Dropout(0.1, 'bytes').apply({}, x, deterministic=False,
                                          rngs={'dropout': jax.random.key(0, impl=impl)}))
     kept = y != 0
     p = 230 / 256
     assert abs(kept.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
     np.testing.assert_allclose(y[kept], 3.0 * 256 / 230, rtol=1e-6)
     assert abs(y.mean() - 3.0) < 5 * 3.0 * np.sqrt((1 - p) / p / n)
-    np.testing.assert_array_equal(Dropout(0.1, 8).apply({}, x, deterministic=True), x)
+    np.testing.assert_array_equal(Dropout(0.1, 'bytes').apply({}, x, deterministic=True), x)
     for rate in (1.0, 0.999):  # all dropped; 0.999 rounds to 0/256
-        assert not np.asarray(Dropout(rate, 8).apply(
+        assert not np.asarray(Dropout(rate, 'bytes').apply(
             {}, x, deterministic=False, rngs={'dropout': jax.random.key(0)})).any()
-    np.testing.assert_array_equal(Dropout(0.001, 8).apply(  # rounds to 256/256: all kept
+    np.testing.assert_array_equal(Dropout(0.001, 'bytes').apply(  # rounds to 256/256: all kept
         {}, x, deterministic=False, rngs={'dropout': jax.random.key(0)}), x)
 
 
 @pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
-def test_dropout_32_bits_is_flax_dropout(impl):
+def test_dropout_flax_is_flax_dropout(impl):
     """The default is flax's nn.Dropout bit for bit: the same key, the same output."""
     x = jax.random.normal(jax.random.key(1), (4, 65, 96))
     rngs = {'dropout': jax.random.key(7, impl=impl)}
@@ -125,17 +125,18 @@ def all_eqns(jaxpr):
                     yield from all_eqns(inner)
 
 
-def test_dropout_bits_shrink_the_random_words_the_step_draws():
-    """What the GPU saves: the random bytes drawn for a training forward pass are 1 per
-    element instead of 4 (read off the jaxpr's random_bits: 32-bit words, as XLA's GPU
-    generator writes them whatever width it is asked for)."""
+def test_dropout_impls_shrink_the_random_words_the_step_draws():
+    """What the GPU saves: the random bytes drawn for a training forward pass are 4 per
+    element with flax's draws, 1 with bytes, and two 32-bit words per dropout with the hash
+    (read off the jaxpr's random_bits: 32-bit words, as XLA's GPU generator writes them
+    whatever width it is asked for)."""
     x = jnp.ones((2, 16, 16, 3))
 
     m = create_model('testing', num_classes=3, dropout_rate=0.1)
     p = init_params(m, 16)
 
-    def drawn_bytes(bits: int) -> int:
-        model = m.clone(dropout_bits=bits)
+    def drawn_bytes(impl: str) -> int:
+        model = m.clone(dropout_impl=impl)
         jaxpr = jax.make_jaxpr(lambda k: model.apply({'params': p}, x, train=True,
                                                      rngs={'dropout': k}))(jax.random.key(0))
         return sum(e.params['bit_width'] // 8 * math.prod(e.params['shape'])
@@ -145,7 +146,9 @@ def test_dropout_bits_shrink_the_random_words_the_step_draws():
     # the MLP's hidden layer.
     tokens, width, mlp = 2 * 17, m.hidden_size, m.mlp_dim
     elements = tokens * width * (1 + 2 * m.num_layers) + tokens * mlp * m.num_layers
-    assert [drawn_bytes(b) for b in (32, 8)] == [4 * elements, elements]
+    calls = 1 + 3 * m.num_layers
+    assert [drawn_bytes(i) for i in ('flax', 'bytes', 'hash')] == [4 * elements, elements,
+                                                                    8 * calls]
 
 
 @pytest.mark.parametrize('approximate', [True, False])
@@ -379,11 +382,12 @@ def test_pallas_attention_equals_exact_alone_and_sharded_over_a_mesh(tpu_interpr
 
 
 def test_auto_choices_on_this_cpu():
-    from sparse_vit_jax.models import attention_impl, compute_dtype
+    from sparse_vit_jax.models import attention_impl, compute_dtype, dropout_impl
     assert jax.default_backend() == 'cpu'
     assert compute_dtype('auto') == jnp.float32 and compute_dtype('bfloat16') == jnp.bfloat16
     assert attention_impl('auto', jnp.bfloat16, 64) == 'xla'
     assert attention_impl('padded_xla', jnp.float32, 64) == 'padded_xla'
+    assert dropout_impl('auto') == 'flax' and dropout_impl('hash') == 'hash'
 
 
 H200 = FakeDevice('gpu', 'NVIDIA H200', '9.0')
@@ -409,6 +413,14 @@ def test_auto_attention_is_fused_only_where_cudnn_runs_it(device, head, dtype, w
     assert attention_impl('auto', compute_dtype(dtype), head, device) == want
     assert attention_impl('cudnn', jnp.float32, head, device) == 'cudnn'  # asked for: as asked
     assert (cudnn_refusal(head, device) == '') == (want == 'cudnn' or dtype == 'float32')
+
+
+@pytest.mark.parametrize('device,want', [(H200, 'hash'), (T4, 'hash'), (MI300, 'hash'),
+                                         (TPU, 'flax')])
+def test_auto_dropout_hashes_on_gpus(device, want):
+    from sparse_vit_jax.models import dropout_impl
+    assert dropout_impl('auto', device) == want
+    assert dropout_impl('bytes', device) == 'bytes'
 
 
 def test_cudnn_asked_for_where_it_cannot_run_is_one_line(monkeypatch, tmp_path):

@@ -145,6 +145,11 @@ def test_from_saved_fills_new_keys_converts_old_forms_and_rejects_unknown_ones()
     assert c.prune.ratios == (0.1, 0.3) and c.sparsity.attention.layers == tuple(range(12))
     assert c.sparsity.l1.include == ()
     validate(c)
+    del saved['model']['dropout_impl']
+    for bits, impl in ((32, 'flax'), (8, 'bytes')):  # its older name and values
+        saved['model']['dropout_bits'] = bits
+        assert from_saved(saved).model.dropout_impl == impl
+    assert 'dropout_bits' in saved['model']  # the caller's dict is left as it was
     saved['model']['flux'] = 1
     with pytest.raises(UserError, match='model.flux, unknown to this version'):
         from_saved(saved)
@@ -368,13 +373,16 @@ def test_eta_counts_days():
 
 
 @pytest.mark.slow
-def test_rbg_dropout_rng_trains_and_resumes_bit_identical(tmp_path, run8, data_dir):
-    """config.rng_impl (the accelerators' default is rbg): a fresh process, as the choice is
-    process-wide. Its own random stream (params differ from the Threefry run's); its 4-word
-    key is checkpointed, so a run resumed from step 4 ends with the same weights."""
+@pytest.mark.parametrize('masks', ['flax', 'hash'])
+def test_rbg_dropout_rng_trains_and_resumes_bit_identical(tmp_path, run8, data_dir, masks):
+    """config.rng_impl (the accelerators' default is rbg; GPUs hash the dropout masks, TPUs
+    draw them as flax does): a fresh process, as the choice is process-wide. Its own random
+    stream (params differ from the Threefry run's); its 4-word key is checkpointed, so a run
+    resumed from step 4 ends with the same weights."""
     import shutil
     wd = tmp_path / 'rbg'
-    args = [*SMOKE, '--config.rng_impl=rbg', '--config.stages=train,eval']
+    args = [*SMOKE, '--config.rng_impl=rbg', '--config.stages=train,eval',
+            f'--config.model.dropout_impl={masks}']
     run_main(wd, *args, devices=8, data_dir=data_dir)
     assert results(wd)['eval']['accuracy'] > 0
     ours, threefry = params(wd), params(run8)

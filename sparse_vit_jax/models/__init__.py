@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_vit_jax.errors import UserError
+from sparse_vit_jax.models.dropout import DROPOUT_IMPLS
 from sparse_vit_jax.models.vit import VisionTransformer, per_block
 
 # (patch, hidden, mlp, heads, layers), as in google-research/vision_transformer.
@@ -89,6 +90,16 @@ def attention_impl(name: str, dtype: Any, head_width: int, device: Any = None) -
     return 'cudnn' if fused else 'xla'
 
 
+def dropout_impl(name: str, device: Any = None) -> str:
+    """'auto': 'hash' on GPUs, where the PRNG's words would be written to memory and read back
+    (see models/dropout.py), 'flax' elsewhere (CPUs; TPUs, whose RngBitGenerator is not
+    measured against the hash)."""
+    if name != 'auto':
+        return name
+    device = jax.devices()[0] if device is None else device
+    return 'hash' if device.platform == 'gpu' else 'flax'
+
+
 def create_model(name: str, *, num_classes: int, image_size: int | None = None,
                  **overrides: Any) -> VisionTransformer:
     """Builds a VisionTransformer by variant name; `overrides` set any field.
@@ -123,4 +134,4 @@ def abstract_params(model: VisionTransformer, image_size: int, channels: int = 3
 
 __all__ = ['VARIANTS', 'NUMERICS', 'VisionTransformer', 'create_model', 'init_params',
            'abstract_params', 'per_block', 'compute_dtype', 'attention_impl', 'cuda_capability',
-           'cudnn_refusal']
+           'cudnn_refusal', 'dropout_impl', 'DROPOUT_IMPLS']

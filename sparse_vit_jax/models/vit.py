@@ -23,9 +23,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+
+from sparse_vit_jax.models.dropout import Dropout
 
 Dtype = Any
 IntOrPerBlock = int | Sequence[int]
@@ -208,42 +209,6 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None
     return attend(q, k, v, segments).transpose(0, 2, 1, 3)[:, :n]
 
 
-class Dropout(nn.Module):
-    """Inverted dropout: with 32 bits exactly flax's nn.Dropout (a float draw per element),
-    with 8 one random byte per element. On a GPU the random words are written to memory and
-    read back: with 32 bits about a fifth of the bytes XLA's fusions move in a ViT-B/16 step at
-    384 px, with 8 those fusions move 13% less (the draws fuse into the mask;
-    benchmarks/gpu_compile.py). A byte keeps its element when it is below
-    round((1 - rate) * 256), and kept elements are scaled by the inverse of that exact
-    probability, so the expectation is unchanged; the rate drawn is the asked one rounded to a
-    multiple of 1/256 (0.1 is drawn as 26/256 = 0.1016)."""
-
-    rate: float
-    bits: int = 32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        if deterministic or self.rate == 0.0:
-            return x
-        if self.rate == 1.0:
-            return jnp.zeros_like(x)
-        if self.bits == 32:  # flax's draws, bit for bit
-            keep = 1.0 - self.rate
-            mask = jax.random.bernoulli(self.make_rng('dropout'), keep, x.shape)
-            return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
-        keep = round((1.0 - self.rate) * 256)
-        if keep == 256:  # the rate rounds to 0
-            return x
-        if keep == 0:
-            return jnp.zeros_like(x)
-        # Bytes cut from 32-bit words: XLA's GPU generator writes 32-bit words whatever
-        # width it is asked for.
-        words = jax.random.bits(self.make_rng('dropout'), (-(-x.size // 4),), jnp.uint32)
-        draws = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:x.size]
-        return jax.lax.select(draws.reshape(x.shape) < np.uint8(keep), x * (256 / keep),
-                              jnp.zeros_like(x))
-
-
 def per_block(value: IntOrPerBlock, depth: int, name: str) -> tuple[int, ...]:
     """Expands an int to one value per block; checks a sequence's length."""
     if isinstance(value, int):
@@ -294,7 +259,7 @@ class MultiHeadDotProductAttention(nn.Module):
     head_dim: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
-    dropout_bits: int = 32
+    dropout_impl: str = 'flax'
     sow_probs: bool = False
     reduce_probs: Callable[[jax.Array], jax.Array] | None = None  # sown instead of the probs
     impl: str = 'xla'
@@ -331,7 +296,7 @@ class MultiHeadDotProductAttention(nn.Module):
             if self.sow_probs:
                 self.sow('intermediates', 'attention_probs', probs)
         if dropout:
-            probs = Dropout(self.dropout_rate, self.dropout_bits)(probs, deterministic=False)
+            probs = Dropout(self.dropout_rate, self.dropout_impl)(probs, deterministic=False)
         out = jnp.einsum('bhqk,bhkd->bqhd', probs.astype(self.dtype), v)
         return self._out(out, out_kernel, out_bias)
 
@@ -380,7 +345,7 @@ class MlpBlock(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.1
-    dropout_bits: int = 32
+    dropout_impl: str = 'flax'
     gelu_approximate: bool = True
 
     @nn.compact
@@ -389,9 +354,9 @@ class MlpBlock(nn.Module):
                     bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
         y = nn.Dense(self.mlp_dim, **init)(x)
         y = gelu(y, self.gelu_approximate)
-        y = Dropout(self.dropout_rate, self.dropout_bits)(y, deterministic=deterministic)
+        y = Dropout(self.dropout_rate, self.dropout_impl)(y, deterministic=deterministic)
         y = nn.Dense(x.shape[-1], **init)(y)
-        return Dropout(self.dropout_rate, self.dropout_bits)(y, deterministic=deterministic)
+        return Dropout(self.dropout_rate, self.dropout_impl)(y, deterministic=deterministic)
 
 
 class Encoder1DBlock(nn.Module):
@@ -400,7 +365,7 @@ class Encoder1DBlock(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.1
-    dropout_bits: int = 32
+    dropout_impl: str = 'flax'
     attention_dropout_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
@@ -414,13 +379,13 @@ class Encoder1DBlock(nn.Module):
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
         y = MultiHeadDotProductAttention(
             self.num_heads, self.head_dim, dtype=self.dtype,
-            dropout_rate=self.attention_dropout_rate, dropout_bits=self.dropout_bits,
+            dropout_rate=self.attention_dropout_rate, dropout_impl=self.dropout_impl,
             sow_probs=self.sow_probs, reduce_probs=self.reduce_probs, impl=self.attention_impl,
             mesh=self.mesh, name='MultiHeadDotProductAttention_0')(y, deterministic=deterministic)
-        x = x + Dropout(self.dropout_rate, self.dropout_bits)(y, deterministic=deterministic)
+        x = x + Dropout(self.dropout_rate, self.dropout_impl)(y, deterministic=deterministic)
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
         y = MlpBlock(self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
-                     dropout_bits=self.dropout_bits,
+                     dropout_impl=self.dropout_impl,
                      gelu_approximate=self.gelu_approximate, name='MlpBlock_0')(
                          y, deterministic=deterministic)
         return x + y
@@ -443,7 +408,7 @@ class Encoder(nn.Module):
     mlp_dim: IntOrPerBlock
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.1
-    dropout_bits: int = 32
+    dropout_impl: str = 'flax'
     attention_dropout_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
@@ -457,7 +422,7 @@ class Encoder(nn.Module):
                  reduce_attention: Callable[[jax.Array], jax.Array] | None = None
                  ) -> jax.Array:
         x = AddPositionEmbs(name='posembed_input')(x)
-        x = Dropout(self.dropout_rate, self.dropout_bits)(x, deterministic=deterministic)
+        x = Dropout(self.dropout_rate, self.dropout_impl)(x, deterministic=deterministic)
         heads = per_block(self.num_heads, self.num_layers, 'num_heads')
         mlps = per_block(self.mlp_dim, self.num_layers, 'mlp_dim')
         # Rematerialisation: the backward pass recomputes each block's activations (all, or
@@ -467,7 +432,7 @@ class Encoder(nn.Module):
         for i in range(self.num_layers):
             x = block(
                 heads[i], self.head_dim, mlps[i], dtype=self.dtype,
-                dropout_rate=self.dropout_rate, dropout_bits=self.dropout_bits,
+                dropout_rate=self.dropout_rate, dropout_impl=self.dropout_impl,
                 attention_dropout_rate=self.attention_dropout_rate,
                 layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
                 sow_probs=i in capture_attention,
@@ -490,7 +455,7 @@ class VisionTransformer(nn.Module):
     head_dim: int | None = None
     representation_size: int | None = None
     dropout_rate: float = 0.1
-    dropout_bits: int = 32         # random bits per dropout draw: 32 | 8 (see Dropout)
+    dropout_impl: str = 'flax'     # how dropout draws its mask: flax | bytes | hash (dropout.py)
     attention_dropout_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
@@ -535,7 +500,7 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
         x = Encoder(self.num_layers, self.num_heads, self.resolved_head_dim, self.mlp_dim,
                     dtype=self.dtype, dropout_rate=self.dropout_rate,
-                    dropout_bits=self.dropout_bits,
+                    dropout_impl=self.dropout_impl,
                     attention_dropout_rate=self.attention_dropout_rate,
                     layer_norm_eps=self.layer_norm_eps,
                     gelu_approximate=self.gelu_approximate,
