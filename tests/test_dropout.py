@@ -155,3 +155,24 @@ def test_hash_dropout_module_edges():
     np.testing.assert_allclose(y[kept], 2 * np.asarray(x)[kept], rtol=1e-6)
     with pytest.raises(ValueError, match='unknown dropout impl'):
         Dropout(0.5, 'philox').apply({}, x, deterministic=False, rngs=rngs)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_hashed_masks_are_redrawn_alike_under_remat(remat):
+    """A block rematerialised in the backward pass hashes the same masks again: the model's
+    training-mode gradients with remat equal those without, and differ from another key's."""
+    from sparse_vit_jax.models import create_model, init_params
+    m = create_model('testing', num_classes=3, dropout_rate=0.3, dropout_impl='hash')
+    p = init_params(m, 16)
+    x = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+
+    def grads(model, key):
+        loss = lambda p: model.apply({'params': p}, x, train=True,  # noqa: E731
+                                     rngs={'dropout': key}).sum()
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(p))
+
+    plain, again = grads(m, jax.random.key(5)), grads(m.clone(remat=remat), jax.random.key(5))
+    for a, b in zip(plain, again):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    other = grads(m, jax.random.key(6))
+    assert any(not np.allclose(a, b) for a, b in zip(plain, other))
