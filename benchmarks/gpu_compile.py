@@ -8,8 +8,8 @@
 
 The step is the one `python -m sparse_vit_jax.main --config=configs/imagenet100.py` runs on
 an NVIDIA GPU (bf16 compute, hash dropout masks keyed by rbg unless --dropout and --rng say
-otherwise, the paper's penalty on
-the last block, its optimizer chain; the same code as benchmarks/gpu_check.py times),
+otherwise, the paper's penalty on the last block, its optimizer chain; the same code as
+benchmarks/gpu_check.py times),
 compiled ahead of time by XLA's GPU compiler for a target description of the card
 (`jax.experimental.topologies`; needs the CUDA plugin and its libraries,
 `pip install "jax[cuda12]"`, about 6 GB, not a GPU).

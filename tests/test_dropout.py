@@ -53,6 +53,8 @@ def test_hash_draws_match_the_numpy_reference(words):
                                   np_draws(words, (6, 7, 9), flat_limit=64))
     with pytest.raises(ValueError, match='per leading index'):
         hash_draws(w, (2, 40, 2), flat_limit=64)
+    with pytest.raises(ValueError, match='fewer than 64 elements; '):
+        hash_draws(w, (70,), flat_limit=64)
 
 
 def uniform01(draws: np.ndarray) -> np.ndarray:

@@ -90,7 +90,7 @@ def test_dropout_bytes_keeps_the_rounded_rate_and_the_mean(impl):
     n = 1_000_000
     x = jnp.full((n + 3,), 3.0)  # not a whole number of 32-bit words
     y = np.asarray(Dropout(0.1, 'bytes').apply({}, x, deterministic=False,
-                                         rngs={'dropout': jax.random.key(0, impl=impl)}))
+                                               rngs={'dropout': jax.random.key(0, impl=impl)}))
     kept = y != 0
     p = 230 / 256
     assert abs(kept.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)

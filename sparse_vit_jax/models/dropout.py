@@ -62,11 +62,10 @@ def hash_draws(words: jax.Array, shape: tuple[int, ...], *,
     k, g = words[0], _odd_gamma(words[1])
     split = math.prod(shape) >= flat_limit and len(shape) > 1
     first = 1 if split else 0
-    if split and math.prod(shape[1:]) >= flat_limit:
-        raise ValueError(f'hash dropout indexes up to {flat_limit} elements per leading index; '
-                         f'{shape} has {math.prod(shape[1:])}')
-    if not split and math.prod(shape) >= flat_limit:
-        raise ValueError(f'hash dropout indexes up to {flat_limit} elements; {shape} has more')
+    if (counted := math.prod(shape[first:])) >= flat_limit:
+        where = ' per leading index' if split else ''
+        raise ValueError(f'hash dropout indexes fewer than {flat_limit} elements{where}; '
+                         f'{shape} has {counted}')
     index = jnp.zeros(shape, jnp.uint32)  # row-major, from static strides
     stride = 1
     for axis in range(len(shape) - 1, first - 1, -1):
