@@ -10,8 +10,8 @@ loss with the paper's attention penalty on the last block, the optimizer chain),
 already on the device, so no TensorFlow is needed). Variants change one config key each:
 no penalty (the plain step), the L1 transform, the mask-keeping optimizer, XLA attention
 instead of the fused one, dropout masks drawn by the PRNG (flax's draws or a byte each, rbg;
-Threefry / unsafe_rbg) instead of hashed, rematerialisation, other GEMM emitters and cuDNN's
-LayerNorm (XLA compile options, compiled
+Threefry / unsafe_rbg) instead of hashed, rematerialisation, the GELU in tanh form (cuBLASLt's
+epilogue), other GEMM emitters and cuDNN's LayerNorm (XLA compile options, compiled
 last); then larger batches, plain and rematerialised. The L1 and masks rows keep the
 penalty, so comparing them with the plain step is the stricter reading.
 
@@ -81,6 +81,8 @@ VARIANTS = {  # name -> (config overrides, masks?, XLA compile options)
     'threefry': ({'rng_impl': 'threefry', 'model.dropout_impl': 'flax'}, False, {}),
     'unsafe_rbg': ({'rng_impl': 'unsafe_rbg', 'model.dropout_impl': 'flax'}, False, {}),
     'remat dots': ({'model.remat': 'dots'}, False, {}),
+    # The MLP's GELU in jax.nn.gelu's tanh form, which cuBLASLt may take into its epilogue.
+    'tanh gelu': ({'model.gelu_form': 'tanh'}, False, {}),
     # The paper's step under other XLA options (as XLA_FLAGS=--<option>=<value> would set
     # them for a whole run): cuBLAS only, Triton wherever it can, cuBLASLt (bias epilogues)
     # for the GEMMs; cuDNN's kernels for the LayerNorms (25 per step, memory-bound fusions).
@@ -405,7 +407,7 @@ def main() -> int:
     resolved = build_model(with_overrides(base, {}, batches[0]), NUM_CLASSES, 'jax')
     print(f'{name}@{size}, {jax.devices()[0].device_kind}: model dtype '
           f'{jnp.dtype(resolved.dtype).name}, attention {resolved.attention_impl}, dropout masks '
-          f'{resolved.dropout_impl}; measured bf16 '
+          f'{resolved.dropout_impl}, GELU {resolved.gelu_form} form; measured bf16 '
           f'matmul peak {peak:.1f} TFLOP/s; {flops_per_image:.3g} TFLOP per image and step',
           flush=True)
 

@@ -4,6 +4,7 @@
     python benchmarks/gpu_compile.py --gpu h100 --batches 32,64,128 --remat none,dots
     python benchmarks/gpu_compile.py --batches 32 --remat none --rng rbg,threefry --top 12
     python benchmarks/gpu_compile.py --batches 32 --attention cudnn --remat none --dropout hash,flax
+    python benchmarks/gpu_compile.py --batches 32,256 --attention cudnn --gelu tanh,sigmoid
     python benchmarks/gpu_compile.py --tiny                # the testing ViT at 32 px
 
 The step is the one `python -m sparse_vit_jax.main --config=configs/imagenet100.py` runs on
@@ -21,7 +22,10 @@ cost; `--top N` lists the jax ops behind the most of it). Dropout shows there: w
 `--dropout flax` or `bytes` rbg's bits are generated into memory and read back (Threefry's are
 computed inside the kernels that use them: no traffic, but some 20 integer rounds per 32 bits),
 with `hash` each draw is one integer hash computed where the mask is applied, forward and
-backward (only a GPU can weigh its arithmetic against the bytes it saves).
+backward (only a GPU can weigh its arithmetic against the bytes it saves). So does the MLP's
+GELU: in `--gelu tanh` form cuBLASLt's epilogue computes it, and the first MLP matmul writes it
+beside its input, for the dropout's kernel to read back (`sigmoid`, what 'auto' takes on GPUs,
+leaves it to that kernel).
 
 What this cannot check: cuDNN's own limits (it compiled unpadded 577-token attention, which
 cuDNN on a GPU refuses), the GEMM autotuning (without a device XLA's Triton GEMM emitter finds
@@ -115,6 +119,8 @@ def main() -> int:
     ap.add_argument('--rng', default='rbg', help='dropout RNGs: rbg, threefry, unsafe_rbg')
     ap.add_argument('--dropout', default='hash', help='dropout masks: hash, flax, bytes '
                     '(model.dropout_impl)')
+    ap.add_argument('--gelu', default='auto', help="the MLP's GELU form: auto (sigmoid on "
+                    'GPUs), sigmoid, tanh (model.gelu_form)')
     ap.add_argument('--top', type=int, default=0,
                     help="also list each row's N jax ops that move the most memory")
     ap.add_argument('--json', default='', help='also write the rows here')
@@ -134,27 +140,29 @@ def main() -> int:
           f'{base.model.name}@{base.model.image_size}, '
           f'{name} ({gib} GiB), bf16 compute; compiled (GEMMs for cuBLAS), not '
           'run\n', flush=True)
-    print('| attention | remat | dropout RNG | dropout | batch | result | memory GiB | of which '
-          'temporaries | fused attention fwd / bwd | kernels | traffic GB | of which fusions '
-          '| compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
+    print('| attention | remat | dropout RNG | dropout | GELU | batch | result | memory GiB | of '
+          'which temporaries | fused attention fwd / bwd | kernels | traffic GB | of which '
+          'fusions | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+          flush=True)
     rows = []
-    for attention, remat, rng, dropout, batch in itertools.product(
+    for attention, remat, rng, dropout, gelu, batch in itertools.product(
             words(args.attention), words(args.remat), words(args.rng), words(args.dropout),
-            [int(b) for b in words(args.batches)]):
+            words(args.gelu), [int(b) for b in words(args.batches)]):
         r = compile_row(base, mesh, attention, remat, batch,
-                        inspect=lambda c: examine(c, args.top), rng=rng, dropout=dropout)
+                        inspect=lambda c: examine(c, args.top), rng=rng, dropout=dropout,
+                        gelu=gelu)
         r['over_memory'] = r.get('memory_gib', 0) > gib
         rows.append(r)
         result = r['result'] + (' (more than the card has)' if r['over_memory'] else '')
         fused = f'{r["fused_forward"]} / {r["fused_backward"]}' if 'fused_forward' in r else ''
-        print(f'| {attention} | {remat} | {rng} | {dropout} | {batch} | {result} | '
+        print(f'| {attention} | {remat} | {rng} | {dropout} | {r["gelu"]} | {batch} | {result} | '
               f'{r.get("memory_gib", "")} | {r.get("temp_gib", "")} | {fused} | '
               f'{r.get("kernels", "")} | {r.get("traffic_gb", "")} | '
               f'{r.get("fusions_gb", "")} | {r["compile_s"]} |',
               flush=True)
     for r in rows if args.top else []:
         print(f'\n{r["attention"]} attention, remat {r["remat"]}, {r["rng"]}, '
-              f'{r["dropout"]} dropout, batch '
+              f'{r["dropout"]} dropout, {r["gelu"]} GELU, batch '
               f'{r["batch_per_chip"]}: the jax ops whose kernels move the most memory\n\n'
               '| GB | kernels | jax op |\n|---|---|---|')
         for gb, calls, op in r.get('traffic_top', []):

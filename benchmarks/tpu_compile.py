@@ -3,6 +3,7 @@
     python benchmarks/tpu_compile.py                      # TPU v5e, 4 chips (v5litepod-4)
     python benchmarks/tpu_compile.py --topology v5p:2x2x1 --batches 32,64,128,256
     python benchmarks/tpu_compile.py --attention xla --remat none --dropout flax,hash
+    python benchmarks/tpu_compile.py --attention xla --batches 32 --gelu tanh,sigmoid
     python benchmarks/tpu_compile.py --tiny               # CI: the testing ViT at 32 px
 
 The step is the one `python -m sparse_vit_jax.main --config=configs/imagenet100.py` runs on
@@ -10,13 +11,14 @@ TPUs (bf16 compute, rbg dropout with flax's masks unless --dropout says otherwis
 paper's penalty on the last block, its optimizer chain, the batch sharded over every chip),
 built by the code that benchmarks/gpu_check.py times (benchmarks/trainer.py), for each
 attention (XLA's: what `auto` takes on TPUs; the Pallas flash kernel), remat option, dropout
-mask and batch per chip, and compiled ahead of time for a TPU topology
+mask, GELU form and batch per chip, and compiled ahead of time for a TPU topology
 (`jax.experimental.topologies`; needs libtpu: `pip install "jax[tpu]"`). This checks what no
 CPU test can: that XLA and Mosaic (the Pallas kernel's compiler) accept the program for that
 chip. The TPU compiler refuses a program that does not fit the chip's HBM, so a row that
 compiles fits as far as the compiler can tell (one near the limit may still fail to allocate);
-its memory per chip is XLA's memory analysis of the compiled program. Nothing runs, so nothing
-here says how fast it is.
+its memory per chip is XLA's memory analysis of the compiled program, and the bytes accessed
+its cost analysis (an estimate of the traffic per step). Nothing runs, so nothing here says how
+fast it is.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 sys.path.insert(0, str(Path(__file__).parent))
 from common import command, environment, write_json  # noqa: E402
 from trainer import load_config, lower_train_step, with_overrides  # noqa: E402
+
+from sparse_vit_jax.models import gelu_form  # noqa: E402
 
 
 def tpu_mesh(topology: str) -> Any:
@@ -67,14 +71,16 @@ def tpu_mesh(topology: str) -> Any:
 
 def compile_row(base: Any, mesh: Any, attention: str, remat: str, per_chip: int,
                 fsdp: bool = False, inspect: Any = None, rng: str = 'rbg',
-                dropout: str = 'flax') -> dict[str, Any]:
+                dropout: str = 'flax', gelu: str = 'auto') -> dict[str, Any]:
     """One compile: the step for `per_chip` images on each chip of `mesh`; `inspect(compiled)`
     adds its own entries to the row."""
     c = with_overrides(base, {'model.attention_impl': attention, 'model.remat': remat,
                               'model.dtype': 'bfloat16', 'rng_impl': rng, 'mesh.fsdp': fsdp,
-                              'model.dropout_impl': dropout}, per_chip * mesh.size)
+                              'model.dropout_impl': dropout, 'model.gelu_form': gelu},
+                       per_chip * mesh.size)
     row: dict[str, Any] = {'attention': attention, 'remat': remat, 'rng': rng,
-                           'dropout': dropout, 'batch_per_chip': per_chip}
+                           'dropout': dropout, 'gelu': gelu_form(gelu, mesh.devices.flat[0]),
+                           'batch_per_chip': per_chip}
     t = time.perf_counter()
     try:
         _, lowered = lower_train_step(c, mesh)
@@ -101,6 +107,15 @@ def compile_row(base: Any, mesh: Any, attention: str, remat: str, per_chip: int,
     return row
 
 
+def bytes_accessed(compiled: Any) -> dict[str, Any]:
+    """XLA's cost analysis of the compiled program: the bytes its operations read and write
+    on one chip (the compiler's estimate; nothing runs)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    gb = (cost or {}).get('bytes accessed')
+    return {} if gb is None else {'accessed_gb': round(gb / 1e9, 2)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument('--config', default='configs/imagenet100.py')
@@ -111,6 +126,8 @@ def main() -> int:
     ap.add_argument('--remat', default='none,dots')
     ap.add_argument('--dropout', default='flax', help='dropout masks: flax (what auto takes on '
                     'TPUs), bytes, hash (model.dropout_impl)')
+    ap.add_argument('--gelu', default='auto', help="the MLP's GELU form: auto (tanh on TPUs), "
+                    'tanh, sigmoid (model.gelu_form)')
     ap.add_argument('--fsdp', action='store_true',
                     help='shard parameters and optimizer state over the chips (mesh.fsdp)')
     ap.add_argument('--json', default='', help='also write the rows here')
@@ -128,17 +145,19 @@ def main() -> int:
           f'{", parameters and optimizer state too (fsdp)" if args.fsdp else ""}; '
           'compiled, not run\n',
           flush=True)
-    print('| attention | remat | dropout | batch per chip | result | memory per chip GiB | '
-          'of which temporaries | compile s |\n|---|---|---|---|---|---|---|---|', flush=True)
+    print('| attention | remat | dropout | GELU | batch per chip | result | memory per chip GiB | '
+          'of which temporaries | GB accessed per chip | compile s |\n'
+          '|---|---|---|---|---|---|---|---|---|---|', flush=True)
     rows = []
-    for attention, remat, dropout in itertools.product(
-            words(args.attention), words(args.remat), words(args.dropout)):
+    for attention, remat, dropout, gelu in itertools.product(
+            words(args.attention), words(args.remat), words(args.dropout), words(args.gelu)):
         for per_chip in (int(b) for b in words(args.batches)):
-            r = compile_row(base, mesh, attention, remat, per_chip, args.fsdp, dropout=dropout)
+            r = compile_row(base, mesh, attention, remat, per_chip, args.fsdp, dropout=dropout,
+                            gelu=gelu, inspect=bytes_accessed)
             rows.append(r)
-            print(f'| {attention} | {remat} | {dropout} | {per_chip} | {r["result"]} | '
-                  f'{r.get("memory_gib", "")} | {r.get("temp_gib", "")} | '
-                  f'{r["compile_s"]} |', flush=True)
+            print(f'| {attention} | {remat} | {dropout} | {r["gelu"]} | {per_chip} | '
+                  f'{r["result"]} | {r.get("memory_gib", "")} | {r.get("temp_gib", "")} | '
+                  f'{r.get("accessed_gb", "")} | {r["compile_s"]} |', flush=True)
             if r.get('fits') is False:
                 break  # larger batches do not fit either
     if args.json:

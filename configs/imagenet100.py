@@ -10,9 +10,9 @@ in data_dir), or --config.data.source=imagenet2012 to filter a prepared TFDS
 imagenet2012 by the class list. Labels are the class list's order. Nothing is
 downloaded. Note: ImageNet-1k fine-tuned weights have seen these classes' images.
 Produces checkpoints, results.json/.csv and TensorBoard logs. On a TPU or a GPU (NVIDIA's from
-Ampere) the step runs in bfloat16, with cuDNN's fused attention on those GPUs and hashed
-dropout masks on any GPU (model.dtype / model.attention_impl / model.dropout_impl 'auto'); on
-a CPU in float32.
+Ampere) the step runs in bfloat16, with cuDNN's fused attention on those GPUs, and hashed
+dropout masks and the GELU out of the matmul's epilogue on any GPU (model.dtype /
+model.attention_impl / model.dropout_impl / model.gelu_form 'auto'); on a CPU in float32.
 Expected: not reproduced here (no weights or data offline).
 """
 

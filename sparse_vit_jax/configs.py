@@ -58,6 +58,10 @@ def base_config() -> mlc.ConfigDict:
                                    # byte each: 0.1 is drawn as 0.1016) | hash (a hash of each
                                    # element's index, fused where the mask is applied and
                                    # recomputed in the backward pass; models/dropout.py)
+    c.model.gelu_form = 'auto'     # how the tanh GELU is written where a dropout follows it in
+                                   # training: auto (sigmoid on GPUs, else tanh) | tanh |
+                                   # sigmoid (x sigmoid(2u): the same function, kept out of
+                                   # cuBLASLt's GELU epilogue; models/vit.py gelu)
     c.model.attention_dropout_rate = 0.0
     c.model.hidden_size = 0        # 0 = the variant's; set to build a custom size
     c.model.num_layers = 0
@@ -224,7 +228,7 @@ def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
 RERUN_FREE = ('stages', 'smoke', 'compile_cache', 'init_from', 'log_every_steps',
               'checkpoint_every_steps', 'keep_checkpoints', 'checkpoint_timeout_s',
               'eval_batch_size', 'data.data_dir', 'data.root', 'mesh.fsdp', 'model.attention_impl',
-              'model.remat', 'model.dropout_impl', 'prune.', 'sweep.')
+              'model.remat', 'model.dropout_impl', 'model.gelu_form', 'prune.', 'sweep.')
 
 
 def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -354,7 +358,7 @@ def approx_params(c: Any, shape: dict[str, int]) -> int:
 def validate(c: Any) -> None:
     """One clear UserError for the first problem found; returns None if the config is sound."""
     from sparse_vit_jax.data import DATASETS
-    from sparse_vit_jax.models import DROPOUT_IMPLS, NUMERICS, VARIANTS
+    from sparse_vit_jax.models import DROPOUT_IMPLS, GELU_FORMS, NUMERICS, VARIANTS
 
     for key, v in _leaves(c):
         if isinstance(v, float) and not math.isfinite(v):
@@ -371,6 +375,7 @@ def validate(c: Any) -> None:
                                               'pallas'))
     _one_of(c, 'model.remat', ('none', 'full', 'dots'))
     _one_of(c, 'model.dropout_impl', ('auto', *DROPOUT_IMPLS))
+    _one_of(c, 'model.gelu_form', ('auto', *GELU_FORMS))
     _one_of(c, 'rng_impl', ('auto', 'threefry', 'rbg', 'unsafe_rbg'))
     if c.model.attention_impl == 'cudnn' and c.model.dtype == 'float32':
         raise UserError('config model.attention_impl=cudnn needs model.dtype=bfloat16 (or auto)')

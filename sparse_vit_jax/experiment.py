@@ -38,6 +38,7 @@ from sparse_vit_jax.models import (
     create_model,
     cudnn_refusal,
     dropout_impl,
+    gelu_form,
 )
 from sparse_vit_jax.multihost import everywhere, from_process0, on_process0
 from sparse_vit_jax.objective import EvalMetrics, TrainMetrics, make_loss_fn
@@ -67,14 +68,18 @@ from sparse_vit_jax.train.workdir import WorkdirLock, check_workdir
 
 def build_model(c: Any, num_classes: int, numerics: str = 'jax', mesh: Mesh | None = None
                 ) -> VisionTransformer:
-    """The config's model; `mesh` is where the 'pallas' attention runs per device."""
+    """The config's model; `mesh` is where the 'pallas' attention runs per device, and its
+    devices are what the config's 'auto' choices are made for (else JAX's first device)."""
     m = c.model
     overrides = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
                                    'patch_size') if m[k] > 0}
-    dtype = compute_dtype(m.dtype)
-    impl = attention_impl(m.attention_impl, dtype, head_width(c))
+    device = None if mesh is None else mesh.devices.flat[0]
+    dtype = compute_dtype(m.dtype, device)
+    impl = attention_impl(m.attention_impl, dtype, head_width(c), device)
     return create_model(m.name, num_classes=num_classes, image_size=m.image_size,
-                        dropout_rate=m.dropout_rate, dropout_impl=dropout_impl(m.dropout_impl),
+                        dropout_rate=m.dropout_rate,
+                        dropout_impl=dropout_impl(m.dropout_impl, device),
+                        gelu_form=gelu_form(m.gelu_form, device),
                         attention_dropout_rate=m.attention_dropout_rate, dtype=dtype,
                         attention_impl=impl, remat=m.remat, mesh=mesh, **NUMERICS[numerics],
                         **overrides)

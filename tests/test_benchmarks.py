@@ -186,15 +186,16 @@ def test_the_train_step_compiles_for_a_tpu():
                        capture_output=True, text=True, cwd=ROOT, timeout=600,
                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = re.findall(r'^\| (xla|pallas) \| none \| flax \| 8 \| compiles \|', r.stdout, re.M)
+    rows = re.findall(r'^\| (xla|pallas) \| none \| flax \| tanh \| 8 \| compiles \|.*\| [\d.]+ \|'
+                      r' [\d.]+ \|$', r.stdout, re.M)
     assert rows == ['xla', 'pallas'] and 'TPU v5 lite x4' in r.stdout, r.stdout[-3000:]
 
 
 def test_the_train_step_compiles_for_a_gpu_or_says_what_it_needs():
     """benchmarks/gpu_compile.py --tiny: with JAX's CUDA plugin (no GPU), the trainer's step
-    compiles for an H200, its one block before the penalised last one fused by cuDNN, forward
-    and backward, and remat 'full' (only) runs that forward twice; without the plugin (CI), one
-    line that names the install."""
+    compiles for an H200 (the GELU in its GPU form), its one block before the penalised last one
+    fused by cuDNN, forward and backward, and remat 'full' (only) runs that forward twice;
+    without the plugin (CI), one line that names the install."""
     sys.path.insert(0, str(ROOT / 'benchmarks'))
     from gpu_compile import has_cuda_plugin
     r = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'gpu_compile.py'), '--tiny'],
@@ -205,11 +206,11 @@ def test_the_train_step_compiles_for_a_gpu_or_says_what_it_needs():
             '"jax[cuda12]" (about 6 GB; no GPU is needed)'), r.stderr[-2000:]
         return
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    row = r'^\| cudnn \| (\w+) \| rbg \| hash \| 8 \| compiles \|.*\| (\d / \d) \|'
+    row = r'^\| cudnn \| (\w+) \| rbg \| hash \| sigmoid \| 8 \| compiles \|.*\| (\d / \d) \|'
     fused = dict(re.findall(row, r.stdout, re.M))
     assert fused == {'none': '1 / 1', 'dots': '1 / 1', 'full': '2 / 1'}, r.stdout[-3000:]
-    assert re.search(r'^\| xla \| none \| rbg \| hash \| 8 \| compiles \|.*\| 0 / 0 \|', r.stdout,
-                     re.M)
+    assert re.search(r'^\| xla \| none \| rbg \| hash \| sigmoid \| 8 \| compiles \|.*\| 0 / 0 \|',
+                     r.stdout, re.M)
 
 
 def test_device_profile_reads_a_gpu_trace():

@@ -1,5 +1,6 @@
 """The model: official names and shapes, variants, options."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -153,29 +154,64 @@ def test_dropout_impls_shrink_the_random_words_the_step_draws():
 
 @pytest.mark.parametrize('approximate', [True, False])
 def test_gelu_is_jax_gelu_with_the_derivative_of_the_formula(approximate):
-    """Forward: jax.nn.gelu bit for bit (fp32 and bf16). Gradient: the numpy float64
+    """Forward: jax.nn.gelu bit for bit (fp32 and bf16); with sigmoid_form (the tanh
+    approximation's), the float64 numpy formula within fp32 rounding, and within half a bf16
+    step of it (one rounding, from float32). Gradient, both forms: the numpy float64
     derivative of the GELU formula (central differences), within fp32 rounding; the backward
     pass keeps the input only."""
     from scipy.special import erf
 
     from sparse_vit_jax.models.vit import gelu
-    x = np.linspace(-6, 6, 2001).astype(np.float32)
-    for dtype in (jnp.float32, jnp.bfloat16):
-        xs = jnp.asarray(x, dtype)
-        np.testing.assert_array_equal(np.asarray(gelu(xs, approximate), np.float32),
-                                      np.asarray(jax.nn.gelu(xs, approximate), np.float32))
 
     def formula(z):
         if approximate:
             return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
         return 0.5 * z * (1 + erf(z / np.sqrt(2)))
 
+    x = np.linspace(-6, 6, 2001).astype(np.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        xs = jnp.asarray(x, dtype)
+        np.testing.assert_array_equal(np.asarray(gelu(xs, approximate), np.float32),
+                                      np.asarray(jax.nn.gelu(xs, approximate), np.float32))
+        got = np.asarray(gelu(xs, approximate, True), np.float64)
+        exact = formula(np.asarray(xs, np.float64))
+        if not approximate:  # the sigmoid form is the tanh approximation's only
+            np.testing.assert_array_equal(got, np.asarray(jax.nn.gelu(xs, False), np.float64))
+        elif dtype == jnp.float32:
+            np.testing.assert_allclose(got, exact, rtol=2e-6, atol=2e-7)
+        else:  # rounded once: within half a bf16 step (at most 2**-8 of the value)
+            assert np.all(np.abs(got - exact) <= np.abs(exact) * 2 ** -8)
+
     z, eps = x.astype(np.float64), 1e-6
     want = (formula(z + eps) - formula(z - eps)) / (2 * eps)
-    got = jax.vmap(jax.grad(lambda t: gelu(t, approximate)))(jnp.asarray(x))
-    np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
-    _, vjp = jax.vjp(lambda t: gelu(t, approximate), jnp.asarray(x))
-    assert [r.shape for r in jax.tree.leaves(vjp)] == [x.shape]
+    for sigmoid_form in (False, True):
+        f = functools.partial(gelu, approximate=approximate, sigmoid_form=sigmoid_form)
+        got = jax.vmap(jax.grad(f))(jnp.asarray(x))
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
+        _, vjp = jax.vjp(f, jnp.asarray(x))
+        assert [r.shape for r in jax.tree.leaves(vjp)] == [x.shape]
+
+
+def test_the_mlp_computes_gelu_in_the_sigmoid_form_where_a_dropout_follows():
+    """gelu_form='sigmoid', training with dropout: the tanh GELU written as x sigmoid(2u)
+    (kept out of cuBLASLt's GELU epilogue on GPUs, see `gelu`), in every block; evaluation
+    and training without dropout keep jax.nn.gelu's tanh form, which the epilogue may take."""
+    x = jnp.ones((2, 16, 16, 3))
+    m = create_model('testing', num_classes=3, dropout_rate=0.1)
+    p = init_params(m, 16)
+
+    def primitives(model, train):
+        jaxpr = jax.make_jaxpr(lambda k: model.apply({'params': p}, x, train=train,
+                                                     rngs={'dropout': k}))(jax.random.key(0))
+        names = [e.primitive.name for e in all_eqns(jaxpr.jaxpr)]
+        return names.count('logistic'), names.count('tanh')
+
+    sig = m.clone(gelu_form='sigmoid')
+    assert primitives(sig, True) == (m.num_layers, 0)
+    assert primitives(sig, False) == (0, m.num_layers)
+    assert primitives(sig.clone(dropout_rate=0.0), True) == (0, m.num_layers)
+    assert primitives(sig.clone(gelu_approximate=False), True) == (0, 0)
+    assert primitives(m, True) == (0, m.num_layers)  # 'tanh', the model's default
 
 
 def test_softmax_and_reduce_against_numpy():
@@ -382,12 +418,13 @@ def test_pallas_attention_equals_exact_alone_and_sharded_over_a_mesh(tpu_interpr
 
 
 def test_auto_choices_on_this_cpu():
-    from sparse_vit_jax.models import attention_impl, compute_dtype, dropout_impl
+    from sparse_vit_jax.models import attention_impl, compute_dtype, dropout_impl, gelu_form
     assert jax.default_backend() == 'cpu'
     assert compute_dtype('auto') == jnp.float32 and compute_dtype('bfloat16') == jnp.bfloat16
     assert attention_impl('auto', jnp.bfloat16, 64) == 'xla'
     assert attention_impl('padded_xla', jnp.float32, 64) == 'padded_xla'
     assert dropout_impl('auto') == 'flax' and dropout_impl('hash') == 'hash'
+    assert gelu_form('auto') == 'tanh' and gelu_form('sigmoid') == 'sigmoid'
 
 
 H200 = FakeDevice('gpu', 'NVIDIA H200', '9.0')
@@ -421,6 +458,30 @@ def test_auto_dropout_hashes_on_gpus(device, want):
     from sparse_vit_jax.models import dropout_impl
     assert dropout_impl('auto', device) == want
     assert dropout_impl('bytes', device) == 'bytes'
+
+
+@pytest.mark.parametrize('device,want', [(H200, 'sigmoid'), (MI300, 'sigmoid'), (TPU, 'tanh')])
+def test_auto_gelu_form_is_sigmoid_on_gpus(device, want):
+    from sparse_vit_jax.models import gelu_form
+    assert gelu_form('auto', device) == want
+    assert gelu_form('tanh', device) == 'tanh'
+
+
+def test_build_model_makes_auto_choices_for_the_mesh_devices():
+    """The config's 'auto' keys resolve for the devices of the mesh the model runs on (an
+    H200 here, compiled for from this CPU), not for JAX's first device."""
+    from types import SimpleNamespace
+
+    from sparse_vit_jax.configs import base_config
+    from sparse_vit_jax.experiment import build_model
+    c = base_config()
+    c.model.name, c.model.image_size, c.model.dtype = 'testing', 16, 'auto'
+    on_gpu = build_model(c, 3, 'jax', SimpleNamespace(devices=np.array([H200], dtype=object)))
+    assert (on_gpu.dtype, on_gpu.attention_impl, on_gpu.dropout_impl, on_gpu.gelu_form) == (
+        jnp.bfloat16, 'cudnn', 'hash', 'sigmoid')
+    here = build_model(c, 3, 'jax')
+    assert (here.dtype, here.attention_impl, here.dropout_impl, here.gelu_form) == (
+        jnp.float32, 'xla', 'flax', 'tanh')
 
 
 def test_cudnn_asked_for_where_it_cannot_run_is_one_line(monkeypatch, tmp_path):

@@ -100,6 +100,19 @@ def dropout_impl(name: str, device: Any = None) -> str:
     return 'hash' if device.platform == 'gpu' else 'flax'
 
 
+GELU_FORMS = ('tanh', 'sigmoid')
+
+
+def gelu_form(name: str, device: Any = None) -> str:
+    """'auto': 'sigmoid' on GPUs, where the tanh form lets cuBLASLt's GELU epilogue write an
+    extra array that the dropout then reads (models.vit.gelu), 'tanh' elsewhere (TPUs compile
+    both to the same bytes; CPUs keep their program)."""
+    if name != 'auto':
+        return name
+    device = jax.devices()[0] if device is None else device
+    return 'sigmoid' if device.platform == 'gpu' else 'tanh'
+
+
 def create_model(name: str, *, num_classes: int, image_size: int | None = None,
                  **overrides: Any) -> VisionTransformer:
     """Builds a VisionTransformer by variant name; `overrides` set any field.
@@ -134,4 +147,4 @@ def abstract_params(model: VisionTransformer, image_size: int, channels: int = 3
 
 __all__ = ['VARIANTS', 'NUMERICS', 'VisionTransformer', 'create_model', 'init_params',
            'abstract_params', 'per_block', 'compute_dtype', 'attention_impl', 'cuda_capability',
-           'cudnn_refusal', 'dropout_impl', 'DROPOUT_IMPLS']
+           'cudnn_refusal', 'dropout_impl', 'DROPOUT_IMPLS', 'gelu_form', 'GELU_FORMS']

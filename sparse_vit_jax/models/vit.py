@@ -57,21 +57,42 @@ REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
          'dots': dots_and_fused_attention_saveable}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def gelu(x: jax.Array, approximate: bool = True, sigmoid_form: bool = False) -> jax.Array:
     """`jax.nn.gelu` whose backward pass keeps only the input: differentiated by JAX, XLA
     keeps an intermediate of the forward pass as large as the MLP's hidden activations for
     the backward pass, about 1/17 of the bytes a ViT-B/16 step at 384 px moves on a GPU
     (benchmarks/gpu_compile.py); recomputing it from the input costs a few flops in a kernel
-    that reads that input anyway. The derivative is computed in float32."""
-    return jax.nn.gelu(x, approximate=approximate)
+    that reads that input anyway. The derivative is computed in float32.
+
+    sigmoid_form: the tanh approximation as x sigmoid(2u), in float32: the same function
+    (the two differ by rounding) in a form that XLA's GPU matmul rewriter does not move into
+    cuBLASLt's GELU epilogue. Where a dropout follows, that epilogue costs bytes: the matmul
+    writes both the pre-activation (which the backward pass keeps) and the GELU, which the
+    dropout's kernel reads back, one array of the MLP's width more per block than when the
+    dropout's kernel computes the GELU from the pre-activation (2.5% of the bytes a ViT-B/16
+    step at 384 px moves, in an H200 compile; a TPU v5e compile moves the same bytes either
+    way). Without a dropout the epilogue saves bytes, and the MLP keeps the tanh form."""
+    return _gelu(x, approximate, sigmoid_form)
 
 
-def _gelu_fwd(x: jax.Array, approximate: bool) -> tuple[jax.Array, jax.Array]:
-    return jax.nn.gelu(x, approximate=approximate), x
+def _gelu(x: jax.Array, approximate: bool, sigmoid_form: bool) -> jax.Array:
+    if not (approximate and sigmoid_form):
+        return jax.nn.gelu(x, approximate=approximate)
+    # 0.5 x (1 + tanh(u)) = x sigmoid(2u). 2u is written otherwise than in `_gelu_bwd`: where
+    # remat recomputes this in the backward pass, XLA would merge the two sigmoids and keep
+    # the result in float32 between kernels (+12% bytes at batch 256 with remat 'dots').
+    x32 = x.astype(jnp.float32)
+    c = 2 * math.sqrt(2 / math.pi)
+    return (x32 * jax.nn.sigmoid(x32 * (c + c * 0.044715 * x32 * x32))).astype(x.dtype)
 
 
-def _gelu_bwd(approximate: bool, x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+def _gelu_fwd(x: jax.Array, approximate: bool, sigmoid_form: bool
+              ) -> tuple[jax.Array, jax.Array]:
+    return _gelu(x, approximate, sigmoid_form), x
+
+
+def _gelu_bwd(approximate: bool, _: bool, x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     x32 = x.astype(jnp.float32)
     # In sigmoids and erfc, which keep their precision in the tails where 1 + tanh and
     # 1 + erf cancel (the derivative at x = -5 is -2e-6, not 0).
@@ -347,13 +368,15 @@ class MlpBlock(nn.Module):
     dropout_rate: float = 0.1
     dropout_impl: str = 'flax'
     gelu_approximate: bool = True
+    gelu_form: str = 'tanh'  # 'sigmoid': `gelu`'s sigmoid_form where a dropout follows
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         init = dict(kernel_init=nn.initializers.xavier_uniform(),
                     bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
         y = nn.Dense(self.mlp_dim, **init)(x)
-        y = gelu(y, self.gelu_approximate)
+        dropout = not deterministic and self.dropout_rate > 0
+        y = gelu(y, self.gelu_approximate, dropout and self.gelu_form == 'sigmoid')
         y = Dropout(self.dropout_rate, self.dropout_impl)(y, deterministic=deterministic)
         y = nn.Dense(x.shape[-1], **init)(y)
         return Dropout(self.dropout_rate, self.dropout_impl)(y, deterministic=deterministic)
@@ -369,6 +392,7 @@ class Encoder1DBlock(nn.Module):
     attention_dropout_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
+    gelu_form: str = 'tanh'
     sow_probs: bool = False
     reduce_probs: Callable[[jax.Array], jax.Array] | None = None
     attention_impl: str = 'xla'
@@ -385,8 +409,8 @@ class Encoder1DBlock(nn.Module):
         x = x + Dropout(self.dropout_rate, self.dropout_impl)(y, deterministic=deterministic)
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype)(x)
         y = MlpBlock(self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
-                     dropout_impl=self.dropout_impl,
-                     gelu_approximate=self.gelu_approximate, name='MlpBlock_0')(
+                     dropout_impl=self.dropout_impl, gelu_approximate=self.gelu_approximate,
+                     gelu_form=self.gelu_form, name='MlpBlock_0')(
                          y, deterministic=deterministic)
         return x + y
 
@@ -412,6 +436,7 @@ class Encoder(nn.Module):
     attention_dropout_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
+    gelu_form: str = 'tanh'
     attention_impl: str = 'xla'
     remat: str = 'none'
     mesh: Mesh | None = None
@@ -435,7 +460,7 @@ class Encoder(nn.Module):
                 dropout_rate=self.dropout_rate, dropout_impl=self.dropout_impl,
                 attention_dropout_rate=self.attention_dropout_rate,
                 layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
-                sow_probs=i in capture_attention,
+                gelu_form=self.gelu_form, sow_probs=i in capture_attention,
                 reduce_probs=reduce_attention if i in capture_attention else None,
                 attention_impl=self.attention_impl, mesh=self.mesh,
                 name=f'encoderblock_{i}')(x, deterministic)
@@ -459,6 +484,7 @@ class VisionTransformer(nn.Module):
     attention_dropout_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
+    gelu_form: str = 'tanh'        # 'sigmoid': out of a GPU matmul's epilogue, see `gelu`
     dtype: Dtype = jnp.float32
     attention_impl: str = 'xla'    # 'xla' | 'cudnn' (fused, NVIDIA GPUs) | 'pallas' (TPUs)
     #                                | 'padded_xla' (cudnn's padding and masking, XLA's kernel)
@@ -503,7 +529,7 @@ class VisionTransformer(nn.Module):
                     dropout_impl=self.dropout_impl,
                     attention_dropout_rate=self.attention_dropout_rate,
                     layer_norm_eps=self.layer_norm_eps,
-                    gelu_approximate=self.gelu_approximate,
+                    gelu_approximate=self.gelu_approximate, gelu_form=self.gelu_form,
                     attention_impl=self.attention_impl, remat=self.remat, mesh=self.mesh,
                     name='Transformer')(
                         x, deterministic=not train, capture_attention=capture_attention,
