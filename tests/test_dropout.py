@@ -1,5 +1,6 @@
 """Hashed dropout masks (models/dropout.py) against a numpy reference and statistical checks."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +56,23 @@ def test_hash_draws_match_the_numpy_reference(words):
         hash_draws(w, (2, 40, 2), flat_limit=64)
     with pytest.raises(ValueError, match='fewer than 64 elements; '):
         hash_draws(w, (70,), flat_limit=64)
+
+
+def test_hash_key_is_the_gamma_rule_and_idempotent():
+    """hash_key against the rule written in Python integers; applied twice it changes nothing
+    (the forward pass keeps the key it made, and the backward pass uses it as it is)."""
+    from sparse_vit_jax.models.dropout import hash_key
+    rng = np.random.default_rng(1)
+    words = [*WORDS, *rng.integers(0, 2**32, (200, 2), dtype=np.uint64).tolist()]
+    flipped = 0
+    for k, w in words:
+        g = int(w) | 1
+        if bin(g ^ (g >> 1)).count('1') < 12:
+            g, flipped = g ^ 0xAAAAAAAA, flipped + 1
+        key = hash_key(jnp.asarray([k, w], jnp.uint32))
+        assert np.asarray(key).tolist() == [int(k), g]
+        np.testing.assert_array_equal(np.asarray(hash_key(key)), np.asarray(key))
+    assert 3 <= flipped < 40  # the weak words above, and about 7% of random ones
 
 
 def uniform01(draws: np.ndarray) -> np.ndarray:
@@ -157,6 +175,29 @@ def test_hash_dropout_module_edges():
     np.testing.assert_allclose(y[kept], 2 * np.asarray(x)[kept], rtol=1e-6)
     with pytest.raises(ValueError, match='unknown dropout impl'):
         Dropout(0.5, 'philox').apply({}, x, deterministic=False, rngs=rngs)
+
+
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg', 'unsafe_rbg'])
+def test_hash_words_come_from_each_calls_own_key(impl):
+    """The hash's words are the first two of the key flax folds in for the call: every call of
+    a module gets its own, under each PRNG implementation, and they follow the step's key."""
+    from sparse_vit_jax.models.dropout import key_words
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return (Dropout(0.5, 'hash')(x, deterministic=False),
+                    Dropout(0.5, 'hash')(x, deterministic=False))
+
+    x = jnp.ones((4096,))
+    key = jax.random.key(11, impl=impl)
+    a, b = Twice().apply({}, x, rngs={'dropout': key})
+    assert 0.45 < float((a == 0).mean()) < 0.55 and 0.45 < float((b == 0).mean()) < 0.55
+    assert 0.4 < float(((a == 0) == (b == 0)).mean()) < 0.6  # independent masks
+    again, _ = Twice().apply({}, x, rngs={'dropout': jax.random.key(12, impl=impl)})
+    assert 0.4 < float(((a == 0) == (again == 0)).mean()) < 0.6
+    np.testing.assert_array_equal(np.asarray(key_words(key)),
+                                  np.asarray(jax.random.key_data(key)).reshape(-1)[:2])
 
 
 @pytest.mark.parametrize('remat', ['full', 'dots'])

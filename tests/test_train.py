@@ -258,6 +258,32 @@ def test_engine_steps_on_synthetic_batches(tmp_path):
     np.testing.assert_array_equal(again.params['w'], state.params['w'])
 
 
+def test_global_norm_is_the_float64_norm_on_any_sharding():
+    """The train step's grad_norm (train.steps.global_norm: large leaves summed over their last
+    axis, all finished in one sum) against numpy's float64 norm: small, large, scalar and
+    bf16 leaves, replicated and sharded as mesh.fsdp shards them, and an empty tree."""
+    from jax.sharding import NamedSharding
+
+    from sparse_vit_jax.train.sharding import fsdp_spec, make_mesh
+    from sparse_vit_jax.train.steps import global_norm
+    rng = np.random.default_rng(0)
+    tree = {'w': rng.normal(size=(96, 1024)), 'k': rng.normal(size=(8, 16, 768)) * 1e-3,
+            'b': rng.normal(size=(768,)), 's': np.float64(3.0),
+            'h': rng.normal(size=(256, 512)) * 50}
+    want = np.sqrt(sum(np.sum(np.square(x)) for x in tree.values()))
+    leaves = {k: jnp.asarray(x, jnp.float32) for k, x in tree.items()}
+    mesh = make_mesh()
+    sharded = {k: jax.device_put(x, NamedSharding(mesh, fsdp_spec(x.shape, mesh.size)))
+               for k, x in leaves.items()}
+    assert sharded['w'].sharding.spec != jax.sharding.PartitionSpec()  # really sharded
+    for t in (leaves, sharded):
+        np.testing.assert_allclose(float(jax.jit(global_norm)(t)), want, rtol=2e-6)
+    bf16 = {'x': jnp.asarray(tree['h'], jnp.bfloat16)}
+    np.testing.assert_allclose(float(global_norm(bf16)),
+                               np.linalg.norm(np.asarray(bf16['x'], np.float64)), rtol=2e-6)
+    assert float(global_norm({})) == 0.0
+
+
 def test_the_loop_reads_nothing_back_between_log_steps(tmp_path, monkeypatch):
     """The host never waits for the device inside the step loop: device-to-host reads (all go
     through jax.Array._value) happen at log and checkpoint steps only, so 30 steps read

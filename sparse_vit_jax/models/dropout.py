@@ -9,14 +9,16 @@ back, and the boolean mask is kept for the backward pass: hashing instead remove
 bytes XLA's fusions move in a ViT-B/16 step at 384 px (an H200 compile,
 benchmarks/gpu_compile.py), for some integer work per element. 'hash' draws
 nothing: each element's 32-bit draw is `lowbias32(k + i * g)`, i the element's index in the
-array and (k, g) two words drawn once per call, so XLA fuses the draw into the kernel that
-applies the mask, and the backward pass recomputes it from the two words instead of keeping
-a mask (a custom VJP). That is SplitMix's construction (Steele, Lea and Flood, OOPSLA 2014: a
-Weyl sequence with a random odd increment, through a bijective mixer) in 32 bits, with
-Wellons' lowbias32 mixer (hash-prospector). Within a call, no two elements share a draw (a
-bijection of distinct counters); calls differ through their words. Arrays of 2**32 elements
-or more add a second round keyed by the leading index. Its draws are the same on every
-backend and every mesh, and do not depend on the PRNG implementation beyond the two words.
+array and (k, g) made from two words of the call's key (`key_words`, `hash_key`), so XLA fuses
+the draw into the kernel that applies the mask, and the backward pass recomputes it from
+(k, g) instead of keeping a mask (a custom VJP); compiled for an H200, every call's (k, g)
+comes out of one kernel, and no call has a kernel of its own. That is SplitMix's construction
+(Steele, Lea and Flood, OOPSLA 2014: a Weyl sequence with a random odd increment, through a
+bijective mixer) in 32 bits, with Wellons' lowbias32 mixer (hash-prospector). Within a
+call, no two elements share a draw (a bijection of distinct counters); calls differ through
+their words. Arrays of 2**32 elements or more add a second round keyed by the leading index.
+Its draws are the same on every backend and every mesh, and do not depend on the PRNG
+implementation beyond the two words.
 
 'bytes' and 'hash' keep an element with probability round(keep * 2**bits) / 2**bits and scale
 kept elements by the inverse of that exact probability, multiplied in float32 at least, so the
@@ -47,19 +49,27 @@ def lowbias32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def _odd_gamma(word: jax.Array) -> jax.Array:
-    """An odd Weyl increment with enough bit transitions (SplittableRandom's mixGamma rule)."""
-    g = word | np.uint32(1)
-    flat = jax.lax.population_count(g ^ (g >> 1)) < 12
-    return jnp.where(flat, g ^ np.uint32(0xAAAAAAAA), g)
+def hash_key(words: jax.Array) -> jax.Array:
+    """The hash's (k, g) from two uint32 words: g is the second made odd and, if its bits have
+    fewer than 12 transitions, flipped at alternate bits (SplittableRandom's mixGamma rule;
+    idempotent, since the flip leaves 32 - n transitions)."""
+    odd = words | np.array([0, 1], np.uint32)
+    flat = jax.lax.population_count(odd ^ (odd >> 1)) < 12
+    return odd ^ jnp.where(flat & np.array([False, True]), np.uint32(0xAAAAAAAA), np.uint32(0))
 
 
 def hash_draws(words: jax.Array, shape: tuple[int, ...], *,
                flat_limit: int = _FLAT_LIMIT) -> jax.Array:
     """Uniform uint32 draws of `shape` from two uint32 words: lowbias32(k + i * g) for the
-    row-major index i. Arrays of `flat_limit` elements or more index within the leading axis and
-    add a second round keyed by the leading index, so no counter wraps."""
-    k, g = words[0], _odd_gamma(words[1])
+    row-major index i, (k, g) = hash_key(words). Arrays of `flat_limit` elements or more index
+    within the leading axis and add a second round keyed by the leading index, so no counter
+    wraps."""
+    return _draws(hash_key(words), shape, flat_limit)
+
+
+def _draws(key: jax.Array, shape: tuple[int, ...], flat_limit: int = _FLAT_LIMIT
+           ) -> jax.Array:
+    k, g = key[0], key[1]
     split = math.prod(shape) >= flat_limit and len(shape) > 1
     first = 1 if split else 0
     if (counted := math.prod(shape[first:])) >= flat_limit:
@@ -86,9 +96,13 @@ def _threshold(rate: float) -> int:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def hash_dropout(x: jax.Array, words: jax.Array, rate: float) -> jax.Array:
     """Drops each element of `x` with probability `rate` (0 < rate < 1), by `hash_draws`; the
-    gradient recomputes the mask from `words` instead of keeping it."""
+    gradient recomputes the mask from the hash's key instead of keeping it."""
+    return _masked(x, hash_key(words), rate)
+
+
+def _masked(x: jax.Array, key: jax.Array, rate: float) -> jax.Array:
     threshold = _threshold(rate)
-    keep = hash_draws(words, x.shape) < np.uint32(threshold)
+    keep = _draws(key, x.shape) < np.uint32(threshold)
     return jax.lax.select(keep, _scale(x, 2**32 / threshold), jnp.zeros_like(x))
 
 
@@ -99,15 +113,24 @@ def _scale(x: jax.Array, factor: float) -> jax.Array:
 
 
 def _hash_dropout_fwd(x: jax.Array, words: jax.Array, rate: float):
-    return hash_dropout(x, words, rate), words
+    key = hash_key(words)  # kept, so the backward pass does not apply the rule again
+    return _masked(x, key, rate), key
 
 
-def _hash_dropout_bwd(rate: float, words: jax.Array, g: jax.Array):
+def _hash_dropout_bwd(rate: float, key: jax.Array, g: jax.Array):
     # The barrier keeps XLA from merging this mask with the forward pass's and keeping it.
-    return hash_dropout(g, jax.lax.optimization_barrier(words), rate), None
+    return _masked(g, jax.lax.optimization_barrier(key), rate), None
 
 
 hash_dropout.defvjp(_hash_dropout_fwd, _hash_dropout_bwd)
+
+
+def key_words(key: jax.Array) -> jax.Array:
+    """The hash's two words: the first two of the call's own key. flax folds a fresh key in
+    for every call (with Threefry, or rbg's two Threefry halves), so its words are already
+    random; drawing two more with `jax.random.bits` would cost rbg a generator kernel per
+    call."""
+    return jax.random.key_data(key).reshape(-1)[:2]
 
 
 class Dropout(nn.Module):
@@ -129,8 +152,7 @@ class Dropout(nn.Module):
         if self.impl == 'hash':
             if _threshold(self.rate) == 0:
                 return jnp.zeros_like(x)
-            return hash_dropout(x, jax.random.bits(self.make_rng('dropout'), (2,), jnp.uint32),
-                                self.rate)
+            return hash_dropout(x, key_words(self.make_rng('dropout')), self.rate)
         if self.impl != 'bytes':
             raise ValueError(f'unknown dropout impl {self.impl!r}; one of {DROPOUT_IMPLS}')
         keep = round((1.0 - self.rate) * 256)
