@@ -52,7 +52,8 @@ def lowbias32(x: jax.Array) -> jax.Array:
 def hash_key(words: jax.Array) -> jax.Array:
     """The hash's (k, g) from two uint32 words: g is the second made odd and, if its bits have
     fewer than 12 transitions, flipped at alternate bits (SplittableRandom's mixGamma rule;
-    idempotent, since the flip leaves 32 - n transitions)."""
+    idempotent, since the flip leaves 32 - n transitions). Without the rule, words with
+    g = 1 or g = -1 fail the tests' chi-square of the draws' top byte."""
     odd = words | np.array([0, 1], np.uint32)
     flat = jax.lax.population_count(odd ^ (odd >> 1)) < 12
     return odd ^ jnp.where(flat & np.array([False, True]), np.uint32(0xAAAAAAAA), np.uint32(0))
