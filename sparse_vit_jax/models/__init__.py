@@ -37,9 +37,14 @@ NUMERICS: dict[str, dict[str, Any]] = {
 }
 
 
+def _device(device: Any) -> Any:
+    """The device an 'auto' choice is made for: the one given, else JAX's first."""
+    return jax.devices()[0] if device is None else device
+
+
 def cuda_capability(device: Any = None) -> tuple[int, int] | None:
     """An NVIDIA GPU's compute capability ((9, 0) for an H100); None for any other device."""
-    device = jax.devices()[0] if device is None else device
+    device = _device(device)
     if device.platform != 'gpu':
         return None
     try:
@@ -53,7 +58,7 @@ def compute_dtype(name: str, device: Any = None) -> Any:
     """'auto': bfloat16 where matmuls are fast in it (TPUs; GPUs, NVIDIA's from Ampere, 8.0),
     float32 elsewhere (CPUs; older NVIDIA GPUs such as the V100 and T4 have no bfloat16 units)."""
     if name == 'auto':
-        device = jax.devices()[0] if device is None else device
+        device = _device(device)
         cc = cuda_capability(device)
         fast = device.platform == 'tpu' or (device.platform == 'gpu'
                                             and (cc is None or cc >= (8, 0)))
@@ -66,7 +71,7 @@ def cudnn_refusal(head_width: int, device: Any = None) -> str:
     flash attention needs compute capability 8.0 (Ampere) or newer, and head dims that are
     multiples of 8, up to 128 (256 from Hopper, 9.0), as its support matrix and JAX's
     checks say."""
-    device = jax.devices()[0] if device is None else device
+    device = _device(device)
     cc = cuda_capability(device)
     if cc is None:
         return f'needs an NVIDIA GPU; this run is on {device.platform}'
@@ -96,8 +101,7 @@ def dropout_impl(name: str, device: Any = None) -> str:
     measured against the hash)."""
     if name != 'auto':
         return name
-    device = jax.devices()[0] if device is None else device
-    return 'hash' if device.platform == 'gpu' else 'flax'
+    return 'hash' if _device(device).platform == 'gpu' else 'flax'
 
 
 GELU_FORMS = ('tanh', 'sigmoid')
@@ -109,8 +113,7 @@ def gelu_form(name: str, device: Any = None) -> str:
     both to the same bytes; CPUs keep their program)."""
     if name != 'auto':
         return name
-    device = jax.devices()[0] if device is None else device
-    return 'sigmoid' if device.platform == 'gpu' else 'tanh'
+    return 'sigmoid' if _device(device).platform == 'gpu' else 'tanh'
 
 
 def create_model(name: str, *, num_classes: int, image_size: int | None = None,
