@@ -61,7 +61,7 @@ def base_config() -> mlc.ConfigDict:
     c.model.gelu_form = 'auto'     # how the tanh GELU is written where a dropout follows it in
                                    # training: auto (sigmoid on GPUs, else tanh) | tanh |
                                    # sigmoid (x sigmoid(2u): the same function, kept out of
-                                   # cuBLASLt's GELU epilogue; models/vit.py gelu)
+                                   # cuBLASLt's GELU epilogue; models/gelu.py)
     c.model.attention_dropout_rate = 0.0
     c.model.hidden_size = 0        # 0 = the variant's; set to build a custom size
     c.model.num_layers = 0

@@ -1,6 +1,8 @@
-"""Test setup: 8 simulated CPU devices unless the caller chose a count, and one persistent
+"""Test setup: 8 simulated CPU devices unless the caller chose a count, one persistent
 JAX compilation cache for the whole run (this process and the commands it starts), so the
-many runs of the same small models compile once."""
+many runs of the same small models compile once, and one temporary directory (TMPDIR) for
+the commands it starts, removed at the end: a command the tests kill leaves TensorFlow's
+autograph files behind, which its normal exit would have removed."""
 
 import atexit
 import os
@@ -16,6 +18,10 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
     os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
     os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+if 'SPARSE_VIT_TEST_TMPDIR' not in os.environ:  # pytest's own tmp_path stays where it was
+    _tmp = tempfile.mkdtemp(prefix='sparse-vit-jax-tmp-')
+    atexit.register(shutil.rmtree, _tmp, ignore_errors=True)
+    os.environ['SPARSE_VIT_TEST_TMPDIR'] = os.environ['TMPDIR'] = _tmp
 
 
 import pytest  # noqa: E402

@@ -159,7 +159,7 @@ def test_gelu_is_jax_gelu_with_the_derivative_of_the_formula(approximate):
     pass keeps the input only."""
     from scipy.special import erf
 
-    from sparse_vit_jax.models.vit import gelu
+    from sparse_vit_jax.models.gelu import gelu
 
     def formula(z):
         if approximate:
@@ -218,7 +218,7 @@ def test_softmax_and_reduce_against_numpy():
     of softmax's backward pass, dlogits = p * (g - sum(g p)), with g the probabilities'
     cotangent plus the penalty's weight times its derivative 2p / (1 + p^2) / size; float32
     and bfloat16 logits. The backward pass keeps the logits and each row's log-sum-exp only."""
-    from sparse_vit_jax.models.vit import softmax_and_reduce
+    from sparse_vit_jax.models.attention import softmax_and_reduce
     from sparse_vit_jax.sparsity import attention_penalty
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 3, (2, 3, 5, 7)).astype(np.float32)
@@ -306,7 +306,7 @@ def test_padded_fused_attention_equals_unpadded(image_size):
 def test_fused_attention_masks_padded_keys_against_numpy():
     """Against a float64 numpy softmax(q k^T) v over the real tokens only: 17 of 64, the
     padded ones filled with large values that would dominate if they were attended."""
-    from sparse_vit_jax.models.vit import fused_attention
+    from sparse_vit_jax.models.attention import fused_attention
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(2, 17, 3, 8)).astype(np.float32) for _ in range(3))
     padded = [np.concatenate([t, np.full((2, 47, 3, 8), 30.0, np.float32)], axis=1)
@@ -375,7 +375,7 @@ def tpu_interpreted():
 
 def test_pallas_attention_masks_padded_keys_against_numpy(tpu_interpreted):
     """Against a float64 numpy softmax(q k^T) v over the real tokens only (17 of 128)."""
-    from sparse_vit_jax.models.vit import pallas_attention
+    from sparse_vit_jax.models.attention import pallas_attention
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(2, 17, 3, 8)).astype(np.float32) for _ in range(3))
     got = np.asarray(jax.jit(pallas_attention)(q, k, v))

@@ -109,7 +109,7 @@ GELU_FORMS = ('tanh', 'sigmoid')
 
 def gelu_form(name: str, device: Any = None) -> str:
     """'auto': 'sigmoid' on GPUs, where the tanh form lets cuBLASLt's GELU epilogue write an
-    extra array that the dropout then reads (models.vit.gelu), 'tanh' elsewhere (TPUs compile
+    extra array that the dropout then reads (models.gelu), 'tanh' elsewhere (TPUs compile
     both to the same bytes; CPUs keep their program)."""
     if name != 'auto':
         return name
