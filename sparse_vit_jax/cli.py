@@ -72,10 +72,28 @@ def prepare(config: Any) -> Any:
     config = apply_smoke(config) if config.smoke else config
     validate(normalize(config))
     retain_for_config(config)  # before JAX starts its threads
+    skip_tpu_without_chips()  # before JAX starts its backends
     from sparse_vit_jax.train.distributed import maybe_initialize
     logging.set_verbosity(logging.WARNING)  # keep TFDS/orbax chatter off the progress lines
     maybe_initialize()
     return config
+
+
+def skip_tpu_without_chips() -> bool:
+    """Keeps JAX from starting libtpu on a host without a TPU chip (libtpu is installed
+    with the `test` extra, for compiling for TPUs): libtpu would print five lines of errors
+    about TPU hosts before JAX fell back to the CPU or GPU. The chips are counted on the PCI
+    bus, as JAX counts them; JAX_PLATFORMS or JAX_FORCE_TPU_INIT leave JAX's choice alone.
+    Returns whether the TPU backend was left out."""
+    if os.environ.get('JAX_PLATFORMS') or 'JAX_FORCE_TPU_INIT' in os.environ:
+        return False
+    from jax._src import hardware_utils, xla_bridge
+    factories = getattr(xla_bridge, '_backend_factories', {})
+    chips = getattr(hardware_utils, 'num_available_tpu_chips_and_device_id', None)
+    if 'tpu' not in factories or chips is None or chips()[0]:
+        return False
+    del factories['tpu']
+    return True
 
 
 def step_activation_bytes(c: Any) -> int:

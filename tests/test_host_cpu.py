@@ -1,5 +1,6 @@
 """The two CPU speed fixes change speed only: same random bits, same results, memory kept."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import config_file
 
+from sparse_vit_jax import cli
 from sparse_vit_jax.cli import step_activation_bytes
 from sparse_vit_jax.configs import base_config
 from sparse_vit_jax.errors import UserError
@@ -136,6 +138,50 @@ def test_auto_foresees_jax_backend_with_jax_own_checks():
     found, loaded_jax, wanted, backend = r.stdout.split()[-4:]
     assert (found, loaded_jax) == ('True', 'False')
     assert wanted == str(backend == 'cpu'), (wanted, backend)
+
+
+def test_tpu_backend_is_left_out_only_without_chips_and_without_a_choice(monkeypatch):
+    from jax._src import hardware_utils, xla_bridge
+    monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+    monkeypatch.delenv('JAX_FORCE_TPU_INIT', raising=False)
+    for chips, env, left_out in [(0, {}, True), (4, {}, False),
+                                 (0, {'JAX_PLATFORMS': 'cpu'}, False),
+                                 (0, {'JAX_FORCE_TPU_INIT': '1'}, False)]:
+        factories = {'cpu': object(), 'tpu': object()}
+        monkeypatch.setattr(xla_bridge, '_backend_factories', factories)
+        monkeypatch.setattr(hardware_utils, 'num_available_tpu_chips_and_device_id',
+                            lambda c=chips: (c, None))
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert cli.skip_tpu_without_chips() is left_out, (chips, env)
+        assert ('tpu' not in factories) is left_out and 'cpu' in factories
+
+
+_TPU_NOISE = """
+import sys
+from sparse_vit_jax import cli
+skipped = cli.skip_tpu_without_chips() if sys.argv[1] == 'skip' else None
+import jax
+print(skipped, jax.default_backend())
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason='libtpu is not installed (its wheels are for Linux x86-64 only)')
+def test_commands_on_a_host_without_tpu_chips_do_not_start_libtpu():
+    """With libtpu installed (the test extra) and no TPU chip, JAX would start libtpu, which
+    prints errors about TPU hosts before JAX falls back to the CPU; the commands skip it."""
+    env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+    out = {}
+    for mode in ('skip', 'jax'):
+        r = subprocess.run([sys.executable, '-c', _TPU_NOISE, mode], capture_output=True,
+                           text=True, env=env, cwd=ROOT, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[mode] = r.stdout.split()[-2:], r.stderr
+    assert out['skip'][0] == ['True', 'cpu'] and out['jax'][0] == ['None', 'cpu']
+    assert 'TPU_WORKER_HOSTNAMES' in out['jax'][1]  # what the skip is for (else: test nothing)
+    assert 'TPU' not in out['skip'][1], out['skip'][1][-2000:]
 
 
 def test_auto_keeps_memory_for_vit_steps_not_for_the_digits_default():
