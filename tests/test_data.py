@@ -49,6 +49,15 @@ def test_digits_builder_splits_and_values(digits_dir):
     assert sorted(map(bytes, ref)) == sorted(map(bytes, images[..., 0]))
 
 
+def test_a_fresh_data_dir_is_prepared_without_warnings(tmp_path, caplog):
+    """TFDS logs a warning when it finds a dataset not prepared yet: the normal first run."""
+    import logging
+    with caplog.at_level(logging.WARNING):
+        source = get_source(data_cfg(tmp_path))
+    assert source.builder.is_prepared()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_train_batches_deterministic_resumable_sharded(digits_dir):
     mesh = make_mesh()
     cfg = data_cfg(digits_dir)

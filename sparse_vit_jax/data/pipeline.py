@@ -63,8 +63,14 @@ def _prepare_once(make: Any, prepare: Any) -> Any:
     failure to prepare (a dataset to download by hand) stops them all with its line.
     """
     builder = make()
-    on_process0(lambda: builder.is_prepared() or prepare(builder))  # process 0's view decides
+    on_process0(lambda: _is_prepared(builder) or prepare(builder))  # process 0's view decides
     return make() if jax.process_count() > 1 else builder
+
+
+def _is_prepared(builder: Any) -> bool:
+    """`builder.is_prepared()`, without the warning TFDS logs for a dataset not prepared yet
+    (a fresh data directory: the first run's normal case)."""
+    return (builder.data_path / 'dataset_info.json').exists() and builder.is_prepared()
 
 
 def hide_accelerators_from_tensorflow() -> None:
