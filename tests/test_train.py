@@ -562,6 +562,11 @@ def test_running_out_of_memory_is_recognised_and_becomes_one_line(tmp_path, data
     with pytest.raises(jax.errors.JaxRuntimeError) as e:
         jnp.zeros((1 << 42,), jnp.float32)
     assert out_of_memory(e.value) and not out_of_memory(ValueError('RESOURCE_EXHAUSTED'))
+    with pytest.raises(jax.errors.JaxRuntimeError) as e:  # as the next step reads the last
+        x = jnp.ones((1 << 21,), jnp.float32)  # one's outputs: an INTERNAL error on the CPU
+        y = jax.jit(lambda x: jnp.sort(x[:, None] * x[None, :], axis=0)[0, 0])(x)
+        (y + 1).item()
+    assert out_of_memory(e.value), e.value
 
     def job(config, workdir, command):
         jnp.zeros((1 << 42,), jnp.float32)

@@ -1,8 +1,9 @@
 """Whether a train state or a compiled step fits the devices' memory, asked before it runs.
 
 Without asking, a step that does not fit ends in the allocator's error with a long traceback
-on a GPU or TPU, and on a CPU in a hang: XLA's CPU runtime does not report an allocation that
-fails under asynchronous dispatch (jax 0.10.2: the next read of any output waits forever).
+on a GPU or TPU, and on several CPU devices in a wait: those whose allocation succeeded wait in
+the step's first collective for those whose allocation failed, until XLA's rendezvous timeout
+aborts the process with a C++ stack (40 s in jax 0.10.2).
 The need comes from shapes (a state: `jax.eval_shape` and its shardings) or from XLA's memory
 analysis of the compiled program; what a device has free from its allocator (GPU, TPU) or,
 for CPU devices, from the host's available memory, which they share.
@@ -21,8 +22,11 @@ GiB = 2 ** 30
 
 
 def out_of_memory(e: BaseException) -> bool:
-    """An allocation (or a TPU compilation) that ran out of device memory."""
-    return isinstance(e, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(e)
+    """An allocation (or a TPU compilation) that ran out of device memory. XLA's CPU runtime
+    reports a program's temporaries it cannot allocate as INTERNAL, not RESOURCE_EXHAUSTED
+    (jax 0.10.2: "Error dispatching computation: Out of memory allocating N bytes.")."""
+    return isinstance(e, jax.errors.JaxRuntimeError) and (
+        'RESOURCE_EXHAUSTED' in str(e) or 'Out of memory allocating' in str(e))
 
 
 def _mem_available() -> int | None:
