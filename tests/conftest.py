@@ -12,16 +12,15 @@ import tempfile
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-    _cache = tempfile.mkdtemp(prefix='sparse-vit-jax-cache-')
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
-    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-    os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 if 'SPARSE_VIT_TEST_TMPDIR' not in os.environ:  # pytest's own tmp_path stays where it was
-    _tmp = tempfile.mkdtemp(prefix='sparse-vit-jax-tmp-')
+    _tmp = tempfile.mkdtemp(prefix='sparse-vit-jax-tests-')
     atexit.register(shutil.rmtree, _tmp, ignore_errors=True)
     os.environ['SPARSE_VIT_TEST_TMPDIR'] = os.environ['TMPDIR'] = _tmp
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(
+        os.environ['SPARSE_VIT_TEST_TMPDIR'], 'jax-cache')
+    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+    os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 
 import pytest  # noqa: E402
