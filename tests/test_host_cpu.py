@@ -157,6 +157,13 @@ def test_tpu_backend_is_left_out_only_without_chips_and_without_a_choice(monkeyp
             assert cli.skip_tpu_without_chips() is left_out, (chips, env)
         assert ('tpu' not in factories) is left_out and 'cpu' in factories
 
+    def broken():
+        raise OSError('no PCI bus here')
+    factories = {'cpu': object(), 'tpu': object()}
+    monkeypatch.setattr(xla_bridge, '_backend_factories', factories)
+    monkeypatch.setattr(hardware_utils, 'num_available_tpu_chips_and_device_id', broken)
+    assert cli.skip_tpu_without_chips() is False and 'tpu' in factories  # a check that fails
+
 
 _TPU_NOISE = """
 import sys
