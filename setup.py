@@ -19,6 +19,7 @@ setup(
         'flax>=0.12.8,<0.13',
         'optax>=0.2.8,<0.3',
         'orbax-checkpoint>=0.12.8,<0.13',
+        'tensorstore>=0.1.86,<0.2',  # orbax's storage; the gs:// workdir lease's conditional writes
         'tensorflow-cpu>=2.21,<2.22',
         'tensorflow-datasets>=4.9.10,<4.10',
         'ml-collections>=1.1,<1.2',

@@ -1,5 +1,6 @@
 """Two JAX processes on 127.0.0.1 (gloo collectives) train exactly like one process."""
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 from helpers import FAILING_WRITE, ROOT, SMOKE, params, results, run_main
+
+from sparse_vit_jax.train.workdir import WorkdirLock
 
 ARGS = [*SMOKE, '--config.model.dropout_rate=0.0', '--config.stages=train,eval']
 
@@ -407,9 +410,10 @@ maybe_initialize()
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.train.workdir import WorkdirLock
 root = Path(sys.argv[1])
+kw = {'lease': True, 'renew_s': 0.1, 'wait_s': 3.0} if sys.argv[2] == 'lease' else {}
 for name in ('shared', f'local_to_process_{jax.process_index()}', 'held'):
     try:
-        with WorkdirLock(root / name):
+        with WorkdirLock(root / name, **kw):
             inside = sorted(p.name for p in (root / name).iterdir())  # process 0's is sure
             seen = [inside] if jax.process_index() == 0 else []
             print('said:', 'locked', name.split('_')[0], *seen)
@@ -421,22 +425,34 @@ if jax.process_index() == 0:  # the one that took them
 
 
 @pytest.mark.slow
-def test_a_workdir_that_is_not_shared_stops_every_process_in_one_line(tmp_path):
+@pytest.mark.parametrize('kind', ['file', 'lease'])
+def test_a_workdir_that_is_not_shared_stops_every_process_in_one_line(tmp_path, kind):
     """With several hosts each writes its checkpoint shards into the workdir: a path local to
     each host is found out before any work (the other processes read the lock process 0
     wrote), and every process stops with the same line; process 0's lock is released. A lock
-    that process 0 cannot take (held by a live process) stops every process with its line."""
+    that process 0 cannot take (held by a live process) stops every process with its line.
+    The same with the lease that gs:// workdirs take (here through tensorstore's file
+    driver), the held one renewed by this process meanwhile."""
     script = tmp_path / 'local_workdirs.py'
     script.write_text(LOCAL_WORKDIRS)
     held = tmp_path / 'runs' / 'held'  # by a live process (this one): process 0 cannot take it
     held.mkdir(parents=True)
-    (held / '.lock').write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid()}))
-    outs = [said(out) for out, _ in run_both([str(script), str(tmp_path / 'runs')], timeout=150)]
     error = ('error process 1 does not see the lock that process 0 wrote in '
              f'{tmp_path}/runs/local_to_process_{{}}; with several hosts --workdir must be one '
              'shared directory (gs:// or a shared filesystem), not a local path on each host')
-    in_use = (f'error {held} is in use by process {os.getpid()} on {socket.gethostname()}; wait '
-              f'for it to end, or delete {held}/.lock if it is gone')
+    if kind == 'file':
+        (held / '.lock').write_text(json.dumps({'host': socket.gethostname(),
+                                                'pid': os.getpid()}))
+        holder = contextlib.nullcontext()
+        in_use = (f'error {held} is in use by process {os.getpid()} on {socket.gethostname()}; '
+                  f'wait for it to end, or delete {held}/.lock if it is gone')
+    else:
+        holder = WorkdirLock(held, lease=True, renew_s=0.1)
+        in_use = (f'error {held} is in use by process {os.getpid()} on {socket.gethostname()} '
+                  '(it renewed its lock while this run waited); wait for it to end')
+    with holder:
+        outs = [said(out) for out, _ in run_both([str(script), str(tmp_path / 'runs'), kind],
+                                                 timeout=150)]
     assert outs[0] == ["locked shared ['.lock']", error.format(0), in_use,
                        "lock files left ['held/.lock']"]
     assert outs[1] == ['locked shared', error.format(1), in_use]
