@@ -12,8 +12,8 @@ an NVIDIA GPU (bf16 compute, hash dropout masks keyed by rbg unless --dropout an
 otherwise, the paper's penalty on the last block, its optimizer chain; the same code as
 benchmarks/gpu_check.py times),
 compiled ahead of time by XLA's GPU compiler for a target description of the card
-(`jax.experimental.topologies`; needs the CUDA plugin and its libraries,
-`pip install "jax[cuda12]"`, about 6 GB, not a GPU).
+(`jax.experimental.topologies`; needs a CUDA plugin and its libraries,
+`pip install "jax[cuda12]"` or `"jax[cuda13]"`, about 6 GB, not a GPU).
 Per row: XLA's memory analysis of the compiled program, the fused attention kernels it
 calls (cuDNN's flash attention forward and backward), which shows which blocks run fused and
 whether remat reruns their forward, and its kernels with what they read and write
@@ -73,18 +73,27 @@ runtime_version {{ major: 12 minor: 8 }} device_description_str: "{name}"
 '''
 
 
+def cuda_plugin() -> str:
+    """The installed CUDA plugin's distribution ('jax-cuda12-plugin' or 'jax-cuda13-plugin'),
+    or ''."""
+    for cuda in ('12', '13'):
+        try:
+            if importlib.util.find_spec(f'jax_plugins.xla_cuda{cuda}') is not None:
+                return f'jax-cuda{cuda}-plugin'
+        except ModuleNotFoundError:  # no jax_plugins package at all
+            return ''
+    return ''
+
+
 def has_cuda_plugin() -> bool:
-    try:
-        return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
-    except ModuleNotFoundError:  # no jax_plugins package at all
-        return False
+    return bool(cuda_plugin())
 
 
 def gpu_mesh(card: str) -> Any:
     """A one-device 'data' mesh on a compile-only NVIDIA `card` ('h100', 'h200')."""
     if not has_cuda_plugin():
         raise SystemExit('error: compiling for an NVIDIA GPU needs the CUDA plugin: pip install '
-                         '"jax[cuda12]" (about 6 GB; no GPU is needed)')
+                         '"jax[cuda12]" or "jax[cuda13]" (about 6 GB; no GPU is needed)')
     import numpy as np
     from jax.experimental import topologies
     from jax.sharding import Mesh
@@ -135,8 +144,8 @@ def main() -> int:
         args.batches = '8'
     words = lambda s: [w for w in s.split(',') if w]  # noqa: E731
     name, gib, _ = CARDS[args.gpu]
-    plugin = importlib.metadata.version('jax-cuda12-plugin')
-    print(f'# {command()}\n# {environment()}, jax-cuda12-plugin {plugin}\n\n'
+    plugin = cuda_plugin()
+    print(f'# {command()}\n# {environment()}, {plugin} {importlib.metadata.version(plugin)}\n\n'
           f'{base.model.name}@{base.model.image_size}, '
           f'{name} ({gib} GiB), bf16 compute; compiled (GEMMs for cuBLAS), not '
           'run\n', flush=True)

@@ -203,7 +203,7 @@ def test_the_train_step_compiles_for_a_gpu_or_says_what_it_needs():
     if not has_cuda_plugin():
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
             'error: compiling for an NVIDIA GPU needs the CUDA plugin: pip install '
-            '"jax[cuda12]" (about 6 GB; no GPU is needed)'), r.stderr[-2000:]
+            '"jax[cuda12]" or "jax[cuda13]" (about 6 GB; no GPU is needed)'), r.stderr[-2000:]
         return
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     row = r'^\| cudnn \| (\w+) \| rbg \| hash \| sigmoid \| 8 \| compiles \|.*\| (\d / \d) \|'
