@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument('--tiny', action='store_true')
     ap.add_argument('--child', default='', help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from sparse_vit_jax.cli import skip_tpu_without_chips
+    skip_tpu_without_chips()  # runs on this machine's devices: no libtpu start-up errors
     if args.child:
         print(f'{compile_once(args.child, args.batch, args.tiny):.2f}')
         return

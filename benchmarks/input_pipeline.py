@@ -123,6 +123,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument('--tiny', action='store_true')
     args = ap.parse_args()
+    from sparse_vit_jax.cli import skip_tpu_without_chips
+    skip_tpu_without_chips()  # runs on this machine's devices: no libtpu start-up errors
     sizes = [32] if args.tiny else [224, 384]
     model = 'testing' if args.tiny else 'ViT-B_16'
     print(f'# {command()}\n# {environment()}\n')

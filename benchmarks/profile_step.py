@@ -234,6 +234,8 @@ def main() -> None:
     ap.add_argument('--tiny', action='store_true')
     ap.add_argument('--jax-defaults', action='store_true')
     args = ap.parse_args()
+    from sparse_vit_jax.cli import skip_tpu_without_chips
+    skip_tpu_without_chips()  # runs on this machine's devices: no libtpu start-up errors
     if args.tiny:
         args.model, args.size, args.batch, args.steps, args.top = 'testing', 32, 4, 2, 5
     trace_cpu_ops()

@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument('--tiny', action='store_true')
     ap.add_argument('--json', help='also write the results here')
     args = ap.parse_args()
+    from sparse_vit_jax.cli import skip_tpu_without_chips
+    skip_tpu_without_chips()  # runs on this machine's devices: no libtpu start-up errors
     name = 'testing' if args.tiny else 'ViT-B_16'
     ratios = [0.1, 0.5, 0.9] if args.tiny else [0.1, 0.3, 0.5, 0.7, 0.9]
     p1 = part1(name, ratios)

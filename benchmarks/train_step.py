@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument('--jax-defaults', action='store_true',
                     help='leave out the CPU Threefry lowering and the malloc settings')
     args = ap.parse_args()
+    from sparse_vit_jax.cli import skip_tpu_without_chips
+    skip_tpu_without_chips()  # runs on this machine's devices: no libtpu start-up errors
     if not args.jax_defaults:
         print(f'# host memory kept: {use_cpu_fixes()}')
     print(f'# {command()}\n# {environment()}\n')

@@ -79,24 +79,33 @@ def prepare(config: Any) -> Any:
     return config
 
 
+def _no_tpu_chip() -> None:
+    raise RuntimeError('no TPU chip on this host; libtpu was not started')
+
+
 def skip_tpu_without_chips() -> bool:
     """Keeps JAX from starting libtpu on a host without a TPU chip (libtpu is installed
     with the `test` extra, for compiling for TPUs): libtpu would print five lines of errors
     about TPU hosts before JAX fell back to the CPU or GPU. The chips are counted on the PCI
     bus, as JAX counts them; JAX_PLATFORMS or JAX_FORCE_TPU_INIT leave JAX's choice alone.
+    The TPU backend stays registered, its factory failing quietly at once, so that TPU stays
+    a platform JAX knows (modules imported later register TPU lowering rules).
     Returns whether the TPU backend was left out."""
     if os.environ.get('JAX_PLATFORMS') or 'JAX_FORCE_TPU_INIT' in os.environ:
         return False
+    import dataclasses
+
     from jax._src import hardware_utils, xla_bridge
     factories = getattr(xla_bridge, '_backend_factories', {})
     count = getattr(hardware_utils, 'num_available_tpu_chips_and_device_id', None)
     try:
         chips = 1 if count is None else count()[0]
-    except Exception:  # noqa: BLE001 - a check of another shape: leave JAX's choice alone
-        chips = 1
-    if 'tpu' not in factories or chips:
+        tpu = dataclasses.replace(factories['tpu'], factory=_no_tpu_chip, fail_quietly=True)
+    except Exception:  # noqa: BLE001 - no TPU backend, or JAX of another shape: leave it alone
         return False
-    del factories['tpu']
+    if chips:
+        return False
+    factories['tpu'] = tpu
     return True
 
 

@@ -49,6 +49,7 @@ def test_benchmark_tiny(script, expect):
     script, *extra = script.split()
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
                TF_CPP_MIN_LOG_LEVEL='3')
+    env.pop('JAX_PLATFORMS')  # JAX's own choice, as by hand: the CPU, libtpu left unstarted
     hide = []
     if script == 'gpu_check.py':
         modules, dists = not_on_the_gpu_machine()
@@ -60,6 +61,7 @@ def test_benchmark_tiny(script, expect):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(expect, r.stdout) and '# python' in r.stdout, r.stdout[-3000:]
+    assert 'TPU_WORKER_HOSTNAMES' not in r.stderr, r.stderr[-3000:]
 
 
 # What the GPU machine has (../shared/environment-notes.md), with their own dependencies.

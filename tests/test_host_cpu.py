@@ -142,12 +142,17 @@ def test_auto_foresees_jax_backend_with_jax_own_checks():
 
 def test_tpu_backend_is_left_out_only_without_chips_and_without_a_choice(monkeypatch):
     from jax._src import hardware_utils, xla_bridge
+
+    def registration():
+        return xla_bridge.BackendRegistration(factory=lambda: None, priority=300)
+
     monkeypatch.delenv('JAX_PLATFORMS', raising=False)
     monkeypatch.delenv('JAX_FORCE_TPU_INIT', raising=False)
     for chips, env, left_out in [(0, {}, True), (4, {}, False),
                                  (0, {'JAX_PLATFORMS': 'cpu'}, False),
                                  (0, {'JAX_FORCE_TPU_INIT': '1'}, False)]:
-        factories = {'cpu': object(), 'tpu': object()}
+        tpu = registration()
+        factories = {'cpu': registration(), 'tpu': tpu}
         monkeypatch.setattr(xla_bridge, '_backend_factories', factories)
         monkeypatch.setattr(hardware_utils, 'num_available_tpu_chips_and_device_id',
                             lambda c=chips: (c, None))
@@ -155,20 +160,26 @@ def test_tpu_backend_is_left_out_only_without_chips_and_without_a_choice(monkeyp
             for k, v in env.items():
                 m.setenv(k, v)
             assert cli.skip_tpu_without_chips() is left_out, (chips, env)
-        assert ('tpu' not in factories) is left_out and 'cpu' in factories
+        # Left out: still registered (a platform JAX knows), its factory failing quietly.
+        assert (factories['tpu'] is not tpu) is left_out and 'cpu' in factories
+        if left_out:
+            assert factories['tpu'].fail_quietly and factories['tpu'].priority == 300
+            with pytest.raises(RuntimeError, match='no TPU chip on this host'):
+                factories['tpu'].factory()
 
     def broken():
         raise OSError('no PCI bus here')
-    factories = {'cpu': object(), 'tpu': object()}
+    factories = {'cpu': registration(), 'tpu': (tpu := registration())}
     monkeypatch.setattr(xla_bridge, '_backend_factories', factories)
     monkeypatch.setattr(hardware_utils, 'num_available_tpu_chips_and_device_id', broken)
-    assert cli.skip_tpu_without_chips() is False and 'tpu' in factories  # a check that fails
+    assert cli.skip_tpu_without_chips() is False and factories['tpu'] is tpu  # a failing check
 
 
 _TPU_NOISE = """
 import sys
 from sparse_vit_jax import cli
 skipped = cli.skip_tpu_without_chips() if sys.argv[1] == 'skip' else None
+import flax.linen  # imported after the skip: registers lowering rules for TPUs
 import jax
 print(skipped, jax.default_backend())
 """
