@@ -47,7 +47,7 @@ def test_a_renewed_lease_is_refused_and_a_released_one_taken_at_once(tmp_path):
     assert not (tmp_path / '.lock').exists()  # released
     t0 = time.monotonic()
     with WorkdirLock(tmp_path, notes.append, **FAST):
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < FAST['wait_s']  # not watched: watching takes wait_s
     assert len(notes) == 1 and 'waiting up to 1 s' in notes[0]
 
 
@@ -78,7 +78,7 @@ def test_a_stale_or_orphaned_lease_is_taken_at_once(tmp_path, whose):
     notes = []
     t0 = time.monotonic()
     with WorkdirLock(tmp_path, notes.append, **FAST):
-        assert time.monotonic() - t0 < FAST['wait_s'] / 2
+        assert time.monotonic() - t0 < FAST['wait_s']  # not watched: watching takes wait_s
     assert len(notes) == 1 and why in notes[0] and 'taking over' in notes[0]
 
 
