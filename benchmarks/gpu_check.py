@@ -377,6 +377,8 @@ def main() -> int:
     ap.add_argument('--profile-by-s', type=float, default=290,
                     help='no profile starts after this many seconds')
     args = ap.parse_args()
+    from sparse_vit_jax.cli import skip_tpu_without_chips
+    skip_tpu_without_chips()  # runs on this machine's devices: no libtpu start-up errors
     if args.tiny:
         trace_cpu_ops()
     global START
