@@ -27,8 +27,8 @@ def write_lock(workdir, **owner):
 
 
 def test_gs_workdirs_take_a_lease_and_local_ones_a_file():
-    assert WorkdirLock('gs://bucket/runs/a')._lease_args is not None
-    assert WorkdirLock('/tmp/runs/a')._lease_args is None
+    assert WorkdirLock('gs://bucket/runs/a')._lease is not None
+    assert WorkdirLock('/tmp/runs/a')._lease is None
 
 
 def test_a_renewed_lease_is_refused_and_a_released_one_taken_at_once(tmp_path):

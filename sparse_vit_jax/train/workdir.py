@@ -208,8 +208,10 @@ class WorkdirLock:
         self.token = 0  # process 0's random token in the lock, once entered
         if lease is None:
             lease = str(workdir).startswith(OBJECT_STORES)
-        self._lease_args = (renew_s, wait_s, stale_s, on_lost) if lease else None
-        self._lease: _Lease | None = None
+        url = str(self.workdir)
+        if '://' not in url:  # a local directory (tests): tensorstore's file driver
+            url = 'file://' + os.path.abspath(url)
+        self._lease = _Lease(url, log, renew_s, wait_s, stale_s, on_lost) if lease else None
 
     def __enter__(self) -> WorkdirLock:
         # The others wait for the token: process 0's failure to take the lock ends them too.
@@ -227,19 +229,11 @@ class WorkdirLock:
         return {'host': socket.gethostname(), 'pid': os.getpid(),
                 'token': secrets.randbelow(2**31 - 1) + 1}
 
-    def _store(self) -> _Lease:
-        if self._lease is None:
-            url = str(self.workdir)
-            if '://' not in url:  # a local directory (tests): tensorstore's file driver
-                url = 'file://' + os.path.abspath(url)
-            self._lease = _Lease(url, self.log, *self._lease_args)
-        return self._lease
-
     def _take(self) -> int:
         """Takes the lock; returns the random token written in it."""
         me = self._me()
-        if self._lease_args is not None:
-            self._store().take(me, str(self.workdir))
+        if self._lease is not None:
+            self._lease.take(me, str(self.workdir))
             self.held = True
             return me['token']
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -271,8 +265,8 @@ class WorkdirLock:
             return 0.0
 
     def _owner(self) -> dict[str, Any] | None:
-        if self._lease_args is not None:
-            return self._store().read()[0]
+        if self._lease is not None:
+            return self._lease.read()[0]
         try:
             return json.loads(self.path.read_text())
         except (OSError, ValueError):
