@@ -189,6 +189,7 @@ def _exit_now(e: BaseException, watch: FailureWatch) -> None:
     import traceback
 
     from sparse_vit_jax.errors import Stopped
+    from sparse_vit_jax.train.distributed import exit_with_others
     if isinstance(e, UserError):
         print(f'error: {e}', file=sys.stderr)
         code, line = e.exit_code, _first_line(e)
@@ -204,12 +205,8 @@ def _exit_now(e: BaseException, watch: FailureWatch) -> None:
             jax.distributed.shutdown()
         except Exception:  # noqa: BLE001 - exiting anyway
             pass
-    else:
-        try:
-            watch.fail(code, line)
-        except Exception:  # noqa: BLE001 - the service is gone: the others learn it from JAX
-            pass
-    os._exit(code)
+        os._exit(code)
+    exit_with_others(code, line)
 
 
 def _module(prog: str) -> str:

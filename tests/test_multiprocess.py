@@ -458,6 +458,48 @@ def test_a_workdir_that_is_not_shared_stops_every_process_in_one_line(tmp_path, 
     assert outs[1] == ['locked shared', error.format(1), in_use]
 
 
+
+# main, with the workdir's lock a lease (as on gs://), here through tensorstore's file driver
+MAIN_WITH_A_LEASE = """
+import functools, sys
+from sparse_vit_jax import cli, experiment, main
+from sparse_vit_jax.train.workdir import WorkdirLock
+experiment.WorkdirLock = functools.partial(WorkdirLock, lease=True, renew_s=0.2, wait_s=2.0)
+sys.exit(cli.run(['main.py', *sys.argv[1:]], main.job, main.__doc__))
+"""
+
+
+@pytest.mark.slow
+def test_a_lease_taken_over_mid_run_ends_every_process_in_one_line(tmp_path):
+    """Another run takes over the lease mid-training (the lock of gs:// workdirs): process 0,
+    which renews it, ends with its line, and tells the other process (`FailureWatch`), which
+    ends with one line naming it, instead of JAX's abort when process 0 leaves; exit 2 both;
+    the new owner's lock stays."""
+    script = tmp_path / 'main_with_a_lease.py'
+    script.write_text(MAIN_WITH_A_LEASE)
+    run_main(tmp_path / 'first', *ARGS, '--config.num_steps=1', '--config.stages=train',
+             data_dir=tmp_path / 'tfds')  # the data, prepared once
+    workdir = tmp_path / 'w'
+    args = [*ARGS, '--config.stages=train', '--config.num_steps=2000',
+            '--config.log_every_steps=1', '--config.checkpoint_every_steps=1000']
+    port = free_port()
+    procs = [start([str(script), *cli(workdir, *args)[2:]], pid, port, tmp_path / 'tfds',
+                   timeout_s=100) for pid in range(2)]
+    for line in procs[0].stdout:  # process 0 prints the progress lines
+        if line.startswith('step 5/'):
+            break
+    (workdir / '.lock').write_text(json.dumps({'host': 'another-host', 'pid': 9, 'token': 3}))
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [stacks(err) for _, err in outs]
+    line = (f'the lock of {workdir} was taken over by process 9 on another-host, which found '
+            'it not renewed; this run stops: let one run own the workdir')
+    assert outs[0][1].strip().splitlines()[-1] == f'error: {line}'
+    assert outs[1][1].strip().splitlines()[-1] == (
+        f'error: process 0 failed ({line}); this process stops with it: fix that and re-run '
+        'the same command to resume')
+    assert 'step 2000/' not in outs[0][0]
+    assert json.loads((workdir / '.lock').read_text())['token'] == 3
+
 STALE_LISTING = '''
 import sys
 from pathlib import Path

@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import time
+from typing import NoReturn
 
 import jax
 
@@ -51,6 +52,23 @@ def maybe_initialize() -> None:
             process_id=int(os.environ['SPARSE_VIT_PROCESS_ID']), **extra)
     elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('SLURM_NTASKS', '1') != '1':
         jax.distributed.initialize(**extra)
+
+
+_ACTIVE: FailureWatch | None = None  # this process's watch, while it runs
+
+
+def exit_with_others(code: int, line: str) -> NoReturn:
+    """Exits this process with `code` at once, from any thread, after telling the run's other
+    processes that it failed with `line` (through this process's `FailureWatch`, if it has
+    one: they then end too, each with one line naming it). The caller has said why."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _ACTIVE is not None:
+        try:
+            _ACTIVE.fail(code, line)
+        except Exception:  # noqa: BLE001 - the service is gone: the others learn it from JAX
+            pass
+    os._exit(code)
 
 
 def _client():
@@ -94,10 +112,15 @@ class FailureWatch:
         self._failing, self._stop = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._watch, name='FailureWatch', daemon=True)
         self._thread.start()
+        global _ACTIVE
+        _ACTIVE = self
 
     def stop(self) -> None:
         """Ends the watch (before JAX's shutdown: the thread must not call a closed client);
         the process's silence from then on is no failure."""
+        global _ACTIVE
+        if _ACTIVE is self:
+            _ACTIVE = None
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=self.poll_s + 10)

@@ -11,7 +11,8 @@ last rewritten `stale_s` ago by its own clock, or whose process is gone from thi
 taken over; one that is rewritten meanwhile is refused with one line. A run whose lease is
 taken over all the same (it could not rewrite it for `wait_s`: a stalled host, storage that
 failed every write) learns it at its next rewrite, within `renew_s`, and ends at once with
-one line, exit 2 (a checkpoint then in flight is dropped, as by a kill).
+one line, exit 2 (a checkpoint then in flight is dropped, as by a kill); the run's other
+processes end with it, each with one line.
 With several processes the workdir must be one shared directory (each process writes its
 shards of every checkpoint there): the other processes read the lock that process 0 wrote,
 or stop with one line.
@@ -34,6 +35,7 @@ from etils import epath
 
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.multihost import from_process0, on_process0, processes_where
+from sparse_vit_jax.train.distributed import exit_with_others
 
 LOCK = '.lock'
 SHARED = ('with several hosts --workdir must be one shared directory (gs:// or a shared '
@@ -92,10 +94,11 @@ def check_workdir(workdir: Any) -> epath.Path:
 
 def _lost_exit(line: str) -> None:
     """The default when a lease is taken over: one line and exit 2, at once, from the
-    renewing thread (the main thread may be inside a step or a checkpoint write)."""
+    renewing thread (the main thread may be inside a step or a checkpoint write); the run's
+    other processes end with it, each with one line (`exit_with_others`)."""
     sys.stdout.flush()
     print(f'error: {line}', file=sys.stderr, flush=True)
-    os._exit(2)
+    exit_with_others(2, line)
 
 
 class _Lease:
