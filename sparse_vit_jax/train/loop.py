@@ -90,8 +90,9 @@ def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[Tra
         if stopping:
             if checkpointer is not None:
                 checkpointer.wait()
-            raise Stopped(f'stopped by {signals.received() or "preemption"} at step {step}; '
-                          'checkpoint saved, re-run the same command to resume')
+            by = signals.received() or 'a stop signal to one of the processes'
+            raise Stopped(f'stopped by {by} at step {step}; checkpoint saved, re-run the same '
+                          'command to resume')
     if writer is not None:
         writer.flush()
     return state, last

@@ -8,8 +8,10 @@ A second Ctrl-C interrupts at once. Exit codes: 0 done, 1 a bug (traceback),
 2 bad input, 3 stopped by a signal (re-run the same command to resume).
 
 With several processes, SIGTERM is left to JAX's preemption notifier, which
-agrees on one step across hosts (`Checkpointer.reached_preemption`); only SIGINT
-is handled here.
+agrees on one step across hosts (`Checkpointer.reached_preemption`); SIGINT is
+recorded here and passed on to that notifier as a SIGTERM, so that Ctrl-C on any host
+stops every process at one step too. `check` is agreed as well: every process stops
+at the same safe point once any of them has received a signal.
 """
 
 from __future__ import annotations
@@ -19,13 +21,20 @@ from collections.abc import Callable
 from typing import Any
 
 from sparse_vit_jax.errors import Stopped
+from sparse_vit_jax.multihost import processes_where
 
 _received: list[str] = []
 
 
 def install(sigterm: bool = True) -> Callable[[], None]:
-    """Installs the handlers (main thread); returns a function that restores the old ones."""
+    """Installs the handlers (main thread); returns a function that restores the old ones.
+
+    `sigterm=False` (several processes) leaves SIGTERM to the handler that JAX's preemption
+    notifier installed, and passes SIGINT on to it (where JAX runs no such notifier, SIGINT
+    is only recorded).
+    """
     signals = [signal.SIGINT] + ([signal.SIGTERM] if sigterm else [])
+    forward = not sigterm and _jax_notifier_holds_sigterm()
     old = {}
     _received.clear()
 
@@ -34,6 +43,8 @@ def install(sigterm: bool = True) -> Callable[[], None]:
         if name == 'SIGINT' and 'SIGINT' in _received:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         _received.append(name)
+        if forward and name == 'SIGINT':
+            signal.raise_signal(signal.SIGTERM)  # to JAX's preemption notifier
 
     for s in signals:
         try:
@@ -49,12 +60,23 @@ def install(sigterm: bool = True) -> Callable[[], None]:
     return restore
 
 
+def _jax_notifier_holds_sigterm() -> bool:
+    """Whether `jax.distributed` runs its preemption sync manager, whose notifier handles
+    SIGTERM (from C++: Python's `signal.getsignal` does not see it)."""
+    from jax._src import distributed
+    return getattr(distributed.global_state, 'preemption_sync_manager', None) is not None
+
+
 def received() -> str | None:
     """The first stop signal received, if any."""
     return _received[0] if _received else None
 
 
 def check(where: str) -> None:
-    """Raises Stopped if a stop signal has arrived (call at safe points)."""
-    if _received:
-        raise Stopped(f'stopped by {_received[0]} {where}; re-run the same command to resume')
+    """Raises Stopped if a stop signal has arrived (call at safe points); with several
+    processes, on every process once any of them has received one (every process must call
+    it at the same points)."""
+    who = processes_where(bool(_received))
+    if who:
+        by = _received[0] if _received else f'a signal to process {who[0]}'
+        raise Stopped(f'stopped by {by} {where}; re-run the same command to resume')
