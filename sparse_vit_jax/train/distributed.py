@@ -76,6 +76,23 @@ def _client():
     return distributed.global_state.client
 
 
+# The key JAX's preemption notifier (TSL's) writes in the coordination service on a SIGTERM.
+PREEMPTION_NOTICE = 'RECEIVED_PREEMPTION_NOTICE'
+
+
+def preemption_noticed() -> bool:
+    """Whether a process of the run has received JAX's preemption notice (a SIGTERM), as this
+    process reads the coordination service now (False without jax.distributed)."""
+    client = _client()
+    if client is None:
+        return False
+    try:
+        client.key_value_try_get(PREEMPTION_NOTICE)
+    except Exception:  # noqa: BLE001 - not found (or no service): no notice to act on
+        return False
+    return True
+
+
 def _by_process(client, directory: str) -> dict[int, str]:
     """{process: value} of the keys `directory/<process>` in the coordination service."""
     return {int(k.rsplit('/', 1)[1]): v for k, v in client.key_value_dir_get(directory)}

@@ -90,7 +90,7 @@ def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[Tra
         if stopping:
             if checkpointer is not None:
                 checkpointer.wait()
-            by = signals.received() or 'a stop signal to one of the processes'
+            by = signals.received() or signals.ELSEWHERE
             raise Stopped(f'stopped by {by} at step {step}; checkpoint saved, re-run the same '
                           'command to resume')
     if writer is not None:

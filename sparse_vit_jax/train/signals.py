@@ -11,7 +11,8 @@ With several processes, SIGTERM is left to JAX's preemption notifier, which
 agrees on one step across hosts (`Checkpointer.reached_preemption`); SIGINT is
 recorded here and passed on to that notifier as a SIGTERM, so that Ctrl-C on any host
 stops every process at one step too. `check` is agreed as well: every process stops
-at the same safe point once any of them has received a signal.
+at the same safe point once any of them has received a signal (its own SIGINT, or the
+preemption notice that a SIGTERM to any process leaves in JAX's coordination service).
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
 from sparse_vit_jax.errors import Stopped
 from sparse_vit_jax.multihost import processes_where
+from sparse_vit_jax.train.distributed import preemption_noticed
 
 _received: list[str] = []
+ELSEWHERE = 'a stop signal to one of the processes'  # what the others know of it
 
 
 def install(sigterm: bool = True) -> Callable[[], None]:
@@ -76,7 +81,7 @@ def check(where: str) -> None:
     """Raises Stopped if a stop signal has arrived (call at safe points); with several
     processes, on every process once any of them has received one (every process must call
     it at the same points)."""
-    who = processes_where(bool(_received))
-    if who:
-        by = _received[0] if _received else f'a signal to process {who[0]}'
+    several = jax.process_count() > 1
+    if processes_where(bool(_received) or (several and preemption_noticed())):
+        by = _received[0] if _received else ELSEWHERE
         raise Stopped(f'stopped by {by} {where}; re-run the same command to resume')
