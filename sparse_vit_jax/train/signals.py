@@ -21,8 +21,6 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-import jax
-
 from sparse_vit_jax.errors import Stopped
 from sparse_vit_jax.multihost import processes_where
 from sparse_vit_jax.train.distributed import preemption_noticed
@@ -81,7 +79,6 @@ def check(where: str) -> None:
     """Raises Stopped if a stop signal has arrived (call at safe points); with several
     processes, on every process once any of them has received one (every process must call
     it at the same points)."""
-    several = jax.process_count() > 1
-    if processes_where(bool(_received) or (several and preemption_noticed())):
+    if processes_where(bool(_received) or preemption_noticed()):
         by = _received[0] if _received else ELSEWHERE
         raise Stopped(f'stopped by {by} {where}; re-run the same command to resume')
