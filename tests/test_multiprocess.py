@@ -269,7 +269,6 @@ def test_a_signal_to_one_host_stops_both_at_the_same_step(tmp_path, sig):
     assert f'checkpoints at step {stop}\n' in again[0][0], again[0][0][-2000:]  # resumed there
 
 
-
 NOTICE = """
 import signal, time
 import jax
@@ -291,6 +290,7 @@ def test_jax_leaves_its_preemption_notice_where_the_safe_points_read_it():
     r = subprocess.run([sys.executable, '-c', NOTICE % free_port()], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert said(r.stdout) == ['False True'], (r.returncode, r.stderr[-2000:])
+
 
 AGREED_CHECK = """
 import signal, sys, time
@@ -329,6 +329,7 @@ def test_a_safe_point_stops_every_process_once_any_got_a_signal(tmp_path, sig):
     assert outs == [['passed at a first point', f'stopped stopped by {by} {end}'],
                     ['passed at a first point',
                      f'stopped stopped by {sig if sig == "SIGINT" else by} {end}']], outs
+
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
@@ -523,7 +524,6 @@ def test_a_workdir_that_is_not_shared_stops_every_process_in_one_line(tmp_path, 
     assert outs[1] == ['locked shared', error.format(1), in_use]
 
 
-
 # main, with the workdir's lock a lease (as on gs://), here through tensorstore's file driver
 MAIN_WITH_A_LEASE = """
 import functools, sys
@@ -564,6 +564,7 @@ def test_a_lease_taken_over_mid_run_ends_every_process_in_one_line(tmp_path):
         'the same command to resume')
     assert 'step 2000/' not in outs[0][0]
     assert json.loads((workdir / '.lock').read_text())['token'] == 3
+
 
 STALE_LISTING = '''
 import sys
