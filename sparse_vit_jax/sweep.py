@@ -115,13 +115,16 @@ def run_cell(cfg: Any, workdir: epath.Path) -> dict[str, Any]:
 def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any]]:
     """Prunes the cell's trained params at every ratio, fine-tunes each with masks kept.
 
-    config.sweep.finetune_steps steps at a constant tenth of the learning rate;
-    the pruned weights stay exactly zero (keep_masks in the optimizer state).
+    config.sweep.finetune_steps steps at a constant tenth of the learning rate, through the
+    engine's loop (progress, a NaN loss and a stop signal end it with one line; nothing is
+    checkpointed: a re-run fine-tunes again); the pruned weights stay exactly zero
+    (keep_masks in the optimizer state).
     """
     from sparse_vit_jax.data import TrainData
-    from sparse_vit_jax.experiment import train_parts
+    from sparse_vit_jax.experiment import MEMORY_ADVICE, train_parts
     from sparse_vit_jax.optimizer import build_optimizer
     from sparse_vit_jax.pruning import apply_masks, magnitude_masks, sparsity_report
+    from sparse_vit_jax.train.loop import LoopConfig, train_loop
     from sparse_vit_jax.train.sharding import to_host
     from sparse_vit_jax.train.state import create_state
 
@@ -136,6 +139,8 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     parts = train_parts(ft, exp.model, exp.mesh, ft.num_steps, tx)
     shardings, step = parts.shardings, parts.step
     data = TrainData.create(ft.data, ft.batch_size, exp.mesh, source=exp.source)
+    loop = LoopConfig(ft.num_steps, ft.log_every_steps, ft.batch_size,
+                      memory_advice=MEMORY_ADVICE)
     rows = []
     for ratio, masks in zip(c.prune.ratios, all_masks):
         state = create_state(parts.init_params, tx, c.seed + 1, shardings,
@@ -143,9 +148,11 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
         state = state.replace(opt_state=state.opt_state._replace(masks=jax.device_put(
             masks, shardings.opt_state.masks)))
         batches = data.batches(ft.data, ft.model.image_size, c.seed + 1, 0, exp.mesh)
-        for _ in range(ft.num_steps):
-            state, _ = step(state, next(batches))
-        batches.close()
+        log(f'fine-tuning the model pruned at {ratio:.2f} for {ft.num_steps} steps, masks kept')
+        try:
+            state, _ = train_loop(state, step, batches, loop)
+        finally:
+            batches.close()
         report = sparsity_report(to_host(state.params), include)
         ev = exp.evaluate(state.params)
         rows.append({'ratio': ratio, **ev, 'pool_sparsity': report['fraction']})

@@ -331,6 +331,73 @@ def test_a_safe_point_stops_every_process_once_any_got_a_signal(tmp_path, sig):
                      f'stopped stopped by {sig if sig == "SIGINT" else by} {end}']], outs
 
 
+UNSAVED_LOOP = """
+import itertools, signal, sys, time
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metrics
+from sparse_vit_jax.train.distributed import maybe_initialize
+maybe_initialize()
+from sparse_vit_jax.errors import Stopped
+from sparse_vit_jax.train import signals
+from sparse_vit_jax.train.loop import LoopConfig, train_loop
+from sparse_vit_jax.train.sharding import batch_sharding, make_mesh, state_shardings
+from sparse_vit_jax.train.state import abstract_state, create_state
+from sparse_vit_jax.train.steps import make_train_step
+
+
+@flax.struct.dataclass
+class Metrics(metrics.Collection):
+    loss: metrics.Average.from_output('loss')
+
+
+mesh = make_mesh()
+tx, init = optax.sgd(0.1), lambda rng: {'w': jnp.zeros(4)}
+shardings = state_shardings(abstract_state(init, tx), mesh, fsdp=False)
+loss_fn = lambda p, b, rng, train: (jnp.mean((b['x'] @ p['w'] - b['y']) ** 2), {})
+step = make_train_step(loss_fn, tx, Metrics, shardings, mesh)
+restore = signals.install(sigterm=False)
+
+
+def batches():
+    rng = np.random.default_rng(jax.process_index())
+    for i in itertools.count(1):
+        if i == 3 and jax.process_index() == 1:  # while step 3's batch is read, on this host
+            signal.raise_signal(getattr(signal, sys.argv[1]))
+            time.sleep(3)  # JAX's notifier posts its notice within a second
+        x = rng.normal(size=(8, 4)).astype(np.float32)
+        yield jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+            batch_sharding(mesh), a), {'x': x, 'y': x.sum(1)})
+
+
+try:
+    train_loop(create_state(init, tx, 0, shardings), step, batches(), LoopConfig(100, 4, 16))
+    print('said:', 'finished')
+except Stopped as e:
+    print('said:', e)
+restore()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig', ['SIGINT', 'SIGTERM'])
+def test_a_loop_without_checkpoints_stops_every_process_at_the_next_log_step(tmp_path, sig):
+    """A loop without a checkpointer (the sweep's masked fine-tuning) has no preemption sync
+    point of orbax's: a signal to one host stops every process at the next log step, where
+    they agree, instead of none."""
+    script = tmp_path / 'unsaved_loop.py'
+    script.write_text(UNSAVED_LOOP)
+    outs = [said(out) for out, _ in run_both([str(script), sig], timeout=150)]
+    end = 'at step 4; not checkpointed: a re-run redoes these steps, re-run the same command ' \
+        'to resume'
+    by = 'a stop signal to one of the processes'
+    assert outs == [[f'stopped by {by} {end}'],
+                    [f'stopped by {sig if sig == "SIGINT" else by} {end}']], outs
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_and_checkpoint_restores_in_one(tmp_path):
     data_dir = tmp_path / 'tfds'

@@ -153,3 +153,31 @@ def test_sweep_stops_between_cells_on_a_signal(tmp_path, monkeypatch):
     with pytest.raises(Stopped, match='stopped by SIGTERM between sweep cells'):
         run_sweep(tiny_sweep_config(tmp_path), tmp_path / 'run', 'test')
     assert not (tmp_path / 'run' / 'cells').exists()
+
+
+def test_a_signal_during_masked_finetuning_stops_at_the_next_step(tmp_path, monkeypatch):
+    """A stop signal while a pruned model is fine-tuned stops it after its next step, not after
+    all of them, with one line; the cell is not done, and the re-run finishes it."""
+    from sparse_vit_jax import sweep
+    from sparse_vit_jax.errors import Stopped
+    from sparse_vit_jax.train import signals
+    c = tiny_sweep_config(tmp_path)
+    c.sweep.variants, c.sweep.seeds, c.prune.ratios = ('baseline',), 1, (0.5,)
+    c.num_steps, c.sweep.finetune_steps = 8, 6
+    monkeypatch.setattr(signals, '_received', [])
+
+    def log(msg):
+        if msg.startswith('fine-tuning the model pruned at 0.50'):
+            signals._received.append('SIGTERM')  # as the handler records it
+
+    monkeypatch.setattr(sweep, 'log', log)
+    with pytest.raises(Stopped) as stopped:
+        run_sweep(c, tmp_path / 'run', 'test')
+    assert str(stopped.value) == ('stopped by SIGTERM at step 1; not checkpointed: a re-run '
+                                  'redoes these steps, re-run the same command to resume')
+    cell, = (tmp_path / 'run' / 'cells').iterdir()
+    assert not (cell / 'results.json').exists()
+    signals._received.clear()
+    monkeypatch.setattr(sweep, 'log', lambda msg: None)  # no signal this time
+    rows = run_sweep(c, tmp_path / 'run', 'test')
+    assert {x['variant'] for x in rows} == {'baseline', 'baseline+ft'}

@@ -6,9 +6,10 @@ boundary brings the metrics to the host once (the only host synchronisation), ch
 them, prints a progress line and writes them through a clu `MetricWriter` (any object
 with `write_scalars(step, dict)`). Checkpoints follow the `Checkpointer`'s cadence and
 the last step. A stop signal (`train.signals`) stops at the next step with a checkpoint; on
-several hosts orbax's preemption sync point makes every host stop at the same step. Before
-the first step the loop compiles the step for the first batch and checks that what it
-allocates fits the devices (`train.memory`): one line with `cfg.memory_advice` if not.
+several hosts orbax's preemption sync point makes every host stop at the same step (a loop
+without a checkpointer: at the next log step). Before the first step the loop compiles the
+step for the first batch and checks that what it allocates fits the devices
+(`train.memory`): one line with `cfg.memory_advice` if not.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[Tra
         if progress is not None:
             progress(step)
         final = step == cfg.total_steps
-        stopping = _stop_requested(step, checkpointer)
-        if step % cfg.log_every == 0 or final or stopping:
+        at_log = step % cfg.log_every == 0 or final
+        stopping = _stop_requested(step, at_log, checkpointer)
+        if at_log or stopping:
             last = _report(step, state, acc, steps_last, t_last, cfg, checkpointer, writer,
                            extra_scalars)
             acc, t_last, steps_last = None, time.monotonic(), 0
@@ -91,19 +93,24 @@ def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[Tra
             if checkpointer is not None:
                 checkpointer.wait()
             by = signals.received() or signals.ELSEWHERE
-            raise Stopped(f'stopped by {by} at step {step}; checkpoint saved, re-run the same '
-                          'command to resume')
+            saved = 'checkpoint saved' if checkpointer is not None else \
+                'not checkpointed: a re-run redoes these steps'
+            raise Stopped(f'stopped by {by} at step {step}; {saved}, re-run the same command '
+                          'to resume')
     if writer is not None:
         writer.flush()
     return state, last
 
 
-def _stop_requested(step: int, checkpointer: Checkpointer | None) -> bool:
+def _stop_requested(step: int, at_log: bool, checkpointer: Checkpointer | None) -> bool:
     """A stop signal in this process; with several processes, the step all of them agreed on
-    (JAX's preemption sync point), since saving is collective."""
-    if jax.process_count() > 1:
-        return checkpointer is not None and checkpointer.reached_preemption(step)
-    return signals.received() is not None
+    (JAX's preemption sync point), since saving is collective, or, for a loop without
+    checkpoints, the first log step after any process got one (an exchange between them)."""
+    if jax.process_count() == 1:
+        return signals.received() is not None
+    if checkpointer is not None:
+        return checkpointer.reached_preemption(step)
+    return at_log and signals.requested()
 
 
 def _progress(cfg: LoopConfig, writer: Any) -> Any:

@@ -75,10 +75,15 @@ def received() -> str | None:
     return _received[0] if _received else None
 
 
+def requested() -> bool:
+    """Whether a stop signal has arrived; with several processes, on every process once any
+    of them has received one (an exchange: every process must ask at the same points)."""
+    return bool(processes_where(bool(_received) or preemption_noticed()))
+
+
 def check(where: str) -> None:
-    """Raises Stopped if a stop signal has arrived (call at safe points); with several
-    processes, on every process once any of them has received one (every process must call
-    it at the same points)."""
-    if processes_where(bool(_received) or preemption_noticed()):
+    """Raises Stopped if a stop signal has arrived (call at safe points, every process at
+    the same ones: `requested`)."""
+    if requested():
         by = _received[0] if _received else ELSEWHERE
         raise Stopped(f'stopped by {by} {where}; re-run the same command to resume')
