@@ -74,14 +74,30 @@ def cell_dir(root: epath.Path, cfg: Any, variant: str) -> epath.Path:
     return root / 'cells' / f'{variant}_seed{cfg.seed}_{training_fingerprint(cfg)}'
 
 
-def _finished(path: epath.Path, cfg: Any) -> dict[str, Any] | None:
-    """The cell's results if they were written for exactly this config, with all it owes."""
+def _written_for(path: epath.Path, cfg: Any) -> dict[str, Any] | None:
+    """What the JSON file `path` holds if it was written for exactly this cell config (its
+    'cell_config'); None if it is missing, for another config (other ratios, fine-tuning
+    steps...: evaluated again, not retrained) or damaged (said; then computed again)."""
     if not path.exists():
         return None
-    r = json.loads(path.read_text())
-    if r.get('cell_config') != json.loads(cfg.to_json()):
-        return None  # other ratios, fine-tuning steps...: evaluated again, not retrained
-    if cfg.sweep.finetune_steps > 0 and 'prune_finetuned' not in r:
+    try:
+        r = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        log(f'{path} is damaged ({e}); computing what it held again')
+        return None
+    return r if isinstance(r, dict) and r.get('cell_config') == json.loads(cfg.to_json()) \
+        else None
+
+
+def _not_shared(path: epath.Path) -> UserError:
+    return UserError(f'process {jax.process_index()} cannot read {path}, which process 0 '
+                     f'reads; {SHARED}')
+
+
+def _finished(path: epath.Path, cfg: Any) -> dict[str, Any] | None:
+    """The cell's results if they were written for exactly this config, with all it owes."""
+    r = _written_for(path, cfg)
+    if r is None or (cfg.sweep.finetune_steps > 0 and 'prune_finetuned' not in r):
         return None
     return r
 
@@ -99,8 +115,7 @@ def run_cell(cfg: Any, workdir: epath.Path) -> dict[str, Any]:
     r = _finished(done, cfg)
     if from_process0(r is not None):  # every process reads the cell, or every one runs it
         if r is None:
-            raise UserError(f'process {jax.process_index()} cannot read {done}, which process 0 '
-                            f'reads; {SHARED}')
+            raise _not_shared(done)
         return r
     exp = Experiment.create(cfg, workdir)
     with WorkdirLock(workdir):
@@ -116,14 +131,16 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     """Prunes the cell's trained params at every ratio, fine-tunes each with masks kept.
 
     config.sweep.finetune_steps steps at a constant tenth of the learning rate, through the
-    engine's loop (progress, a NaN loss and a stop signal end it with one line; nothing is
-    checkpointed: a re-run fine-tunes again); the pruned weights stay exactly zero
-    (keep_masks in the optimizer state).
+    engine's loop (progress, a NaN loss and a stop signal end it with one line); the pruned
+    weights stay exactly zero (keep_masks in the optimizer state). Each ratio's row is kept in
+    the cell's finetuned.json as it is finished: a stopped cell fine-tunes again from the
+    first ratio not finished (its steps are not checkpointed).
     """
     from sparse_vit_jax.data import TrainData
     from sparse_vit_jax.experiment import MEMORY_ADVICE, train_parts
     from sparse_vit_jax.optimizer import build_optimizer
     from sparse_vit_jax.pruning import apply_masks, magnitude_masks, sparsity_report
+    from sparse_vit_jax.train import results as results_io
     from sparse_vit_jax.train.loop import LoopConfig, train_loop
     from sparse_vit_jax.train.sharding import to_host
     from sparse_vit_jax.train.state import create_state
@@ -141,12 +158,15 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     data = TrainData.create(ft.data, ft.batch_size, exp.mesh, source=exp.source)
     loop = LoopConfig(ft.num_steps, ft.log_every_steps, ft.batch_size,
                       memory_advice=MEMORY_ADVICE)
-    rows = []
-    for ratio, masks in zip(c.prune.ratios, all_masks):
-        state = create_state(parts.init_params, tx, c.seed + 1, shardings,
-                             apply_masks(params, masks))
+    kept = workdir / 'finetuned.json'
+    rows = _finetuned(kept, c)
+    for ratio, masks in list(zip(c.prune.ratios, all_masks))[len(rows):]:
+        # Copies: the step donates its state, and every ratio starts from `params` (whose
+        # unpruned leaves apply_masks passes on as they are), and tx's init reads all_masks[0].
+        state = create_state(parts.init_params, tx, c.seed + 1, shardings, jax.device_put(
+            apply_masks(params, masks), shardings.params, may_alias=False))
         state = state.replace(opt_state=state.opt_state._replace(masks=jax.device_put(
-            masks, shardings.opt_state.masks)))
+            masks, shardings.opt_state.masks, may_alias=False)))
         batches = data.batches(ft.data, ft.model.image_size, c.seed + 1, 0, exp.mesh)
         log(f'fine-tuning the model pruned at {ratio:.2f} for {ft.num_steps} steps, masks kept')
         try:
@@ -158,7 +178,19 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
         rows.append({'ratio': ratio, **ev, 'pool_sparsity': report['fraction']})
         log(f'prune {ratio:.2f} + {ft.num_steps} fine-tuning steps | accuracy '
             f'{ev["accuracy"]:.4f} | pool sparsity {report["fraction"]:.4f}')
+        results_io.write_json(kept, {'cell_config': json.loads(c.to_json()), 'rows': rows})
     return rows
+
+
+def _finetuned(path: epath.Path, cfg: Any) -> list[dict[str, Any]]:
+    """The rows of the ratios that a stopped run of this cell (same config) finished
+    fine-tuning, in ratio order, as process 0 reads them."""
+    r = _written_for(path, cfg)
+    rows = r['rows'] if r is not None else []
+    n = from_process0(len(rows))
+    if len(rows) < n:
+        raise _not_shared(path)
+    return rows[:n]
 
 
 def collect_rows(cells: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:

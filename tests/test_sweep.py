@@ -155,18 +155,22 @@ def test_sweep_stops_between_cells_on_a_signal(tmp_path, monkeypatch):
     assert not (tmp_path / 'run' / 'cells').exists()
 
 
-def test_a_signal_during_masked_finetuning_stops_at_the_next_step(tmp_path, monkeypatch):
+def test_a_signal_during_masked_finetuning_stops_at_the_next_step_and_resumes(tmp_path,
+                                                                            monkeypatch):
     """A stop signal while a pruned model is fine-tuned stops it after its next step, not after
-    all of them, with one line; the cell is not done, and the re-run finishes it."""
+    all of them, with one line; the cell is not done, and the re-run keeps the ratios whose
+    fine-tuning had finished and fine-tunes only the others."""
     from sparse_vit_jax import sweep
     from sparse_vit_jax.errors import Stopped
     from sparse_vit_jax.train import signals
     c = tiny_sweep_config(tmp_path)
-    c.sweep.variants, c.sweep.seeds, c.prune.ratios = ('baseline',), 1, (0.5,)
+    c.sweep.variants, c.sweep.seeds, c.prune.ratios = ('baseline',), 1, (0.2, 0.5)
     c.num_steps, c.sweep.finetune_steps = 8, 6
     monkeypatch.setattr(signals, '_received', [])
+    said = []
 
     def log(msg):
+        said.append(msg)
         if msg.startswith('fine-tuning the model pruned at 0.50'):
             signals._received.append('SIGTERM')  # as the handler records it
 
@@ -177,7 +181,28 @@ def test_a_signal_during_masked_finetuning_stops_at_the_next_step(tmp_path, monk
                                   'redoes these steps, re-run the same command to resume')
     cell, = (tmp_path / 'run' / 'cells').iterdir()
     assert not (cell / 'results.json').exists()
+    first, = json.loads((cell / 'finetuned.json').read_text())['rows']
+    assert first['ratio'] == 0.2
     signals._received.clear()
-    monkeypatch.setattr(sweep, 'log', lambda msg: None)  # no signal this time
+    said.clear()
+    monkeypatch.setattr(sweep, 'log', said.append)  # no signal this time
     rows = run_sweep(c, tmp_path / 'run', 'test')
-    assert {x['variant'] for x in rows} == {'baseline', 'baseline+ft'}
+    assert [m.split(' for ')[0] for m in said if m.startswith('fine-tuning')] == [
+        'fine-tuning the model pruned at 0.50']
+    ft = [r for r in rows if r['variant'] == 'baseline+ft']
+    assert [r['ratio'] for r in ft] == [0.2, 0.5]
+    assert json.loads((cell / 'results.json').read_text())['prune_finetuned'][0] == first
+    # each ratio is fine-tuned from its own pruned weights: the same rows as a run not stopped
+    assert [r for r in run_sweep(c, tmp_path / 'whole', 'test')
+            if r['variant'] == 'baseline+ft'] == ft
+
+
+def test_a_damaged_cell_file_is_said_and_computed_again(tmp_path, monkeypatch):
+    from sparse_vit_jax import sweep
+    said = []
+    monkeypatch.setattr(sweep, 'log', said.append)
+    path = tmp_path / 'results.json'
+    path.write_text('{"cell_config": {"seed": ')  # cut short
+    assert sweep._finished(path, tiny_sweep_config(tmp_path)) is None
+    assert said == [f'{path} is damaged (Expecting value: line 1 column 26 (char 25)); '
+                    'computing what it held again']

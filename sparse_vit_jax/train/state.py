@@ -44,7 +44,8 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 def create_state(init_params: InitParams, tx: optax.GradientTransformation, seed: int,
                  shardings: TrainState, params: Any = None) -> TrainState:
     """A fresh state, initialised directly on its shardings. Given `params`, only the optimizer
-    state is initialised for them (the step and rng are those of the same seed's init)."""
+    state is initialised for them (the step and rng are those of the same seed's init); arrays
+    of `params` already on their shardings become the state's own, which a step donates."""
     key = jax.random.PRNGKey(seed)
     if params is None:
         return jit_lifting_constants(lambda k: _init(init_params, tx, k), shardings)(key)
