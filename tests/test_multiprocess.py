@@ -461,7 +461,7 @@ def test_a_masked_optimizer_state_over_two_hosts(tmp_path):
 
 SWEEP = ['--config=configs/digits.py', '--config.smoke=True', '--config.model.dropout_rate=0.0',
          '--config.sweep.seeds=1', '--config.sweep.variants=baseline,l1_proximal',
-         '--config.prune.ratios=(0.5,)', '--config.sweep.finetune_steps=2']
+         '--config.prune.ratios=(0.3,0.6)', '--config.sweep.finetune_steps=2']
 
 
 @pytest.mark.slow
@@ -474,8 +474,8 @@ def test_a_sweep_over_two_hosts_matches_one_and_resumes(tmp_path):
     single = run_main(tmp_path / 'single', *SWEEP, devices=4, data_dir=data_dir,
                       module='sweep')
     outs = run_both(cli(multi, *SWEEP, module='sweep'), data_dir)
-    assert 'training 6 steps' in outs[0][0] and '| 0.5 |' in outs[0][0]
-    assert 'training' not in outs[1][0] and '| 0.5 |' not in outs[1][0]  # process 0 reports
+    assert 'training 6 steps' in outs[0][0] and '| 0.6 |' in outs[0][0]
+    assert 'training' not in outs[1][0] and '| 0.6 |' not in outs[1][0]  # process 0 reports
     assert not list(multi.rglob('*.tmp'))
 
     def rows(d):
@@ -483,7 +483,7 @@ def test_a_sweep_over_two_hosts_matches_one_and_resumes(tmp_path):
             return {(r['variant'], r['ratio']): float(r['accuracy']) for r in csv.DictReader(f)}
 
     want, got = rows(tmp_path / 'single'), rows(multi)
-    assert set(got) == set(want) and len(got) == 2 * 3  # (unpruned, 0.5, 0.5+ft) x variants
+    assert set(got) == set(want) and len(got) == 2 * 5  # (unpruned, 2 ratios, +ft) x variants
     examples = int(re.search(r'on (\d+) examples', single.stdout).group(1))
     for k in want:  # the gradient all-reduce order differs (gloo vs in-process)
         assert abs(got[k] - want[k]) <= 2 / examples, k
