@@ -25,8 +25,8 @@ import ml_collections as mlc
 from etils import epath
 from jax.sharding import Mesh
 
-from sparse_vit_jax.checkpoints import load_pretrained, save_params
-from sparse_vit_jax.checkpoints.io import directory_message
+from sparse_vit_jax.checkpoints import block_widths, load_pretrained, save_params
+from sparse_vit_jax.checkpoints.io import directory_message, npz_shapes
 from sparse_vit_jax.configs import model_shape, training_differences, validate
 from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
 from sparse_vit_jax.errors import UserError
@@ -66,13 +66,16 @@ from sparse_vit_jax.train.steps import evaluate, make_eval_step, make_train_step
 from sparse_vit_jax.train.workdir import WorkdirLock, check_workdir
 
 
-def build_model(c: Any, num_classes: int, numerics: str = 'jax', mesh: Mesh | None = None
-                ) -> VisionTransformer:
+def build_model(c: Any, num_classes: int, numerics: str = 'jax', mesh: Mesh | None = None,
+                widths: dict[str, Any] | None = None) -> VisionTransformer:
     """The config's model; `mesh` is where the 'pallas' attention runs per device, and its
-    devices are what the config's 'auto' choices are made for (else JAX's first device)."""
+    devices are what the config's 'auto' choices are made for (else JAX's first device).
+    `widths`: per-block heads and MLP units (`start_widths`) in place of the config's."""
     m = c.model
     overrides = {k: m[k] for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
                                    'patch_size') if m[k] > 0}
+    if widths:
+        overrides.update(widths, head_dim=head_width(c))
     device = None if mesh is None else mesh.devices.flat[0]
     dtype = compute_dtype(m.dtype, device)
     impl = attention_impl(m.attention_impl, dtype, head_width(c), device)
@@ -134,6 +137,54 @@ def resolve_numerics(c: Any) -> str:
     if c.init_from and is_run_dir(c.init_from):
         return latest_meta(c.init_from)[1].get('numerics', 'jax')
     return 'jax'
+
+
+def start_widths(c: Any, workdir: Any) -> dict[str, tuple[int, ...]]:
+    """Per-block `num_heads` and `mlp_dim` of the weights the run starts from where they
+    differ from the config's: a structurally pruned model (`export --format npz --structured`,
+    or a run fine-tuned from one) is built with its own widths; {} for the config's model.
+
+    Read from the workdir's own checkpoints when training resumes, else from `init_from`'s
+    run, else from the `.npz` weights' array headers (torch files hold one width per model:
+    set it in the config). Widths that do not fit the config (other depth, head size) are
+    left to the weights' loading, which names the first misshapen parameter."""
+    if 'train' in c.stages and _has_checkpoints(workdir):
+        return _widths_of(_run_meta(workdir))
+    start = (c.pretrained or c.init_from) if 'train' in c.stages else c.init_from
+    if not start:
+        return {}
+    if is_run_dir(start):
+        return _widths_of(_run_meta(start))
+    if not str(start).lower().endswith('.npz'):
+        return {}
+    found = block_widths(everywhere(lambda: npz_shapes(start), lambda i: _not_read(i, start)))
+    shape = model_shape(c)
+    if (found is None or len(found['num_heads']) != shape['num_layers']
+            or found['head_dim'] != head_width(c)):
+        return {}
+    widths = {k: found[k] for k in ('num_heads', 'mlp_dim')}
+    if all(set(widths[k]) == {shape[k]} for k in widths):
+        return {}
+    log(f'model widths from {start}: heads per block {list(widths["num_heads"])}, MLP units '
+        f'per block {list(widths["mlp_dim"])}')
+    return widths
+
+
+def _has_checkpoints(workdir: Any) -> bool:
+    d = checkpoint_dir(workdir)
+    return from_process0(d.is_dir() and any(d.glob('[0-9]*')))
+
+
+def _run_meta(path: Any) -> dict[str, Any]:
+    """The newest readable checkpoint meta of a run ({} if none: restoring says why)."""
+    try:
+        return latest_meta(path)[1]
+    except UserError:
+        return {}
+
+
+def _widths_of(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v) for k, v in meta.get('widths', {}).items()}
 
 
 def _not_read(process: int, path: Any) -> UserError:
@@ -201,6 +252,7 @@ class Experiment:
     source: Source
     abstract_params: Any
     param_shardings: Any
+    widths: dict[str, tuple[int, ...]]
     _eval: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -218,18 +270,21 @@ class Experiment:
         mesh = make_mesh()
         source = get_source(c.data)
         numerics = resolve_numerics(c)
-        model = build_model(c, source.num_classes, numerics, mesh)
+        widths = start_widths(c, workdir)
+        model = build_model(c, source.num_classes, numerics, mesh, widths)
         abstract = jax.eval_shape(lambda: _init_params(model, c, jax.random.PRNGKey(0)))
         # Selection regexes that match nothing fail here, on shapes, before any compute.
         select(abstract, _pool(c))
         if c.sparsity.l1.weight > 0 and c.sparsity.l1.include:
             select(abstract, list(c.sparsity.l1.include))
         shardings = state_shardings(abstract, mesh, c.mesh.fsdp)
-        return cls(c, epath.Path(workdir), mesh, model, numerics, source, abstract, shardings)
+        return cls(c, epath.Path(workdir), mesh, model, numerics, source, abstract, shardings,
+                   widths)
 
     def meta(self) -> dict[str, Any]:
+        widths = {'widths': {k: list(v) for k, v in self.widths.items()}} if self.widths else {}
         return {'config': json.loads(self.config.to_json()), 'numerics': self.numerics,
-                'num_classes': self.source.num_classes}
+                'num_classes': self.source.num_classes, **widths}
 
     # ---- parameters ----------------------------------------------------------------------
     def load_params(self, path: str, reinit_head: bool = False) -> Any:
@@ -356,7 +411,7 @@ def run(c: mlc.ConfigDict, workdir: Any) -> dict[str, Any]:
 def stages(exp: Experiment, c: Any, workdir: Any, write: bool = True) -> dict[str, Any]:
     """train -> eval -> prune as `c.stages` says; results.json/.csv written if `write`."""
     workdir = epath.Path(workdir)
-    out: dict[str, Any] = {'config': json.loads(c.to_json()), 'numerics': exp.numerics}
+    out: dict[str, Any] = {k: v for k, v in exp.meta().items() if k != 'num_classes'}
     t0 = time.time()
     if 'train' in c.stages:
         params, out['train'] = exp.train()

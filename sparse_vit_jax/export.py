@@ -142,7 +142,10 @@ HOW_TO_LOAD = {
              "model.load_state_dict(load_file('{out}/model.safetensors'))"),
     'npz': ("from sparse_vit_jax.checkpoints import load_pretrained\n"
             "# a model built with the widths of model.json, then:\n"
-            "params, _ = load_pretrained('{out}/params.npz', target_params)"),
+            "params, _ = load_pretrained('{out}/params.npz', target_params)\n"
+            "# or with the run's config, which builds the model with these widths itself:\n"
+            "# python -m sparse_vit_jax.main --config=CONFIG --config.stages=eval,prune \\\n"
+            "#     --config.init_from={out}/params.npz   (or config.pretrained= to fine-tune it)"),
 }
 
 

@@ -339,6 +339,27 @@ def test_missing_block_named(tmp_path):
 
 
 @needs_torch
+def test_npz_shapes_and_block_widths_read_headers_as_numpy_reads_the_arrays(tmp_path):
+    """Shapes from the array headers alone (official names) equal numpy's arrays' shapes, also
+    for pre-Linen names and bfloat16 (2-byte void) arrays; a damaged file gives {}."""
+    import ml_dtypes
+
+    from sparse_vit_jax.checkpoints import block_widths
+    from sparse_vit_jax.checkpoints.io import npz_shapes, read_checkpoint
+    model = create_model('testing', num_classes=4, num_heads=(2, 1), mlp_dim=(64, 48),
+                         head_dim=16)
+    flat = {k: np.asarray(v) for k, v in flatten(init_params(model, 16)).items()}
+    flat['cls'] = flat['cls'].astype(ml_dtypes.bfloat16)
+    np.savez(tmp_path / 'p.npz', **pre_linen(flat))
+    shapes = npz_shapes(tmp_path / 'p.npz')
+    assert shapes == {k: v.shape for k, v in read_checkpoint(tmp_path / 'p.npz', 1)[0].items()}
+    assert block_widths(shapes) == {'num_heads': (2, 1), 'mlp_dim': (64, 48), 'head_dim': 16}
+    del flat['Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel']
+    assert block_widths(flat) is None
+    (tmp_path / 'cut.npz').write_bytes((tmp_path / 'p.npz').read_bytes()[:500])
+    assert npz_shapes(tmp_path / 'cut.npz') == {}
+
+
 def test_bfloat16_weights_load_convert_and_resize_like_their_float32_values(tmp_path):
     """bf16 safetensors (how many checkpoints ship) and a bf16 .npz load as the exact float32
     values torch gives the same bf16 tensors, also when position embeddings are resized."""

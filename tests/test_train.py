@@ -114,6 +114,52 @@ def test_init_from_npz_and_odd_eval_batch(tmp_path, run8, data_dir):
     assert results(wd)['eval']['accuracy'] == results(run8)['eval']['accuracy']
 
 
+def test_a_structured_export_is_evaluated_fine_tuned_and_resumed_at_its_own_widths(
+        tmp_path, run8, data_dir):
+    """`export --structured` writes per-block widths; the main command builds that smaller
+    model from the weights' shapes (no config change), evaluates it as the dense model with
+    the zeros kept (the reference), fine-tunes it, and resumes it from its checkpoints'
+    widths after the weights file is gone."""
+    from sparse_vit_jax import export as export_cli
+    flat = params(run8)  # testing ViT: 2 blocks of 2 heads and 64 MLP units
+    for b, units in ((0, slice(0, 20)), (1, slice(10, 40))):  # per block: 20 and 30 units
+        p = f'Transformer/encoderblock_{b}/MlpBlock_0/'
+        flat[p + 'Dense_0/kernel'][:, units] = 0
+        flat[p + 'Dense_1/kernel'][units] = 0  # their biases stay: removal must drop them
+    att = 'Transformer/encoderblock_1/MultiHeadDotProductAttention_0/'
+    for k in ('query', 'key', 'value'):
+        flat[att + k + '/kernel'][:, 0] = 0
+    flat[att + 'out/kernel'][0] = 0
+    np.savez(tmp_path / 'dense.npz', **flat)
+    export_cli.export(str(tmp_path / 'dense.npz'), 'npz', str(tmp_path / 'small'),
+                      structured=True)
+    small = tmp_path / 'small' / 'params.npz'
+    with np.load(small) as f:
+        assert f[att + 'query/kernel'].shape[1] == 1
+    evals = {}
+    for name, weights in (('dense', tmp_path / 'dense.npz'), ('small', small)):
+        out = main_here(tmp_path / name, *SMOKE, f'--config.init_from={weights}',
+                        '--config.stages=eval', data_dir=data_dir).stdout
+        evals[name] = results(tmp_path / name)
+    assert 'model widths from' in out and 'widths' not in evals['dense']
+    assert evals['small']['widths'] == {'num_heads': [2, 1], 'mlp_dim': [44, 34]}
+    assert evals['small']['eval']['accuracy'] == evals['dense']['eval']['accuracy']
+    np.testing.assert_allclose(evals['small']['eval']['loss'], evals['dense']['eval']['loss'],
+                               rtol=1e-5)
+
+    ft = tmp_path / 'finetune'
+    args = (*SMOKE, f'--config.pretrained={small}', '--config.reinit_head=False',
+            '--config.num_steps=4', '--config.checkpoint_every_steps=2', '--config.stages=train')
+    main_here(ft, *args, data_dir=data_dir)
+    assert params(ft)[att + 'query/kernel'].shape[1] == 1
+    shutil.rmtree(tmp_path / 'small')  # a resume reads the widths from its checkpoints
+    again = main_here(ft, *args[:-1], '--config.stages=train,eval', data_dir=data_dir).stdout
+    assert 'resuming' in again and results(ft)['widths'] == evals['small']['widths']
+    main_here(tmp_path / 'from_run', *SMOKE, f'--config.init_from={ft}', '--config.stages=eval',
+              data_dir=data_dir)
+    assert results(tmp_path / 'from_run')['eval'] == results(ft)['eval']
+
+
 def test_checkpoint_of_an_older_config_schema_still_loads(tmp_path, run8, data_dir):
     old = tmp_path / 'old_run'
     shutil.copytree(run8, old)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ from sparse_vit_jax.checkpoints.io import read_checkpoint, save_npz
 from sparse_vit_jax.errors import UserError
 
 POSEMB = 'Transformer/posembed_input/pos_embedding'
+ATTENTION = 'MultiHeadDotProductAttention_0'
 
 
 def flatten(tree: Any) -> dict[str, Any]:
@@ -50,8 +52,27 @@ def resize_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
 
 
 def num_heads_of(flat_target: dict[str, Any]) -> int:
-    key = 'Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel'
+    key = f'Transformer/encoderblock_0/{ATTENTION}/query/kernel'
     return flat_target[key].shape[1] if key in flat_target else 1
+
+
+def block_widths(shapes: dict[str, Any]) -> dict[str, Any] | None:
+    """Per-block attention heads and MLP units, and the head dimension, read from parameter
+    shapes (official names; any values with a `.shape`, or shapes themselves): a structurally
+    pruned model's widths differ per block. None when the blocks are not all there."""
+    shape = lambda k: tuple(getattr(shapes[k], 'shape', shapes[k]))  # noqa: E731
+    layers = sorted(int(m[1]) for k in shapes
+                    if (m := re.match(r'Transformer/encoderblock_(\d+)/LayerNorm_0/scale$', k)))
+    blocks = [f'Transformer/encoderblock_{i}/' for i in layers]
+    try:
+        query = [shape(f'{b}{ATTENTION}/query/kernel') for b in blocks]
+        mlp = [shape(f'{b}MlpBlock_0/Dense_0/kernel')[1] for b in blocks]
+    except (KeyError, IndexError):
+        return None
+    if not layers or layers != list(range(len(layers))) or any(len(q) != 3 for q in query):
+        return None
+    return {'num_heads': tuple(q[1] for q in query), 'mlp_dim': tuple(mlp),
+            'head_dim': query[0][2]}
 
 
 def load_pretrained(path: str | os.PathLike, target: Any, *,
@@ -116,6 +137,5 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
     save_npz(path, {k: np.asarray(v) for k, v in flatten(params).items()})
 
 
-__all__ = ['load_pretrained', 'read_checkpoint', 'resize_posemb', 'save_params', 'check_tree',
-           'check_values',
-           'flatten', 'unflatten']
+__all__ = ['load_pretrained', 'block_widths', 'read_checkpoint', 'resize_posemb', 'save_params',
+           'check_tree', 'check_values', 'flatten', 'unflatten']

@@ -11,11 +11,11 @@ structurally pruned models are described too).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 
+from sparse_vit_jax.checkpoints import block_widths
 from sparse_vit_jax.errors import UserError
 
 Flat = dict[str, np.ndarray]
@@ -34,24 +34,20 @@ def shape_of(flat: Flat) -> dict[str, Any]:
     try:
         kh, _, _, d = flat['embedding/kernel'].shape
         n = flat['Transformer/posembed_input/pos_embedding'].shape[1]
-        layers = sorted(int(m[1]) for k in flat
-                        if (m := re.match(r'Transformer/encoderblock_(\d+)/LayerNorm_0/scale$', k)))
-        b = [f'Transformer/encoderblock_{i}/' for i in layers]
-        heads = [int(flat[f'{p}{ATT}/query/kernel'].shape[1]) for p in b]
-        mlp = [int(flat[f'{p}MlpBlock_0/Dense_0/kernel'].shape[1]) for p in b]
-        head_dim = int(flat[f'{b[0]}{ATT}/query/kernel'].shape[2]) if b else 0
         classes = int(flat['head/kernel'].shape[1])
     except (KeyError, IndexError, ValueError) as e:
         raise UserError(f'not a complete ViT parameter set (missing or misshapen {e}); '
                         'export takes our params.npz or a run directory') from None
+    widths = block_widths(flat)
     grid = round((n - 1) ** 0.5)
-    if not layers or layers != list(range(len(layers))) or grid * grid != n - 1:
+    if widths is None or grid * grid != n - 1:
         raise UserError('not a complete ViT parameter set (blocks missing or a non-square '
                         'patch grid)')
     rep = flat['pre_logits/kernel'].shape[1] if 'pre_logits/kernel' in flat else None
     return {'hidden_size': int(d), 'patch_size': int(kh), 'image_size': int(grid * kh),
-            'num_layers': len(layers), 'num_heads': heads, 'mlp_dim': mlp,
-            'head_dim': head_dim, 'num_classes': classes, 'representation_size': rep}
+            'num_layers': len(widths['num_heads']), 'num_heads': list(widths['num_heads']),
+            'mlp_dim': list(widths['mlp_dim']), 'head_dim': widths['head_dim'],
+            'num_classes': classes, 'representation_size': rep}
 
 
 def _uniform(values: list[int]) -> int | None:
