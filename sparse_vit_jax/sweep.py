@@ -18,6 +18,7 @@ evaluated again without retraining.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Callable
@@ -29,9 +30,9 @@ import numpy as np
 from etils import epath
 
 from sparse_vit_jax import cli
-from sparse_vit_jax.configs import SWEEP_VARIANTS, copy, training_fingerprint
+from sparse_vit_jax.configs import SWEEP_VARIANTS, copy, training_fingerprint, training_keys
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.multihost import from_process0
+from sparse_vit_jax.multihost import from_process0, on_process0
 from sparse_vit_jax.train.loop import log
 from sparse_vit_jax.train.workdir import SHARED, check_workdir
 
@@ -132,18 +133,20 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
 
     config.sweep.finetune_steps steps at a constant tenth of the learning rate, through the
     engine's loop (progress, a NaN loss and a stop signal end it with one line); the pruned
-    weights stay exactly zero (keep_masks in the optimizer state). Each ratio's row is kept in
-    the cell's finetuned.json as it is finished: a stopped cell fine-tunes again from the
-    first ratio not finished (its steps are not checkpointed).
+    weights stay exactly zero (keep_masks in the optimizer state). A ratio's fine-tuning is
+    checkpointed at the run's cadence in finetune/<ratio>_<fingerprint>/ (a stopped cell
+    resumes it at its last checkpoint); when it is done, its row goes into the cell's
+    finetuned.json and those checkpoints are removed.
     """
     from sparse_vit_jax.data import TrainData
     from sparse_vit_jax.experiment import MEMORY_ADVICE, train_parts
     from sparse_vit_jax.optimizer import build_optimizer
     from sparse_vit_jax.pruning import apply_masks, magnitude_masks, sparsity_report
     from sparse_vit_jax.train import results as results_io
+    from sparse_vit_jax.train.checkpointing import Checkpointer
     from sparse_vit_jax.train.loop import LoopConfig, train_loop
     from sparse_vit_jax.train.sharding import to_host
-    from sparse_vit_jax.train.state import create_state
+    from sparse_vit_jax.train.state import create_state, with_shardings
 
     ft = copy(c)
     ft.num_steps, ft.schedule.name = c.sweep.finetune_steps, 'constant'
@@ -160,26 +163,49 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
                       memory_advice=MEMORY_ADVICE)
     kept = workdir / 'finetuned.json'
     rows = _finetuned(kept, c)
+    target = with_shardings(parts.abstract, shardings)
     for ratio, masks in list(zip(c.prune.ratios, all_masks))[len(rows):]:
-        # Copies: the step donates its state, and every ratio starts from `params` (whose
-        # unpruned leaves apply_masks passes on as they are), and tx's init reads all_masks[0].
-        state = create_state(parts.init_params, tx, c.seed + 1, shardings, jax.device_put(
-            apply_masks(params, masks), shardings.params, may_alias=False))
-        state = state.replace(opt_state=state.opt_state._replace(masks=jax.device_put(
-            masks, shardings.opt_state.masks, may_alias=False)))
-        batches = data.batches(ft.data, ft.model.image_size, c.seed + 1, 0, exp.mesh)
-        log(f'fine-tuning the model pruned at {ratio:.2f} for {ft.num_steps} steps, masks kept')
+        where = workdir / 'finetune' / f'{ratio:g}_{finetune_fingerprint(ft, ratio)}'
+        ckpt = Checkpointer(where, every_steps=c.checkpoint_every_steps, keep=1,
+                            timeout_s=c.checkpoint_timeout_s)
         try:
-            state, _ = train_loop(state, step, batches, loop)
+            restored = ckpt.restore_latest(target)
+            if restored is not None:
+                state = restored[0]
+            else:  # copies: the step donates its state, every ratio starts from `params`
+                # (whose unpruned leaves apply_masks passes on), tx's init read all_masks[0]
+                state = create_state(parts.init_params, tx, c.seed + 1, shardings,
+                                     jax.device_put(apply_masks(params, masks),
+                                                    shardings.params, may_alias=False))
+                state = state.replace(opt_state=state.opt_state._replace(masks=jax.device_put(
+                    masks, shardings.opt_state.masks, may_alias=False)))
+            step0 = int(state.step)
+            log(f'fine-tuning the model pruned at {ratio:.2f} for {ft.num_steps} steps, masks '
+                f'kept' + (f' (from step {step0})' if step0 else ''))
+            batches = data.batches(ft.data, ft.model.image_size, c.seed + 1, step0, exp.mesh)
+            try:
+                state, _ = train_loop(state, step, batches, loop, ckpt)
+            finally:
+                batches.close()
         finally:
-            batches.close()
+            ckpt.close()
         report = sparsity_report(to_host(state.params), include)
         ev = exp.evaluate(state.params)
         rows.append({'ratio': ratio, **ev, 'pool_sparsity': report['fraction']})
         log(f'prune {ratio:.2f} + {ft.num_steps} fine-tuning steps | accuracy '
             f'{ev["accuracy"]:.4f} | pool sparsity {report["fraction"]:.4f}')
         results_io.write_json(kept, {'cell_config': json.loads(c.to_json()), 'rows': rows})
+        on_process0(where.rmtree)  # its row is kept: the state served only to resume it
     return rows
+
+
+def finetune_fingerprint(ft: Any, ratio: float) -> str:
+    """What a ratio's fine-tuning depends on besides the cell's trained weights: its training
+    settings and the masks' (ratio, scope, pool). Checkpoints under another fingerprint are
+    never resumed."""
+    keys = {'train': training_keys(ft), 'ratio': ratio, 'scope': ft.prune.scope,
+            'include': list(ft.prune.include)}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _finetuned(path: epath.Path, cfg: Any) -> list[dict[str, Any]]:

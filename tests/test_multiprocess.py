@@ -389,7 +389,7 @@ restore()
 @pytest.mark.slow
 @pytest.mark.parametrize('sig', ['SIGINT', 'SIGTERM'])
 def test_a_loop_without_checkpoints_stops_every_process_at_the_next_log_step(tmp_path, sig):
-    """A loop without a checkpointer (the sweep's masked fine-tuning) has no preemption sync
+    """A loop without a checkpointer (the engine allows one) has no preemption sync
     point of orbax's: a signal to one host stops every process at the next log step, where
     they agree, instead of none."""
     script = tmp_path / 'unsaved_loop.py'

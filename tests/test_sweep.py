@@ -158,8 +158,9 @@ def test_sweep_stops_between_cells_on_a_signal(tmp_path, monkeypatch):
 def test_a_signal_during_masked_finetuning_stops_at_the_next_step_and_resumes(tmp_path,
                                                                             monkeypatch):
     """A stop signal while a pruned model is fine-tuned stops it after its next step, not after
-    all of them, with one line; the cell is not done, and the re-run keeps the ratios whose
-    fine-tuning had finished and fine-tunes only the others."""
+    all of them, with one line and a checkpoint; the cell is not done, and the re-run keeps the
+    ratios whose fine-tuning had finished and resumes the other at its checkpoint, to the
+    rows of a run never stopped."""
     from sparse_vit_jax import sweep
     from sparse_vit_jax.errors import Stopped
     from sparse_vit_jax.train import signals
@@ -177,18 +178,22 @@ def test_a_signal_during_masked_finetuning_stops_at_the_next_step_and_resumes(tm
     monkeypatch.setattr(sweep, 'log', log)
     with pytest.raises(Stopped) as stopped:
         run_sweep(c, tmp_path / 'run', 'test')
-    assert str(stopped.value) == ('stopped by SIGTERM at step 1; not checkpointed: a re-run '
-                                  'redoes these steps, re-run the same command to resume')
+    assert str(stopped.value) == ('stopped by SIGTERM at step 1; checkpoint saved, re-run the '
+                                  'same command to resume')
     cell, = (tmp_path / 'run' / 'cells').iterdir()
     assert not (cell / 'results.json').exists()
     first, = json.loads((cell / 'finetuned.json').read_text())['rows']
     assert first['ratio'] == 0.2
+    resumable, = (cell / 'finetune').iterdir()  # 0.2's checkpoints went with its row
+    assert resumable.name.startswith('0.5_')
+    assert [p.name for p in (resumable / 'checkpoints').iterdir()] == ['1']
     signals._received.clear()
     said.clear()
     monkeypatch.setattr(sweep, 'log', said.append)  # no signal this time
     rows = run_sweep(c, tmp_path / 'run', 'test')
-    assert [m.split(' for ')[0] for m in said if m.startswith('fine-tuning')] == [
-        'fine-tuning the model pruned at 0.50']
+    assert [m for m in said if m.startswith('fine-tuning')] == [
+        'fine-tuning the model pruned at 0.50 for 6 steps, masks kept (from step 1)']
+    assert not any((cell / 'finetune').iterdir())
     ft = [r for r in rows if r['variant'] == 'baseline+ft']
     assert [r['ratio'] for r in ft] == [0.2, 0.5]
     assert json.loads((cell / 'results.json').read_text())['prune_finetuned'][0] == first
