@@ -114,6 +114,15 @@ def base_config() -> mlc.ConfigDict:
     c.sparsity.l1.mode = 'subgradient'     # subgradient | proximal
     c.sparsity.l1.schedule = 'constant'    # constant | linear (0 -> weight)
     c.sparsity.l1.include = ()             # regexes over parameter paths; () = the pruning pool
+    c.sparsity.gradual = mlc.ConfigDict()  # pruning while training (Zhu & Gupta 2017's schedule)
+    c.sparsity.gradual.sparsity = 0.0      # > 0: the pool's zero fraction at the end, reached
+    #                                        on the cubic schedule by global magnitude masks
+    #                                        that the optimizer state keeps (pruned weights
+    #                                        stay 0); 0 = off
+    c.sparsity.gradual.start = 0.0         # where pruning starts and where it reaches its
+    c.sparsity.gradual.end = 0.75          # final sparsity, as fractions of training
+    c.sparsity.gradual.every_steps = 100   # optimizer steps between mask updates
+    c.sparsity.gradual.include = ()        # regexes over parameter paths; () = the pruning pool
 
     c.prune = mlc.ConfigDict()
     c.prune.ratios = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -242,9 +251,14 @@ def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 
 def training_keys(c: Any) -> dict[str, Any]:
-    """The config's keys that shape training and its checkpoints, flattened."""
-    return {k: v for k, v in _flat(json.loads(c.to_json())).items()
+    """The config's keys that shape training and its checkpoints, flattened. The settings of
+    gradual pruning count only when it is on, so runs saved before it existed keep their
+    fingerprint (a sweep's cells are found again)."""
+    keys = {k: v for k, v in _flat(json.loads(c.to_json())).items()
             if not k.startswith(RERUN_FREE)}
+    if not keys.get('sparsity.gradual.sparsity'):
+        keys = {k: v for k, v in keys.items() if not k.startswith('sparsity.gradual.')}
+    return keys
 
 
 def training_fingerprint(c: Any) -> str:
@@ -399,6 +413,12 @@ def validate(c: Any) -> None:
               'model.num_layers', 'model.num_heads', 'model.mlp_dim', 'model.patch_size')
     _fraction(c, 'model.dropout_rate', 'model.attention_dropout_rate', 'optimizer.momentum',
               'optimizer.b1', 'optimizer.b2', 'schedule.base_momentum', 'schedule.max_momentum')
+    _fraction(c, 'sparsity.gradual.sparsity')
+    g = c.sparsity.gradual
+    if not 0 <= g.start <= g.end <= 1:
+        raise UserError(f'config sparsity.gradual.start and .end must satisfy 0 <= start <= end '
+                        f'<= 1 (fractions of training), got {g.start} and {g.end}')
+    _at_least(c, 0, 'sparsity.gradual.every_steps', strict=True)
     if c.num_steps == 0 and c.num_epochs == 0 and 'train' in c.stages:
         raise UserError('config needs num_steps > 0 or num_epochs > 0 to train')
     shape = model_shape(c)
@@ -427,6 +447,7 @@ def validate(c: Any) -> None:
                         f'e.g. "(0.1,0.5)"; got {c.prune.ratios!r}')
     _regexes(c, 'prune.include')
     _regexes(c, 'sparsity.l1.include')
+    _regexes(c, 'sparsity.gradual.include')
     _block_indices(c, 'sparsity.attention.layers', shape['num_layers'])
     _block_indices(c, 'sweep.attention_layers', shape['num_layers'])
     if c.data.name == 'imagenet100' and not c.data.class_list:

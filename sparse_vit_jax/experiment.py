@@ -277,6 +277,8 @@ class Experiment:
         select(abstract, _pool(c))
         if c.sparsity.l1.weight > 0 and c.sparsity.l1.include:
             select(abstract, list(c.sparsity.l1.include))
+        if c.sparsity.gradual.sparsity > 0 and c.sparsity.gradual.include:
+            select(abstract, list(c.sparsity.gradual.include))
         shardings = state_shardings(abstract, mesh, c.mesh.fsdp)
         return cls(c, epath.Path(workdir), mesh, model, numerics, source, abstract, shardings,
                    widths)

@@ -2,7 +2,8 @@
 
     clip -> [L1 subgradient] -> [coupled weight decay] -> SGD-momentum | AdamW
          -> [L1 proximal]      (all inside inject_hyperparams: lr, momentum logged)
-    wrapped by keep_masks (after pruning) and MultiSteps (gradient accumulation).
+    wrapped by keep_masks (after pruning) or gradual_pruning (while training), and
+    MultiSteps (gradient accumulation).
 
 The OneCycle schedule (train.schedules.onecycle) reproduces
 torch.optim.lr_scheduler.OneCycleLR (cosine annealing, div_factor 25, final_div_factor
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.pruning import keep_masks
+from sparse_vit_jax.pruning import gradual_pruning, keep_masks
 from sparse_vit_jax.selection import select
 from sparse_vit_jax.sparsity import add_l1_penalty, l1_proximal
 from sparse_vit_jax.train.schedules import onecycle
@@ -87,8 +88,13 @@ def build_optimizer(cfg: Any, total_steps: int, masks: Any = None
 
     tx: optax.GradientTransformation = optax.inject_hyperparams(chain)(
         learning_rate=lr_schedule, momentum=mom_schedule)
+    g = cfg.sparsity.gradual
     if masks is not None:
         tx = keep_masks(tx, masks)
+    elif g.sparsity > 0:  # in optimizer steps, as `total_steps` counts them
+        tx = gradual_pruning(tx, g.sparsity, start_step=round(g.start * total_steps),
+                             end_step=round(g.end * total_steps), frequency=g.every_steps,
+                             select=list(g.include) or None)
     if o.accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=o.accumulate)
     return tx

@@ -114,6 +114,32 @@ def test_keep_masks_through_optimizer_steps():
             assert (w[~m] == 0).all() and (w[m] != 0).mean() > 0.99
 
 
+def test_the_configs_gradual_pruning_follows_the_cubic_schedule_in_optimizer_steps():
+    """sparsity.gradual in the optimizer the main command builds: with 2 accumulated
+    micro-batches per update, the pool's zero fraction after update t is numpy's
+    s_f * (1 - (1 - p)^3), p = (t - start) / (end - start) clipped, start and end being
+    fractions of the 8 updates."""
+    from sparse_vit_jax.configs import base_config
+    from sparse_vit_jax.optimizer import build_optimizer
+    c = base_config()
+    c.optimizer.name, c.optimizer.accumulate, c.schedule.name = 'sgd', 2, 'constant'
+    g = c.sparsity.gradual
+    g.sparsity, g.start, g.end, g.every_steps = 0.6, 0.25, 0.75, 1
+    _, params = random_vit('testing')
+    tx = build_optimizer(c, 8)  # 16 micro-steps
+    state, step = tx.init(params), jax.jit(tx.update)
+    for micro in range(16):
+        key = jax.random.key(micro)
+        grads = jax.tree.map(lambda p, k=key: jax.random.normal(k, p.shape), params)
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        if micro % 2:
+            t = micro // 2
+            want = 0.6 * (1 - (1 - min(max((t - 2) / 4, 0), 1)) ** 3)
+            np.testing.assert_allclose(sparsity_report(params)['fraction'], want,
+                                       atol=1e-4, err_msg=f'update {t}')
+
+
 def test_gradual_pruning_schedule():
     for t in (0, 3, 5, 9, 10, 12):
         p = min(max((t - 2) / 8, 0), 1)

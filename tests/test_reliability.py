@@ -293,6 +293,11 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.optimizer.accumulate=9'], 'optimizer.accumulate 9 is more than num_steps 8'),
     (['--config.optimizer.accumulate=2147483648'], 'optimizer.accumulate must be < 2**31'),
     (['--config.checkpoint_timeout_s=0'], 'checkpoint_timeout_s must be > 0'),
+    (['--config.sparsity.gradual.sparsity=1.0'], 'sparsity.gradual.sparsity must be in [0, 1)'),
+    (['--config.sparsity.gradual.start=0.8'], 'must satisfy 0 <= start <= end <= 1'),
+    (['--config.sparsity.gradual.every_steps=0'], 'sparsity.gradual.every_steps must be > 0'),
+    (['--config.sparsity.gradual.sparsity=0.5', '--config.sparsity.gradual.include=("x/.*",)'],
+     'matches no parameter'),
     (['--config.checkpoint_timeout_s=2147484'], 'checkpoint_timeout_s must be <= 2147483'),
     (['--config.model.hidden_size=100000000000'], 'describe a ViT of about'),
     # 2 blocks x 2 x 32 x 1e8 weights and their SGD momentum: about 97 GiB on every device

@@ -160,6 +160,24 @@ def test_a_structured_export_is_evaluated_fine_tuned_and_resumed_at_its_own_widt
     assert results(tmp_path / 'from_run')['eval'] == results(ft)['eval']
 
 
+def test_gradual_pruning_while_training_leaves_its_sparsity_in_the_trained_weights(
+        tmp_path, data_dir):
+    """sparsity.gradual through the main command: the trained pool is at the final sparsity
+    (counted in numpy over the written params.npz), and the train log's pool sparsity says so
+    (the schedule itself: tests/test_pruning.py)."""
+    from sparse_vit_jax.selection import PAPER_POOL, select
+    wd = tmp_path / 'gradual'
+    main_here(wd, *SMOKE, '--config.sparsity.gradual.sparsity=0.6',
+              '--config.sparsity.gradual.end=0.5', '--config.sparsity.gradual.every_steps=1',
+              '--config.stages=train', data_dir=data_dir)
+    flat = params(wd)
+    pool = select({k: np.zeros(()) for k in flat}, PAPER_POOL)
+    w = np.concatenate([flat[k].ravel() for k, chosen in pool.items() if chosen])
+    np.testing.assert_allclose((w == 0).mean(), 0.6, atol=1e-4)
+    r = results(wd)
+    assert r['train']['pool_sparsity'] == pytest.approx((w == 0).mean(), abs=1e-6)
+
+
 def test_checkpoint_of_an_older_config_schema_still_loads(tmp_path, run8, data_dir):
     old = tmp_path / 'old_run'
     shutil.copytree(run8, old)

@@ -159,7 +159,10 @@ def magnitude_masks(params: Any, sparsity: float | jax.Array | Sequence[float], 
     else:
         ks = jnp.stack([jnp.stack([jnp.asarray(_num_pruned(r, n), jnp.int32)
                                    for n in segments]) for r in ratios])
-    kept = _keep_lowest(chosen, ks, scope == 'layerwise')
+    if isinstance(ks, np.ndarray) and not ks.any():  # nothing to prune (gradual pruning's
+        kept = [[jnp.ones(w.shape, bool) for w in chosen] for _ in ratios]  # start): no pass
+    else:
+        kept = _keep_lowest(chosen, ks, scope == 'layerwise')
     trees = [_assemble(flags, k, treedef) for k in kept]
     return trees if many else trees[0]
 
