@@ -119,8 +119,10 @@ def base_config() -> mlc.ConfigDict:
     #                                        on the cubic schedule by global magnitude masks
     #                                        that the optimizer state keeps (pruned weights
     #                                        stay 0); 0 = off
-    c.sparsity.gradual.start = 0.0         # where pruning starts and where it reaches its
-    c.sparsity.gradual.end = 0.75          # final sparsity, as fractions of training
+    c.sparsity.gradual.start = 0.2         # where pruning starts and where it reaches its
+    c.sparsity.gradual.end = 0.75          # final sparsity, as fractions of training (at 0,
+    #                                        the zero-initialised head, in the pool, would be
+    #                                        pruned at the first update, for good)
     c.sparsity.gradual.every_steps = 100   # optimizer steps between mask updates
     c.sparsity.gradual.include = ()        # regexes over parameter paths; () = the pruning pool
 
