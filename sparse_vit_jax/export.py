@@ -1,7 +1,8 @@
 """Exports a run's (optionally pruned) weights as standard files other frameworks load.
 
     python -m sparse_vit_jax.export RUN_OR_NPZ --format hf|timm|npz [--prune RATIO]
-        [--structured] [--numerics auto|jax|timm|hf|asyml] OUT
+        [--structured] [--heads RATIO] [--mlp-units RATIO] [--unit-scope layerwise|global]
+        [--numerics auto|jax|timm|hf|asyml] OUT
 
 RUN_OR_NPZ: a run directory (its params.npz and results.json) or our `.npz`.
 `--prune RATIO` prunes by global weight magnitude first, over the run's pruning
@@ -9,7 +10,11 @@ pool (its config's prune.include and scope), as the run's prune stage evaluated.
 `--structured` removes the heads and MLP units that pruning emptied where the
 format can hold the smaller widths (npz: per block; hf and timm: one MLP width for
 all blocks, and never heads, whose size is tied to width / heads there); the
-zeros of what stays are kept. OUT is a new directory:
+zeros of what stays are kept. `--heads R` / `--mlp-units R` remove the fraction R of
+the heads / MLP units with the smallest kernel L2 norms, per block (`--unit-scope
+layerwise`) or ranked over all blocks (`global`; per-block widths: npz only): unlike
+`--structured` this changes the logits, so fine-tune the result (the main command's
+config.pretrained reads its widths). OUT is a new directory:
 
 - hf:   config.json + model.safetensors: `ViTForImageClassification.from_pretrained(OUT)`;
 - timm: config.json + model.safetensors for timm's `vit_*_patch16_*` models;
@@ -100,6 +105,20 @@ def remove_empty_units(flat: dict[str, np.ndarray], fmt: str) -> tuple[dict[str,
     return flatten(remove_units(params, keep_h, keep_m)), notes
 
 
+def remove_weakest_units(flat: dict[str, np.ndarray], heads: float, mlp_units: float,
+                         scope: str) -> tuple[dict[str, np.ndarray], str]:
+    """Drops the weakest fraction of heads and MLP units (kernel L2 norm); returns a note."""
+    from sparse_vit_jax.pruning import remove_units, strongest_units
+    params = unflatten(flat)
+    keep_h, keep_m = strongest_units(params, head_ratio=heads, mlp_ratio=mlp_units, scope=scope)
+    s = shape_of(flat)
+    removed_h = sum(s['num_heads']) - sum(len(k) for k in keep_h)
+    removed_m = sum(s['mlp_dim']) - sum(len(k) for k in keep_m)
+    note = (f'removed the {removed_h} weakest heads and {removed_m} weakest MLP units '
+            f'({scope}, by kernel L2 norm): the logits change, fine-tune before use')
+    return flatten(remove_units(params, keep_h, keep_m)), note
+
+
 def sparsity_lines(flat: dict[str, np.ndarray]) -> tuple[str, float, float]:
     """(a markdown table of kernel sparsity per layer, kernels' zero fraction, all weights')."""
     from sparse_vit_jax.pruning import sparsity_report
@@ -179,8 +198,14 @@ def _safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 def export(src: str, fmt: str, out: str, *, structured: bool = False,
-           ratio: float | None = None, numerics: str = 'auto', command: str = '') -> str:
+           ratio: float | None = None, numerics: str = 'auto', heads: float = 0.0,
+           mlp_units: float = 0.0, unit_scope: str = 'layerwise', command: str = '') -> str:
     """Writes OUT (a new directory) and returns a one-line summary."""
+    for name, r in (('--heads', heads), ('--mlp-units', mlp_units)):
+        if not 0.0 <= r < 1.0:
+            raise UserError(f'{name} must be in [0, 1), got {r}')
+    if unit_scope not in ('layerwise', 'global'):
+        raise UserError(f"--unit-scope must be 'layerwise' or 'global', got {unit_scope!r}")
     if fmt not in FORMATS:
         raise UserError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
     if numerics != 'auto' and numerics not in ACTIVATIONS:
@@ -200,8 +225,12 @@ def export(src: str, fmt: str, out: str, *, structured: bool = False,
     if ratio:
         flat = prune(flat, ratio, results.get('config', {}))
     notes: list[str] = []
+    if heads or mlp_units:
+        flat, note = remove_weakest_units(flat, heads, mlp_units, unit_scope)
+        notes.append(note)
     if structured:
-        flat, notes = remove_empty_units(flat, fmt)
+        flat, more = remove_empty_units(flat, fmt)
+        notes += more
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f'.{dst.name}.') as tmp:
         t = Path(tmp) / 'out'
         t.mkdir()
@@ -235,6 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument('--format', required=True, help=' | '.join(FORMATS))
     ap.add_argument('--structured', action='store_true',
                     help='remove emptied heads and MLP units where the format allows')
+    ap.add_argument('--heads', type=float, default=0.0, metavar='RATIO',
+                    help='remove this fraction of the heads with the smallest kernel norms')
+    ap.add_argument('--mlp-units', type=float, default=0.0, metavar='RATIO',
+                    help='remove this fraction of the MLP units with the smallest kernel norms')
+    ap.add_argument('--unit-scope', default='layerwise',
+                    help='layerwise (each block loses the same fraction) | global')
     ap.add_argument('--prune', type=float, default=None, metavar='RATIO',
                     help='prune by global magnitude first (the run\'s pool and scope)')
     ap.add_argument('--numerics', default='auto',
@@ -242,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     command = ' '.join(['python -m sparse_vit_jax.export', *argv])
     print(run_cli(lambda: export(args.src, args.format, args.out, structured=args.structured,
-                                 ratio=args.prune, numerics=args.numerics, command=command)))
+                                 ratio=args.prune, numerics=args.numerics, heads=args.heads,
+                                 mlp_units=args.mlp_units, unit_scope=args.unit_scope,
+                                 command=command)))
 
 
 if __name__ == '__main__':

@@ -126,6 +126,45 @@ def test_structured_npz_has_per_block_widths_and_the_same_logits(tmp_path):
     assert not (tmp_path / 'hf').exists()
 
 
+def test_weakest_units_are_removed_as_numpy_ranks_their_kernel_norms(tmp_path):
+    """--heads / --mlp-units keep, per block, the heads and MLP units with the largest L2 norm
+    of the kernel weights they own (numpy's ranking here), gathered with their biases; a
+    format that cannot hold the widths is refused and nothing is written."""
+    model = our_model()  # 2 blocks of 2 heads and 64 MLP units
+    params = random_params(model, ratio=0.1)
+    save_params(tmp_path / 'p.npz', params)
+    out = tmp_path / 'small'
+    line = export_cli.export(str(tmp_path / 'p.npz'), 'npz', str(out), heads=0.5,
+                             mlp_units=0.25)
+    assert 'removed the 2 weakest heads and 32 weakest MLP units (layerwise' in line
+    flat = {k: np.asarray(v, np.float64) for k, v in flatten(params).items()}
+    with np.load(out / 'params.npz') as f:
+        got = {k: f[k] for k in f.files}
+    att, mlp = 'MultiHeadDotProductAttention_0/', 'MlpBlock_0/'
+    for i in range(model.num_layers):
+        b = f'Transformer/encoderblock_{i}/'
+        w = {k: flat[f'{b}{att}{k}/kernel'] for k in ('query', 'key', 'value', 'out')}
+        norm = np.sqrt(sum((w[k] ** 2).sum(axis=(0, 2)) for k in ('query', 'key', 'value'))
+                       + (w['out'] ** 2).sum(axis=(1, 2)))
+        h = np.sort(np.argsort(-norm)[:1])
+        d0, d1 = flat[f'{b}{mlp}Dense_0/kernel'], flat[f'{b}{mlp}Dense_1/kernel']
+        m = np.sort(np.argsort(-np.sqrt((d0 ** 2).sum(0) + (d1 ** 2).sum(1)))[:48])
+        for k in ('query', 'key', 'value'):
+            np.testing.assert_array_equal(got[f'{b}{att}{k}/kernel'], w[k][:, h])
+            np.testing.assert_array_equal(got[f'{b}{att}{k}/bias'], flat[f'{b}{att}{k}/bias'][h])
+        np.testing.assert_array_equal(got[f'{b}{att}out/kernel'], w['out'][h])
+        np.testing.assert_array_equal(got[f'{b}{mlp}Dense_0/kernel'], d0[:, m])
+        np.testing.assert_array_equal(got[f'{b}{mlp}Dense_0/bias'],
+                                      flat[f'{b}{mlp}Dense_0/bias'][m])
+        np.testing.assert_array_equal(got[f'{b}{mlp}Dense_1/kernel'], d1[m])
+    shape = json.loads((out / 'model.json').read_text())
+    assert shape['num_heads'] == [1, 1] and shape['mlp_dim'] == [48, 48]
+    with pytest.raises(SystemExit):  # hf ties the head size to width / heads
+        export_cli.main([str(tmp_path / 'p.npz'), str(tmp_path / 'hf'), '--format', 'hf',
+                         '--heads', '0.5'])
+    assert not (tmp_path / 'hf').exists()
+
+
 @needs_torch
 def test_timm_layout_equals_an_independent_construction(tmp_path):
     """HF weights -> our params (the tested loader) -> timm export, compared tensor by tensor

@@ -22,11 +22,12 @@ from sparse_vit_jax.pruning.structured import (
                                          prune_structured,
                                          prune_zero_units,
                                          remove_units,
+                                         strongest_units,
                                          unit_scores,
 )
 
 __all__ = ['magnitude_masks', 'nm_masks', 'apply_masks', 'check_masks', 'sparsity_report',
            'format_report', 'keep_masks', 'gradual_pruning', 'polynomial_sparsity',
            'KeepMasksState', 'GradualPruningState', 'prune_structured', 'prune_zero_units',
-           'remove_units', 'unit_scores', 'nonzero_units', 'matmul_flops', 'evaluate_at_ratios',
-           'weight_stats']
+           'strongest_units', 'remove_units', 'unit_scores', 'nonzero_units', 'matmul_flops',
+           'evaluate_at_ratios', 'weight_stats']

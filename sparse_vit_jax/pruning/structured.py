@@ -100,10 +100,19 @@ def prune_structured(model: VisionTransformer, params: Any, *, head_ratio: float
     all blocks' units together (per-block counts then differ). At least
     `min_heads` / `min_mlp` units stay in every block.
     """
-    heads, mlps = unit_scores(params)
-    keep_h = _keep_top(heads, head_ratio, scope, min_heads)
-    keep_m = _keep_top(mlps, mlp_ratio, scope, min_mlp)
+    keep_h, keep_m = strongest_units(params, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
+                                     scope=scope, min_heads=min_heads, min_mlp=min_mlp)
     return smaller_model(model, keep_h, keep_m), remove_units(params, keep_h, keep_m)
+
+
+def strongest_units(params: Any, *, head_ratio: float = 0.0, mlp_ratio: float = 0.0,
+                    scope: str = 'layerwise', min_heads: int = 1, min_mlp: int = 1
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per block, the (sorted) indices of the heads and MLP units `prune_structured` keeps:
+    for `remove_units`, where no model object is at hand (a checkpoint file)."""
+    heads, mlps = unit_scores(params)
+    return (_keep_top(heads, head_ratio, scope, min_heads),
+            _keep_top(mlps, mlp_ratio, scope, min_mlp))
 
 
 def nonzero_units(scores: Sequence[np.ndarray]) -> list[np.ndarray]:
