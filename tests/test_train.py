@@ -114,6 +114,7 @@ def test_init_from_npz_and_odd_eval_batch(tmp_path, run8, data_dir):
     assert results(wd)['eval']['accuracy'] == results(run8)['eval']['accuracy']
 
 
+@pytest.mark.slow  # five runs of the main command
 def test_a_structured_export_is_evaluated_fine_tuned_and_resumed_at_its_own_widths(
         tmp_path, run8, data_dir):
     """`export --structured` writes per-block widths; the main command builds that smaller
