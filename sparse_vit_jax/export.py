@@ -169,8 +169,14 @@ HOW_TO_LOAD = {
 
 
 def model_card(src: str, fmt: str, out: str, flat: dict[str, np.ndarray], results: dict,
-               numerics: str, ratio: float | None, notes: list[str], command: str) -> str:
+               numerics: str, ratio: float | None, notes: list[str], command: str,
+               units_removed: bool = False) -> str:
+    """The export's README.md; `units_removed`: the weakest units went, so the run's accuracy
+    is not this model's."""
     s = shape_of(flat)
+    caveat = ['- measured on the source model, before its weakest heads and MLP units were '
+              'removed: not this model\'s accuracy (unmeasured; fine-tune and evaluate it)'
+              ] if units_removed else []
     table, kernels, every = sparsity_lines(flat)
     config = results.get('config', {})
     data = config.get('data', {}).get('name', 'unknown')
@@ -185,7 +191,8 @@ def model_card(src: str, fmt: str, out: str, flat: dict[str, np.ndarray], result
         f'image {s["image_size"]}, {s["num_classes"]} classes',
         f'- numerics: {numerics!r} (GELU {act}, LayerNorm epsilon {eps:g})',
         *[f'- {n}' for n in notes], '',
-        '## Accuracy (from the run\'s results.json)', '', accuracy_lines(results, ratio), '',
+        '## Accuracy (from the run\'s results.json)', '', *caveat,
+        accuracy_lines(results, ratio), '',
         '## Sparsity', '', f'- kernels: {kernels:.4f} zero; all parameters: {every:.4f} zero',
         '', table, '', '## Load', '', '```python',
         HOW_TO_LOAD[fmt].format(out=out), '```', '', '## Command', '', '```',
@@ -242,7 +249,8 @@ def export(src: str, fmt: str, out: str, *, structured: bool = False,
             config, tensors = (to_hf if fmt == 'hf' else to_timm)(flat, numerics)
             _safetensors(t / 'model.safetensors', tensors)
             (t / 'config.json').write_text(json.dumps(config, indent=1))
-        card = model_card(src, fmt, out, flat, results, numerics, ratio, notes, command)
+        card = model_card(src, fmt, out, flat, results, numerics, ratio, notes, command,
+                          units_removed=bool(heads or mlp_units))
         (t / 'README.md').write_text(card)
         for f in t.iterdir():
             f.chmod(0o644)

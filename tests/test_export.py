@@ -159,6 +159,7 @@ def test_weakest_units_are_removed_as_numpy_ranks_their_kernel_norms(tmp_path):
         np.testing.assert_array_equal(got[f'{b}{mlp}Dense_1/kernel'], d1[m])
     shape = json.loads((out / 'model.json').read_text())
     assert shape['num_heads'] == [1, 1] and shape['mlp_dim'] == [48, 48]
+    assert 'not this model\'s accuracy' in (out / 'README.md').read_text()
     with pytest.raises(SystemExit):  # hf ties the head size to width / heads
         export_cli.main([str(tmp_path / 'p.npz'), str(tmp_path / 'hf'), '--format', 'hf',
                          '--heads', '0.5'])
