@@ -171,8 +171,9 @@ def start_widths(c: Any, workdir: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _has_checkpoints(workdir: Any) -> bool:
+    """Whether a run directory holds a finished checkpoint step (not only a partial one)."""
     d = checkpoint_dir(workdir)
-    return from_process0(d.is_dir() and any(d.glob('[0-9]*')))
+    return from_process0(d.is_dir() and any(p.name.isdigit() for p in d.iterdir()))
 
 
 def _run_meta(path: Any) -> dict[str, Any]:

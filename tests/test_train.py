@@ -151,6 +151,7 @@ def test_a_structured_export_is_evaluated_fine_tuned_and_resumed_at_its_own_widt
     ft = tmp_path / 'finetune'
     args = (*SMOKE, f'--config.pretrained={small}', '--config.reinit_head=False',
             '--config.num_steps=4', '--config.checkpoint_every_steps=2', '--config.stages=train')
+    (ft / 'checkpoints' / '2.orbax-checkpoint-tmp-1').mkdir(parents=True)  # killed mid-write
     main_here(ft, *args, data_dir=data_dir)
     assert params(ft)[att + 'query/kernel'].shape[1] == 1
     shutil.rmtree(tmp_path / 'small')  # a resume reads the widths from its checkpoints
