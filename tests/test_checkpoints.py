@@ -338,7 +338,6 @@ def test_missing_block_named(tmp_path):
     assert unflatten(flat)['Transformer']['encoderblock_0']
 
 
-@needs_torch
 def test_npz_shapes_and_block_widths_read_headers_as_numpy_reads_the_arrays(tmp_path):
     """Shapes from the array headers alone (official names) equal numpy's arrays' shapes, also
     for pre-Linen names and bfloat16 (2-byte void) arrays; a damaged file gives {}."""
@@ -360,6 +359,7 @@ def test_npz_shapes_and_block_widths_read_headers_as_numpy_reads_the_arrays(tmp_
     assert npz_shapes(tmp_path / 'cut.npz') == {}
 
 
+@needs_torch
 def test_bfloat16_weights_load_convert_and_resize_like_their_float32_values(tmp_path):
     """bf16 safetensors (how many checkpoints ship) and a bf16 .npz load as the exact float32
     values torch gives the same bf16 tensors, also when position embeddings are resized."""
