@@ -263,8 +263,13 @@ def training_keys(c: Any) -> dict[str, Any]:
     return keys
 
 
+def fingerprint(keys: dict[str, Any]) -> str:
+    """8 hex digits naming a JSON-able dict (its key order aside)."""
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def training_fingerprint(c: Any) -> str:
-    return hashlib.sha256(json.dumps(training_keys(c), sort_keys=True).encode()).hexdigest()[:8]
+    return fingerprint(training_keys(c))
 
 
 def training_differences(saved: dict[str, Any], now: Any) -> list[str]:

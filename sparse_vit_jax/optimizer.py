@@ -91,9 +91,11 @@ def build_optimizer(cfg: Any, total_steps: int, masks: Any = None
     g = cfg.sparsity.gradual
     if masks is not None:
         tx = keep_masks(tx, masks)
-    elif g.sparsity > 0:  # in optimizer steps, as `total_steps` counts them
-        tx = gradual_pruning(tx, g.sparsity, start_step=round(g.start * total_steps),
-                             end_step=round(g.end * total_steps), frequency=g.every_steps,
+    elif g.sparsity > 0:  # in optimizer steps 0 .. total_steps - 1, as the state counts them
+        last = max(total_steps - 1, 0)
+        end = min(round(g.end * total_steps), last)
+        tx = gradual_pruning(tx, g.sparsity, start_step=min(round(g.start * total_steps), end),
+                             end_step=end, frequency=g.every_steps,
                              select=list(g.include) or None)
     if o.accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=o.accumulate)

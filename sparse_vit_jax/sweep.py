@@ -18,7 +18,6 @@ evaluated again without retraining.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Callable
@@ -30,7 +29,13 @@ import numpy as np
 from etils import epath
 
 from sparse_vit_jax import cli
-from sparse_vit_jax.configs import SWEEP_VARIANTS, copy, training_fingerprint, training_keys
+from sparse_vit_jax.configs import (
+    SWEEP_VARIANTS,
+    copy,
+    fingerprint,
+    training_fingerprint,
+    training_keys,
+)
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.multihost import from_process0, on_process0
 from sparse_vit_jax.train.loop import log
@@ -206,7 +211,7 @@ def finetune_fingerprint(ft: Any, ratio: float) -> str:
     never resumed."""
     keys = {'train': training_keys(ft), 'ratio': ratio, 'scope': ft.prune.scope,
             'include': list(ft.prune.include)}
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
+    return fingerprint(keys)
 
 
 def _finetuned(path: epath.Path, cfg: Any) -> list[dict[str, Any]]:

@@ -159,6 +159,49 @@ def test_gradual_pruning_schedule():
     np.testing.assert_allclose(fractions[-1], 0.8, atol=1e-4)
 
 
+@pytest.mark.parametrize('start,end,frequency', [(2, 9, 3), (4, 4, 5), (0, 6, 100)])
+def test_gradual_pruning_reaches_its_final_sparsity_at_the_end_step(start, end, frequency):
+    """Masks are made at start + k * frequency and at the end step even where the two do not
+    line up (start == end: one-shot pruning there): the pool's zero fraction after each
+    update is numpy's schedule evaluated at the last update made so far."""
+    _, params = random_vit('testing')
+    tx = gradual_pruning(optax.sgd(1e-3), 0.7, start_step=start, end_step=end,
+                         frequency=frequency)
+    state, step = tx.init(params), jax.jit(tx.update)
+    made = None
+    for t in range(end + 3):
+        if start <= t <= end and ((t - start) % frequency == 0 or t == end):
+            made = t
+        grads = jax.tree.map(jnp.ones_like, params)
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        want = 0.0
+        if made is not None:
+            p = 1.0 if end == start else (made - start) / (end - start)
+            want = 0.7 * (1 - (1 - p) ** 3)
+        np.testing.assert_allclose(sparsity_report(params)['fraction'], want, atol=1e-4,
+                                   err_msg=f'step {t}')
+    assert made == end
+
+
+def test_the_configs_gradual_pruning_ends_at_its_final_sparsity_when_end_is_the_last_step():
+    """end = 1.0 means the last optimizer step: its update still prunes (a step count of
+    total_steps would never be reached)."""
+    from sparse_vit_jax.configs import base_config
+    from sparse_vit_jax.optimizer import build_optimizer
+    c = base_config()
+    c.optimizer.name, c.schedule.name = 'sgd', 'constant'
+    g = c.sparsity.gradual
+    g.sparsity, g.start, g.end, g.every_steps = 0.5, 0.5, 1.0, 4
+    _, params = random_vit('testing')
+    tx = build_optimizer(c, 7)
+    state, step = tx.init(params), jax.jit(tx.update)
+    for _ in range(7):
+        updates, state = step(jax.tree.map(jnp.ones_like, params), state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(sparsity_report(params)['fraction'], 0.5, atol=1e-4)
+
+
 def test_nm_masks_against_numpy():
     _, params = random_vit('testing')
     masks = nm_masks(params, 2, 4)

@@ -7,8 +7,10 @@ final update of a pruned weight is -w, so w + update == 0 exactly even if the
 weight was not zero yet (this is the re-application of the masks).
 
 `gradual_pruning(inner, ...)` recomputes global magnitude masks every
-`frequency` steps between `start_step` and `end_step` on the cubic schedule of
-Zhu & Gupta (2017): s_t = s_f * (1 - (1 - (t - t0) / (t1 - t0))^3).
+`frequency` steps from `start_step`, and at `end_step`, on the cubic schedule of
+Zhu & Gupta (2017): s_t = s_f * (1 - (1 - (t - t0) / (t1 - t0))^3). The update at
+`end_step` is always made, so the final sparsity is reached even where `t1 - t0` is not
+a multiple of `frequency` (TF Model Optimization's schedule then stops short of it).
 """
 
 from __future__ import annotations
@@ -67,9 +69,13 @@ def keep_masks(inner: optax.GradientTransformation, masks: Any
 
 def polynomial_sparsity(step: jax.Array | int, final_sparsity: float, start_step: int,
                         end_step: int, initial_sparsity: float = 0.0) -> jax.Array:
-    """s_t = s_f + (s_i - s_f) * (1 - p)^3, p = clip((t - t0) / (t1 - t0), 0, 1)."""
-    p = jnp.clip((jnp.asarray(step, jnp.float32) - start_step) / max(end_step - start_step, 1),
-                 0.0, 1.0)
+    """s_t = s_f + (s_i - s_f) * (1 - p)^3, p = clip((t - t0) / (t1 - t0), 0, 1); where
+    t0 == t1, p jumps from 0 to 1 at t0 (one-shot pruning at that step)."""
+    t = jnp.asarray(step, jnp.float32)
+    if end_step == start_step:
+        p = (t >= start_step).astype(jnp.float32)
+    else:
+        p = jnp.clip((t - start_step) / (end_step - start_step), 0.0, 1.0)
     return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - p) ** 3
 
 
@@ -92,7 +98,8 @@ def gradual_pruning(inner: optax.GradientTransformation, final_sparsity: float, 
         if params is None:
             raise ValueError('gradual_pruning needs params')
         t = state.count
-        due = (t >= start_step) & (t <= end_step) & ((t - start_step) % frequency == 0)
+        due = (t >= start_step) & (t <= end_step) & (
+            ((t - start_step) % frequency == 0) | (t == end_step))
         sparsity = polynomial_sparsity(t, final_sparsity, start_step, end_step)
         masks = jax.lax.cond(
             due, lambda: magnitude_masks(params, sparsity, select=select), lambda: state.masks)
