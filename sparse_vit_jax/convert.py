@@ -16,6 +16,7 @@ import sys
 
 from sparse_vit_jax.checkpoints import check_tree, flatten, read_checkpoint
 from sparse_vit_jax.checkpoints.io import save_npz
+from sparse_vit_jax.cli import skip_tpu_without_chips
 from sparse_vit_jax.errors import UserError, run_cli
 from sparse_vit_jax.models import VARIANTS, abstract_params, create_model
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument('dst', help='output .npz')
     ap.add_argument('--model', required=True, help=f'one of {", ".join(VARIANTS)}')
     args = ap.parse_args(argv)
+    skip_tpu_without_chips()  # before JAX starts its backends: no libtpu errors on GPU/CPU hosts
     print(run_cli(convert, args.src, args.dst, args.model))
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from sparse_vit_jax.checkpoints import check_values, flatten, unflatten
 from sparse_vit_jax.checkpoints.export import ACTIVATIONS, shape_of, to_hf, to_timm
 from sparse_vit_jax.checkpoints.io import read_checkpoint, save_npz
+from sparse_vit_jax.cli import skip_tpu_without_chips
 from sparse_vit_jax.errors import UserError, run_cli
 
 FORMATS = ('hf', 'timm', 'npz')
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument('--numerics', default='auto',
                     help='auto (the run\'s) | jax | timm | hf | asyml: GELU and LayerNorm eps')
     args = ap.parse_args(argv)
+    skip_tpu_without_chips()  # before JAX starts its backends: no libtpu errors on GPU/CPU hosts
     command = ' '.join(['python -m sparse_vit_jax.export', *argv])
     print(run_cli(lambda: export(args.src, args.format, args.out, structured=args.structured,
                                  ratio=args.prune, numerics=args.numerics, heads=args.heads,

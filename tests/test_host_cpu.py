@@ -202,6 +202,26 @@ def test_commands_on_a_host_without_tpu_chips_do_not_start_libtpu():
     assert 'TPU' not in out['skip'][1], out['skip'][1][-2000:]
 
 
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason='libtpu is not installed (its wheels are for Linux x86-64 only)')
+def test_export_and_convert_do_not_start_libtpu_either(tmp_path):
+    """The weights commands use JAX too (masks, shapes): on a host without TPU chips they
+    skip libtpu as main does, and still do their work."""
+    from sparse_vit_jax.checkpoints import flatten
+    from sparse_vit_jax.checkpoints.io import save_npz
+    from sparse_vit_jax.models import create_model, init_params
+    src = tmp_path / 'testing.npz'
+    params = init_params(create_model('testing', num_classes=10), 32)
+    save_npz(src, {k: np.asarray(v) for k, v in flatten(params).items()})
+    env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+    for cmd in (['export', str(src), str(tmp_path / 'out'), '--format', 'npz', '--prune', '0.5'],
+                ['convert', str(src), str(tmp_path / 'converted.npz'), '--model', 'testing']):
+        r = subprocess.run([sys.executable, '-m', f'sparse_vit_jax.{cmd[0]}', *cmd[1:]],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert r.returncode == 0 and r.stdout.startswith('wrote '), r.stderr[-2000:]
+        assert 'TPU' not in r.stderr, r.stderr[-2000:]
+
+
 def test_auto_keeps_memory_for_vit_steps_not_for_the_digits_default():
     digits = config_file('digits')
     vit = base_config()
