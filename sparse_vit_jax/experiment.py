@@ -345,8 +345,9 @@ class Experiment:
         writer = metric_writers.create_default_writer(
             str(self.workdir / 'tensorboard'), just_logging=jax.process_index() > 0)
         batches = data.batches(c.data, c.model.image_size, c.seed, step0, self.mesh)
-        log(f'training {total} steps ({data.steps_per_epoch} per epoch), batch '
-            f'{c.batch_size}, {jax.device_count()} devices, {self.model.num_layers} blocks')
+        n, depth = jax.device_count(), self.model.num_layers
+        log(f'training {total} steps ({data.steps_per_epoch} per epoch), batch {c.batch_size}, '
+            f'{n} device{"s" * (n != 1)}, {depth} block{"s" * (depth != 1)}')
         try:
             state, scalars = train_loop(
                 state, step_fn, batches, LoopConfig(total, c.log_every_steps, c.batch_size,
