@@ -155,6 +155,7 @@ def test_sweep_stops_between_cells_on_a_signal(tmp_path, monkeypatch):
     assert not (tmp_path / 'run' / 'cells').exists()
 
 
+@pytest.mark.slow  # three sweeps (stopped, resumed, whole): ~26 s
 def test_a_signal_during_masked_finetuning_stops_at_the_next_step_and_resumes(tmp_path,
                                                                             monkeypatch):
     """A stop signal while a pruned model is fine-tuned stops it after its next step, not after
