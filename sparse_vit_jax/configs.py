@@ -275,11 +275,13 @@ def training_fingerprint(c: Any) -> str:
 def training_differences(saved: dict[str, Any], now: Any) -> list[str]:
     """'key (saved -> now)' for each training key in which `now` differs from a saved run.
 
-    More steps are accepted when nothing depends on the total (constant schedules): the
-    run just goes on, and the new count is recorded with its next checkpoint.
+    More steps are accepted when nothing depends on the total (constant schedules, no
+    gradual pruning, whose steps are fractions of it): the run just goes on, and the new
+    count is recorded with its next checkpoint.
     """
     old, new = training_keys(from_saved(saved)), training_keys(now)
-    constant = now.schedule.name == 'constant' and now.sparsity.l1.schedule == 'constant'
+    constant = (now.schedule.name == 'constant' and now.sparsity.l1.schedule == 'constant'
+                and not now.sparsity.gradual.sparsity)
     diffs = []
     for k, v in new.items():
         if old.get(k) == v:

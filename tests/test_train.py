@@ -221,6 +221,27 @@ def test_from_saved_fills_new_keys_converts_old_forms_and_rejects_unknown_ones()
         from_saved(saved)
 
 
+def test_more_steps_continue_a_run_only_where_nothing_depends_on_the_total():
+    """Constant schedules: more steps go on. A cosine schedule, a linear L1 ramp or gradual
+    pruning (its start and end are fractions of the total) would change steps already
+    taken: refused, naming num_steps."""
+    from sparse_vit_jax.configs import copy, training_differences
+    saved = base_config()
+    saved.num_steps, saved.schedule.name = 8, 'constant'
+    more = copy(saved)
+    more.num_steps = 12
+    assert training_differences(saved.to_dict(), more) == []
+    for key, value in (('schedule.name', 'warmup_cosine'), ('sparsity.l1.schedule', 'linear'),
+                       ('sparsity.gradual.sparsity', 0.5)):
+        before, after = copy(saved), copy(more)
+        for c in (before, after):
+            *groups, leaf = key.split('.')
+            for g in groups:
+                c = c[g]
+            c[leaf] = value
+        assert training_differences(before.to_dict(), after) == ['num_steps (8 -> 12)'], key
+
+
 def test_config_is_locked_and_typed():
     c = base_config()
     with pytest.raises(AttributeError):
