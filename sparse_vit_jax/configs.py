@@ -125,6 +125,10 @@ def base_config() -> mlc.ConfigDict:
     #                                        pruned at the first update, for good)
     c.sparsity.gradual.every_steps = 100   # optimizer steps between mask updates
     c.sparsity.gradual.include = ()        # regexes over parameter paths; () = the pruning pool
+    c.sparsity.keep_zeros = False          # True: the pool's weights that are exactly zero in
+    #                                        the starting weights (init_from / pretrained: a
+    #                                        pruned export or run) stay zero while training
+    #                                        (fine-tuning a pruned model, masks kept)
 
     c.prune = mlc.ConfigDict()
     c.prune.ratios = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -254,12 +258,14 @@ def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def training_keys(c: Any) -> dict[str, Any]:
     """The config's keys that shape training and its checkpoints, flattened. The settings of
-    gradual pruning count only when it is on, so runs saved before it existed keep their
-    fingerprint (a sweep's cells are found again)."""
+    gradual pruning and keep_zeros count only when on, so runs saved before they existed keep
+    their fingerprint (a sweep's cells are found again)."""
     keys = {k: v for k, v in _flat(json.loads(c.to_json())).items()
             if not k.startswith(RERUN_FREE)}
     if not keys.get('sparsity.gradual.sparsity'):
         keys = {k: v for k, v in keys.items() if not k.startswith('sparsity.gradual.')}
+    if not keys.get('sparsity.keep_zeros'):
+        keys.pop('sparsity.keep_zeros', None)
     return keys
 
 
@@ -428,6 +434,15 @@ def validate(c: Any) -> None:
         raise UserError(f'config sparsity.gradual.start and .end must satisfy 0 <= start <= end '
                         f'<= 1 (fractions of training), got {g.start} and {g.end}')
     _at_least(c, 0, 'sparsity.gradual.every_steps', strict=True)
+    if c.sparsity.keep_zeros and 'train' in c.stages:
+        if c.sparsity.gradual.sparsity > 0:
+            raise UserError('config sparsity.keep_zeros and sparsity.gradual.sparsity > 0 both '
+                            'set where zeros are kept: choose one (keep_zeros fine-tunes an '
+                            'already pruned model, gradual prunes while training)')
+        if not (c.init_from or c.pretrained):
+            raise UserError('config sparsity.keep_zeros keeps the zeros of the starting weights: '
+                            'set config.init_from (a pruned run or export --prune ... --format '
+                            'npz) or config.pretrained')
     if c.num_steps == 0 and c.num_epochs == 0 and 'train' in c.stages:
         raise UserError('config needs num_steps > 0 or num_epochs > 0 to train')
     shape = model_shape(c)

@@ -336,6 +336,9 @@ class Experiment:
         step_fn = parts.step
         pool = select(self.abstract_params, _pool(c))
         zero_fraction = jax.jit(lambda p: _zero_fraction(p, pool))
+        if c.sparsity.keep_zeros:
+            log(f'the pool\'s zeros stay zero (sparsity.keep_zeros): pool sparsity '
+                f'{float(to_host(zero_fraction(state.params))):.4f}')
 
         def extra(s: TrainState) -> dict[str, float]:
             hp = {k: float(v) for k, v in current_hparams(s.opt_state).items()}

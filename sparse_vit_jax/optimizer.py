@@ -2,7 +2,8 @@
 
     clip -> [L1 subgradient] -> [coupled weight decay] -> SGD-momentum | AdamW
          -> [L1 proximal]      (all inside inject_hyperparams: lr, momentum logged)
-    wrapped by keep_masks (after pruning) or gradual_pruning (while training), and
+    wrapped by keep_masks (after pruning), keep_zeros (fine-tuning a pruned model) or
+    gradual_pruning (while training), and
     MultiSteps (gradient accumulation).
 
 The OneCycle schedule (train.schedules.onecycle) reproduces
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.pruning import gradual_pruning, keep_masks
+from sparse_vit_jax.pruning import gradual_pruning, keep_masks, keep_zeros
 from sparse_vit_jax.selection import select
 from sparse_vit_jax.sparsity import add_l1_penalty, l1_proximal
 from sparse_vit_jax.train.schedules import onecycle
@@ -91,6 +92,8 @@ def build_optimizer(cfg: Any, total_steps: int, masks: Any = None
     g = cfg.sparsity.gradual
     if masks is not None:
         tx = keep_masks(tx, masks)
+    elif cfg.sparsity.keep_zeros:  # masks from the weights the state is initialised with
+        tx = keep_zeros(tx, select=list(cfg.prune.include) or None)
     elif g.sparsity > 0:  # in optimizer steps 0 .. total_steps - 1, as the state counts them
         last = max(total_steps - 1, 0)
         end = min(round(g.end * total_steps), last)

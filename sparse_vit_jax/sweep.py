@@ -157,6 +157,7 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     ft.num_steps, ft.schedule.name = c.sweep.finetune_steps, 'constant'
     ft.optimizer.lr, ft.optimizer.accumulate = c.optimizer.lr / 10, 1
     ft.sparsity.gradual.sparsity = 0.0  # each ratio's masks are fixed (keep_masks)
+    ft.sparsity.keep_zeros = False
     params = exp.load_params(str(workdir / 'params.npz'))
     include = list(c.prune.include) or None
     all_masks = magnitude_masks(params, list(c.prune.ratios), scope=c.prune.scope,

@@ -7,7 +7,7 @@ import optax
 import pytest
 from helpers import needs_torch, torch
 
-from sparse_vit_jax.checkpoints import flatten
+from sparse_vit_jax.checkpoints import flatten, unflatten
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import create_model, init_params
 from sparse_vit_jax.pruning import (
@@ -138,6 +138,34 @@ def test_the_configs_gradual_pruning_follows_the_cubic_schedule_in_optimizer_ste
             want = 0.6 * (1 - (1 - min(max((t - 2) / 4, 0), 1)) ** 3)
             np.testing.assert_allclose(sparsity_report(params)['fraction'], want,
                                        atol=1e-4, err_msg=f'update {t}')
+
+
+def test_keep_zeros_keeps_the_starting_zeros_and_frees_an_untrained_tensor():
+    """keep_zeros takes its masks from the weights it is initialised with: their exact zeros
+    in the pool stay zero under AdamW with weight decay, every other pool weight moves, and a
+    pool tensor that is zero throughout (a zero-initialised head) is trained, not frozen."""
+    from sparse_vit_jax.pruning import keep_zeros
+    _, params = random_vit('testing')
+    rng = np.random.default_rng(1)
+    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    pool = flatten(select(params))
+    planted = {k: rng.random(v.shape) < 0.6 for k, v in flat.items() if pool[k]}
+    flat = {k: np.where(planted[k], 0, v) if k in planted else v for k, v in flat.items()}
+    flat['head/kernel'] = np.zeros_like(flat['head/kernel'])
+    tx = keep_zeros(optax.adamw(1e-2, weight_decay=0.1))
+    start = unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+    p, state, step = start, tx.init(start), jax.jit(tx.update)
+    for i in range(3):
+        grads = jax.tree.map(lambda w, i=i: jax.random.normal(jax.random.key(i), w.shape), p)
+        updates, state = step(grads, state, p)
+        p = optax.apply_updates(p, updates)
+    after = {k: np.asarray(v) for k, v in flatten(p).items()}
+    for k, zero in planted.items():
+        if k == 'head/kernel':
+            assert (after[k] != 0).all()
+            continue
+        assert (after[k][zero] == 0).all(), k
+        assert (after[k][~zero] != flat[k][~zero]).all(), k
 
 
 def test_gradual_pruning_schedule():

@@ -298,6 +298,9 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.sparsity.gradual.every_steps=0'], 'sparsity.gradual.every_steps must be > 0'),
     (['--config.sparsity.gradual.sparsity=0.5', '--config.sparsity.gradual.include=("x/.*",)'],
      'matches no parameter'),
+    (['--config.sparsity.keep_zeros=True'], 'keeps the zeros of the starting weights: set'),
+    (['--config.sparsity.keep_zeros=True', '--config.sparsity.gradual.sparsity=0.5',
+      '--config.init_from={d}/w.npz'], 'choose one'),
     (['--config.checkpoint_timeout_s=2147484'], 'checkpoint_timeout_s must be <= 2147483'),
     (['--config.model.hidden_size=100000000000'], 'describe a ViT of about'),
     # 2 blocks x 2 x 32 x 1e8 weights and their SGD momentum: about 97 GiB on every device

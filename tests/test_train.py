@@ -180,6 +180,30 @@ def test_gradual_pruning_while_training_leaves_its_sparsity_in_the_trained_weigh
     assert r['train']['pool_sparsity'] == pytest.approx((w == 0).mean(), abs=1e-6)
 
 
+def test_a_pruned_model_is_fine_tuned_with_its_zeros_kept(tmp_path, run8, data_dir):
+    """sparsity.keep_zeros through the main command: run8's weights pruned at 60% of the pool
+    in numpy (init_from), trained on: every pruned weight is still exactly zero in the written
+    params.npz and the pool's sparsity is unchanged; without it, the zeros move."""
+    from sparse_vit_jax.checkpoints.io import save_npz
+    from sparse_vit_jax.selection import PAPER_POOL, select
+    flat = params(run8)
+    pool = [k for k, chosen in select({k: np.zeros(()) for k in flat}, PAPER_POOL).items()
+            if chosen and k != 'head/kernel']
+    cut = np.quantile(np.abs(np.concatenate([flat[k].ravel() for k in pool])), 0.6)
+    pruned = {k: np.where(np.abs(v) <= cut, 0, v) if k in pool else v for k, v in flat.items()}
+    save_npz(tmp_path / 'pruned.npz', pruned)
+    for keep in (True, False):
+        wd = tmp_path / f'keep_{keep}'
+        out = main_here(wd, *SMOKE, f'--config.init_from={tmp_path / "pruned.npz"}',
+                        f'--config.sparsity.keep_zeros={keep}', '--config.stages=train',
+                        data_dir=data_dir).stdout
+        trained = params(wd)
+        kept = all((trained[k][pruned[k] == 0] == 0).all() for k in pool)
+        assert kept == keep and (trained['head/kernel'] != pruned['head/kernel']).any()
+        assert ('pool sparsity 0.' in out) == keep
+    assert not any((trained[k] == 0).any() for k in pool)  # the control: all of them moved
+
+
 def test_checkpoint_of_an_older_config_schema_still_loads(tmp_path, run8, data_dir):
     old = tmp_path / 'old_run'
     shutil.copytree(run8, old)

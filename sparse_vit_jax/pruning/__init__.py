@@ -6,6 +6,7 @@ from sparse_vit_jax.pruning.keep import (
                                          KeepMasksState,
                                          gradual_pruning,
                                          keep_masks,
+                                         keep_zeros,
                                          polynomial_sparsity,
 )
 from sparse_vit_jax.pruning.masks import (
@@ -15,6 +16,7 @@ from sparse_vit_jax.pruning.masks import (
                                          magnitude_masks,
                                          nm_masks,
                                          sparsity_report,
+                                         zero_masks,
 )
 from sparse_vit_jax.pruning.structured import (
                                          matmul_flops,
@@ -26,8 +28,8 @@ from sparse_vit_jax.pruning.structured import (
                                          unit_scores,
 )
 
-__all__ = ['magnitude_masks', 'nm_masks', 'apply_masks', 'check_masks', 'sparsity_report',
-           'format_report', 'keep_masks', 'gradual_pruning', 'polynomial_sparsity',
-           'KeepMasksState', 'GradualPruningState', 'prune_structured', 'prune_zero_units',
-           'strongest_units', 'remove_units', 'unit_scores', 'nonzero_units', 'matmul_flops',
-           'evaluate_at_ratios', 'weight_stats']
+__all__ = ['magnitude_masks', 'nm_masks', 'zero_masks', 'apply_masks', 'check_masks',
+           'sparsity_report', 'format_report', 'keep_masks', 'keep_zeros', 'gradual_pruning',
+           'polynomial_sparsity', 'KeepMasksState', 'GradualPruningState', 'prune_structured',
+           'prune_zero_units', 'strongest_units', 'remove_units', 'unit_scores',
+           'nonzero_units', 'matmul_flops', 'evaluate_at_ratios', 'weight_stats']

@@ -1,7 +1,8 @@
 """Keeping pruned weights at exactly zero while fine-tuning, and gradual pruning.
 
 `keep_masks(inner, masks)` wraps any optax optimizer. Its state holds the masks,
-so they are checkpointed and sharded with the optimizer state. Gradients of
+so they are checkpointed and sharded with the optimizer state. `keep_zeros(inner)`
+takes its masks from the weights it starts from (their exact zeros). Gradients of
 pruned weights are zeroed before `inner` (no momentum builds up on them) and the
 final update of a pruned weight is -w, so w + update == 0 exactly even if the
 weight was not zero yet (this is the re-application of the masks).
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.pruning.masks import _is_none, check_masks, magnitude_masks
+from sparse_vit_jax.pruning.masks import _is_none, check_masks, magnitude_masks, zero_masks
 
 
 class KeepMasksState(NamedTuple):
@@ -49,11 +50,27 @@ def _final_updates(masks: Any, updates: Any, params: Any) -> Any:
 def keep_masks(inner: optax.GradientTransformation, masks: Any
                ) -> optax.GradientTransformationExtraArgs:
     """Wraps `inner` so that weights where mask is False stay exactly zero."""
+    def masks_of(params: Any) -> Any:
+        check_masks(params, masks)
+        return masks
+
+    return _kept(inner, masks_of)
+
+
+def keep_zeros(inner: optax.GradientTransformation, select: Any = None
+               ) -> optax.GradientTransformationExtraArgs:
+    """`keep_masks` with the masks read from the parameters `init` is given: the selected
+    weights that are exactly zero then (a pruned model being fine-tuned) stay zero.
+    A selected tensor that is zero throughout is left free (`zero_masks`)."""
+    return _kept(inner, lambda params: zero_masks(params, select=select))
+
+
+def _kept(inner: optax.GradientTransformation, masks_of: Any
+          ) -> optax.GradientTransformationExtraArgs:
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> KeepMasksState:
-        check_masks(params, masks)
-        return KeepMasksState(masks=masks, inner=inner.init(params))
+        return KeepMasksState(masks=masks_of(params), inner=inner.init(params))
 
     def update_fn(updates: Any, state: KeepMasksState, params: Any = None, **extra: Any
                   ) -> tuple[Any, KeepMasksState]:

@@ -167,6 +167,15 @@ def magnitude_masks(params: Any, sparsity: float | jax.Array | Sequence[float], 
     return trees if many else trees[0]
 
 
+def zero_masks(params: Any, *, select: Any = None) -> Any:
+    """Keep-masks of the selected weights that are not exactly zero: the masks of weights
+    pruned before (an exported pruned model, a pruned run). A selected tensor with no
+    non-zero entry is kept whole (all True): it was never trained (a zero-initialised
+    classifier), not pruned. select: as for `magnitude_masks`."""
+    flags, chosen, treedef = _selected(params, select)
+    return _assemble(flags, [(w != 0) | ~jnp.any(w != 0) for w in chosen], treedef)
+
+
 def _input_dims(path: str, ndim: int) -> int:
     """How many leading axes of a kernel are its input: 1 for q/k/v (D, H, Dh)."""
     return 1 if path.rsplit('/', 2)[-2] in ('query', 'key', 'value') else ndim - 1
