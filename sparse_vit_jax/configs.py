@@ -22,7 +22,9 @@ import ml_collections as mlc
 from sparse_vit_jax.errors import UserError
 
 STAGES = ('train', 'eval', 'prune')
-SWEEP_VARIANTS = ('baseline', 'attention', 'l1_subgradient', 'l1_proximal')
+PAPER_VARIANTS = ('baseline', 'attention', 'l1_subgradient', 'l1_proximal')
+SWEEP_VARIANTS = (*PAPER_VARIANTS, 'gradual')  # gradual: one cell per ratio, pruned while
+#                                                 training to it (not in the default list)
 WORD_LISTS = ('stages', 'sweep.variants')  # tuples of plain words: 'a,b' is accepted too
 
 
@@ -136,7 +138,7 @@ def base_config() -> mlc.ConfigDict:
     c.prune.include = ()                   # regexes over parameter paths; () = the paper's pool
 
     c.sweep = mlc.ConfigDict()             # python -m sparse_vit_jax.sweep
-    c.sweep.variants = SWEEP_VARIANTS
+    c.sweep.variants = PAPER_VARIANTS        # any of SWEEP_VARIANTS
     c.sweep.seeds = 3
     c.sweep.attention_weight = 0.01        # the paper's lambda
     c.sweep.attention_layers = (-1,)

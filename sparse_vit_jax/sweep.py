@@ -7,7 +7,9 @@ subgradient; L1 proximal) is fine-tuned from the same initial weights with the
 same data order, pruned by global magnitude at every ratio of
 config.prune.ratios (each from its own unpruned weights) and evaluated on the
 whole test split; with config.sweep.finetune_steps > 0 each pruned model is also
-fine-tuned with its masks kept (reported as '<variant>+ft'). Writes
+fine-tuned with its masks kept (reported as '<variant>+ft'). The 'gradual'
+variant (not in the default list) trains one model per ratio instead, pruned
+while training to that ratio (config.sparsity.gradual's schedule). Writes
 results.csv, results.md (the paper's table with mean +- std over seeds) and
 accuracy_vs_sparsity.png. Each (variant, seed) cell lives in
 cells/<variant>_seed<seed>_<fingerprint of its training settings>/ and resumes
@@ -55,29 +57,49 @@ def _l1(mode: str) -> Callable[[Any], None]:
     return apply
 
 
+def _gradual(c: Any) -> None:
+    """Pruned while training to the cell's one ratio; its prune stage evaluates that ratio."""
+    ratio, = c.prune.ratios
+    c.sparsity.gradual.sparsity = ratio
+    c.sweep.finetune_steps = 0  # its masks were kept while it trained
+
+
 VARIANTS: dict[str, Callable[[Any], None]] = {
     'baseline': lambda c: None,
     'attention': _attention,
     'l1_subgradient': _l1('subgradient'),
     'l1_proximal': _l1('proximal'),
+    'gradual': _gradual,
 }
 assert tuple(VARIANTS) == SWEEP_VARIANTS  # the schema's list, validated before any compute
 
 
-def cell_config(c: Any, variant: str, seed: int) -> mlc.ConfigDict:
+def cells_of(c: Any, variant: str) -> list[tuple[str, float | None]]:
+    """(cell name prefix, its ratio) for each model a variant trains per seed: one for the
+    regularisers (every ratio pruned from it: ratio None), one per non-zero ratio for
+    'gradual'."""
+    if variant != 'gradual':
+        return [(variant, None)]
+    return [(f'gradual{r:g}', r) for r in c.prune.ratios if r > 0]
+
+
+def cell_config(c: Any, variant: str, seed: int, ratio: float | None = None
+                ) -> mlc.ConfigDict:
     cell = copy(c)
     cell.seed = seed
     cell.stages = ('train', 'eval', 'prune')
     cell.sparsity.attention.weight = 0.0
     cell.sparsity.l1.weight = 0.0
+    if ratio is not None:
+        cell.prune.ratios = (ratio,)
     VARIANTS[variant](cell)
     return cell
 
 
-def cell_dir(root: epath.Path, cfg: Any, variant: str) -> epath.Path:
-    """cells/<variant>_seed<seed>_<fingerprint of the training settings>: a changed training
+def cell_dir(root: epath.Path, cfg: Any, name: str) -> epath.Path:
+    """cells/<name>_seed<seed>_<fingerprint of the training settings>: a changed training
     config is a new cell, trained from scratch; the old one stays as it was."""
-    return root / 'cells' / f'{variant}_seed{cfg.seed}_{training_fingerprint(cfg)}'
+    return root / 'cells' / f'{name}_seed{cfg.seed}_{training_fingerprint(cfg)}'
 
 
 def _written_for(path: epath.Path, cfg: Any) -> dict[str, Any] | None:
@@ -227,8 +249,13 @@ def _finetuned(path: epath.Path, cfg: Any) -> list[dict[str, Any]]:
 
 
 def collect_rows(cells: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (variant, seed, ratio); a 'gradual' cell gives only its own ratio's row
+    (its unpruned model is already that sparse)."""
     rows = []
     for (variant, seed), r in cells.items():
+        if variant.startswith('gradual'):
+            rows += [{'variant': 'gradual', 'seed': seed, **_cell(p)} for p in r['prune']]
+            continue
         total = r['prune'][0]['total_params'] if r.get('prune') else None
         rows.append({'variant': variant, 'seed': seed, 'ratio': 0.0, **_cell(r['eval']),
                      'pool_sparsity': r['weights']['zero'], 'nonzero_params': None,
@@ -266,7 +293,9 @@ def markdown(rows: list[dict[str, Any]], weights: dict[str, list[dict[str, float
         head += [v, 'diff'] if base else [v]
     lines = [f'Command: `{command}`', '',
              'Top-1 test accuracy (%), mean +- std over seeds; diff = variant - baseline '
-             '(percentage points). Ratio 0 is the unpruned model.', '',
+             '(percentage points). Ratio 0 is the unpruned model.' + (
+                 ' gradual: one model per ratio, pruned while training to that ratio (no '
+                 'unpruned model).' if 'gradual' in s else ''), '',
              '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     fmt = lambda m: f'{100 * m[0]:.2f} +- {100 * m[1]:.2f}'  # noqa: E731
     diffs: dict[str, list[float]] = {v: [] for v in others}
@@ -328,18 +357,25 @@ def run_sweep(c: Any, workdir: Any, command: str = '') -> list[dict[str, Any]]:
     from sparse_vit_jax.configs import validate
     from sparse_vit_jax.train import results as results_io
     validate(c)
+    if c.sparsity.gradual.sparsity > 0:
+        raise UserError('config sparsity.gradual.sparsity is one target for one run; the sweep '
+                        'prunes while training to each ratio in its \'gradual\' variant: set '
+                        'sweep.variants=baseline,gradual (any of them) and leave it 0')
+    plan = [(c.seed + i, v, name, ratio) for i in range(c.sweep.seeds)
+            for v in c.sweep.variants for name, ratio in cells_of(c, v)]
+    for seed, v, _, ratio in plan:  # every cell's config, before any compute
+        validate(cell_config(c, v, seed, ratio))
     workdir = check_workdir(workdir)  # local or gs://
     cells, weights = {}, {}
     from sparse_vit_jax.train import signals
-    for i in range(c.sweep.seeds):
-        for v in c.sweep.variants:
-            signals.check('between sweep cells (finished cells are kept)')
-            seed = c.seed + i
-            cfg = cell_config(c, v, seed)
-            r = run_cell(cfg, cell_dir(workdir, cfg, v))
-            cells[(v, seed)] = r
+    for seed, v, name, ratio in plan:
+        signals.check('between sweep cells (finished cells are kept)')
+        cfg = cell_config(c, v, seed, ratio)
+        r = run_cell(cfg, cell_dir(workdir, cfg, name))
+        cells[(name, seed)] = r
+        if ratio is None:  # a gradual cell's weights are as sparse as its ratio
             weights.setdefault(v, []).append(r['weights'])
-            log(f'[sweep] {v} seed {seed}: accuracy {r["eval"]["accuracy"]:.4f}')
+        log(f'[sweep] {name} seed {seed}: accuracy {r["eval"]["accuracy"]:.4f}')
     rows = collect_rows(cells)
     results_io.write_csv(workdir / 'results.csv', rows)
     results_io.write_text(workdir / 'results.md', markdown(rows, weights, command))
