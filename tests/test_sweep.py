@@ -145,6 +145,36 @@ def test_cell_killed_during_finetuning_is_finished_on_rerun(tmp_path):
     assert {x['variant'] for x in rows} == {'baseline', 'baseline+ft'}
 
 
+@pytest.mark.slow  # two trainings, each compiled for its own ratio: ~40 s
+def test_the_gradual_variant_trains_one_model_per_ratio_pruned_to_it(tmp_path, data_dir):
+    """'gradual': a cell per non-zero ratio, each trained to that pool sparsity (counted in
+    numpy over its params.npz), giving that ratio's row only; the config's own gradual
+    target is refused, before any cell, with the variant to use instead."""
+    from sparse_vit_jax.errors import UserError
+    from sparse_vit_jax.selection import PAPER_POOL, select
+    c = tiny_sweep_config(tmp_path)
+    c.data.data_dir = str(data_dir)
+    c.sweep.variants, c.sweep.seeds, c.prune.ratios = ('gradual',), 1, (0.0, 0.5, 0.8)
+    c.num_steps, c.sparsity.gradual.every_steps = 8, 3
+    rows = run_sweep(c, tmp_path / 'run', 'test')
+    cells = {p.name.split('_')[0]: p for p in (tmp_path / 'run' / 'cells').iterdir()}
+    assert sorted(cells) == ['gradual0.5', 'gradual0.8']
+    assert [(r['ratio'], r['pool_sparsity']) for r in rows if r['variant'] == 'gradual'] == [
+        (0.5, pytest.approx(0.5, abs=1e-4)), (0.8, pytest.approx(0.8, abs=1e-4))]
+    for ratio in (0.5, 0.8):
+        flat = dict(np.load(cells[f'gradual{ratio:g}'] / 'params.npz'))
+        pool = [k for k, chosen in select({k: np.zeros(()) for k in flat}, PAPER_POOL).items()
+                if chosen]
+        w = np.concatenate([flat[k].ravel() for k in pool])
+        np.testing.assert_allclose((w == 0).mean(), ratio, atol=1e-4)
+    md = (tmp_path / 'run' / 'results.md').read_text()
+    assert '| 0.5 |' in md and '| 0.0 |' not in md  # no unpruned model
+    c.sparsity.gradual.sparsity = 0.5
+    with pytest.raises(UserError, match='set sweep.variants=baseline,gradual'):
+        run_sweep(c, tmp_path / 'other', 'test')
+    assert not (tmp_path / 'other').exists()
+
+
 def test_sweep_stops_between_cells_on_a_signal(tmp_path, monkeypatch):
     """A stop signal that arrived while a cell finished stops the sweep before the next."""
     from sparse_vit_jax.errors import Stopped
