@@ -361,21 +361,20 @@ def run_sweep(c: Any, workdir: Any, command: str = '') -> list[dict[str, Any]]:
         raise UserError('config sparsity.gradual.sparsity is one target for one run; the sweep '
                         'prunes while training to each ratio in its \'gradual\' variant: set '
                         'sweep.variants=baseline,gradual (any of them) and leave it 0')
-    plan = [(c.seed + i, v, name, ratio) for i in range(c.sweep.seeds)
+    plan = [(v, name, cell_config(c, v, c.seed + i, ratio)) for i in range(c.sweep.seeds)
             for v in c.sweep.variants for name, ratio in cells_of(c, v)]
-    for seed, v, _, ratio in plan:  # every cell's config, before any compute
-        validate(cell_config(c, v, seed, ratio))
+    for *_, cfg in plan:  # every cell's config, before any compute
+        validate(cfg)
     workdir = check_workdir(workdir)  # local or gs://
     cells, weights = {}, {}
     from sparse_vit_jax.train import signals
-    for seed, v, name, ratio in plan:
+    for v, name, cfg in plan:
         signals.check('between sweep cells (finished cells are kept)')
-        cfg = cell_config(c, v, seed, ratio)
         r = run_cell(cfg, cell_dir(workdir, cfg, name))
-        cells[(name, seed)] = r
-        if ratio is None:  # a gradual cell's weights are as sparse as its ratio
+        cells[(name, cfg.seed)] = r
+        if name == v:  # not a gradual cell, whose weights are as sparse as its ratio
             weights.setdefault(v, []).append(r['weights'])
-        log(f'[sweep] {name} seed {seed}: accuracy {r["eval"]["accuracy"]:.4f}')
+        log(f'[sweep] {name} seed {cfg.seed}: accuracy {r["eval"]["accuracy"]:.4f}')
     rows = collect_rows(cells)
     results_io.write_csv(workdir / 'results.csv', rows)
     results_io.write_text(workdir / 'results.md', markdown(rows, weights, command))
