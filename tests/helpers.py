@@ -111,6 +111,13 @@ def params(workdir: Path) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
+def pool_keys(flat: dict[str, np.ndarray]) -> list[str]:
+    """The names of a flat parameter dict that the paper's pruning pool selects."""
+    from sparse_vit_jax.selection import PAPER_POOL, select
+    return [k for k, chosen in select({k: np.zeros(()) for k in flat}, PAPER_POOL).items()
+            if chosen]
+
+
 # The last process alone cannot write files over 100 kB from its second checkpoint on; it
 # says what the Checkpointer reports, then resumes and saves once more without the limit.
 FAILING_WRITE = '''

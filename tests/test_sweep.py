@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import config_file
+from helpers import config_file, pool_keys
 from PIL import Image
 
 from sparse_vit_jax.configs import apply_smoke
@@ -151,7 +151,6 @@ def test_the_gradual_variant_trains_one_model_per_ratio_pruned_to_it(tmp_path, d
     numpy over its params.npz), giving that ratio's row only; the config's own gradual
     target is refused, before any cell, with the variant to use instead."""
     from sparse_vit_jax.errors import UserError
-    from sparse_vit_jax.selection import PAPER_POOL, select
     c = tiny_sweep_config(tmp_path)
     c.data.data_dir = str(data_dir)
     c.sweep.variants, c.sweep.seeds, c.prune.ratios = ('gradual',), 1, (0.0, 0.5, 0.8)
@@ -163,9 +162,7 @@ def test_the_gradual_variant_trains_one_model_per_ratio_pruned_to_it(tmp_path, d
         (0.5, pytest.approx(0.5, abs=1e-4)), (0.8, pytest.approx(0.8, abs=1e-4))]
     for ratio in (0.5, 0.8):
         flat = dict(np.load(cells[f'gradual{ratio:g}'] / 'params.npz'))
-        pool = [k for k, chosen in select({k: np.zeros(()) for k in flat}, PAPER_POOL).items()
-                if chosen]
-        w = np.concatenate([flat[k].ravel() for k in pool])
+        w = np.concatenate([flat[k].ravel() for k in pool_keys(flat)])
         np.testing.assert_allclose((w == 0).mean(), ratio, atol=1e-4)
     md = (tmp_path / 'run' / 'results.md').read_text()
     assert '| 0.5 |' in md and '| 0.0 |' not in md  # no unpruned model

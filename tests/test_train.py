@@ -19,6 +19,7 @@ from helpers import (
     main_here,
     needs_torch,
     params,
+    pool_keys,
     results,
     run_main,
     torch,
@@ -167,14 +168,12 @@ def test_gradual_pruning_while_training_leaves_its_sparsity_in_the_trained_weigh
     """sparsity.gradual through the main command: the trained pool is at the final sparsity
     (counted in numpy over the written params.npz), and the train log's pool sparsity says so
     (the schedule itself: tests/test_pruning.py)."""
-    from sparse_vit_jax.selection import PAPER_POOL, select
     wd = tmp_path / 'gradual'
     main_here(wd, *SMOKE, '--config.sparsity.gradual.sparsity=0.6',
               '--config.sparsity.gradual.end=0.5', '--config.sparsity.gradual.every_steps=1',
               '--config.stages=train', data_dir=data_dir)
     flat = params(wd)
-    pool = select({k: np.zeros(()) for k in flat}, PAPER_POOL)
-    w = np.concatenate([flat[k].ravel() for k, chosen in pool.items() if chosen])
+    w = np.concatenate([flat[k].ravel() for k in pool_keys(flat)])
     np.testing.assert_allclose((w == 0).mean(), 0.6, atol=1e-4)
     r = results(wd)
     assert r['train']['pool_sparsity'] == pytest.approx((w == 0).mean(), abs=1e-6)
@@ -185,10 +184,8 @@ def test_a_pruned_model_is_fine_tuned_with_its_zeros_kept(tmp_path, run8, data_d
     in numpy (init_from), trained on: every pruned weight is still exactly zero in the written
     params.npz and the pool's sparsity is unchanged; without it, the zeros move."""
     from sparse_vit_jax.checkpoints.io import save_npz
-    from sparse_vit_jax.selection import PAPER_POOL, select
     flat = params(run8)
-    pool = [k for k, chosen in select({k: np.zeros(()) for k in flat}, PAPER_POOL).items()
-            if chosen and k != 'head/kernel']
+    pool = [k for k in pool_keys(flat) if k != 'head/kernel']
     cut = np.quantile(np.abs(np.concatenate([flat[k].ravel() for k in pool])), 0.6)
     pruned = {k: np.where(np.abs(v) <= cut, 0, v) if k in pool else v for k, v in flat.items()}
     save_npz(tmp_path / 'pruned.npz', pruned)
