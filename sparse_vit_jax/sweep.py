@@ -248,12 +248,13 @@ def _finetuned(path: epath.Path, cfg: Any) -> list[dict[str, Any]]:
     return rows[:n]
 
 
-def collect_rows(cells: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (variant, seed, ratio); a 'gradual' cell gives only its own ratio's row
-    (its unpruned model is already that sparse)."""
+def collect_rows(cells: list[tuple[str, int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (variant, seed, ratio) from each cell's (variant, seed, results); a
+    'gradual' cell gives only its own ratio's row (its unpruned model is already that
+    sparse)."""
     rows = []
-    for (variant, seed), r in cells.items():
-        if variant.startswith('gradual'):
+    for variant, seed, r in cells:
+        if variant == 'gradual':
             rows += [{'variant': 'gradual', 'seed': seed, **_cell(p)} for p in r['prune']]
             continue
         total = r['prune'][0]['total_params'] if r.get('prune') else None
@@ -366,13 +367,13 @@ def run_sweep(c: Any, workdir: Any, command: str = '') -> list[dict[str, Any]]:
     for *_, cfg in plan:  # every cell's config, before any compute
         validate(cfg)
     workdir = check_workdir(workdir)  # local or gs://
-    cells, weights = {}, {}
+    cells, weights = [], {}
     from sparse_vit_jax.train import signals
     for v, name, cfg in plan:
         signals.check('between sweep cells (finished cells are kept)')
         r = run_cell(cfg, cell_dir(workdir, cfg, name))
-        cells[(name, cfg.seed)] = r
-        if name == v:  # not a gradual cell, whose weights are as sparse as its ratio
+        cells.append((v, cfg.seed, r))
+        if v != 'gradual':  # not a gradual cell, whose weights are as sparse as its ratio
             weights.setdefault(v, []).append(r['weights'])
         log(f'[sweep] {name} seed {cfg.seed}: accuracy {r["eval"]["accuracy"]:.4f}')
     rows = collect_rows(cells)
