@@ -154,6 +154,21 @@ def test_safetensors(tmp_path):
 
 
 @needs_torch
+def test_a_torch_file_of_another_width_is_refused_with_its_shape(tmp_path):
+    """Torch files hold no config: weights with narrower MLPs than the model are refused on
+    the first misshapen parameter, with the shape the weights hold (to set in the config)."""
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=48, image_size=16, patch_size=4, num_labels=5)
+    torch.save(transformers.ViTForImageClassification(cfg).state_dict(), tmp_path / 'w.pth')
+    with pytest.raises(UserError, match=r'MlpBlock_0/Dense_0/bias has shape \(48,\), the model '
+                       r'expects \(64,\).*\(the weights: 2 blocks, hidden size 32, MLP units 48, '
+                       r'patch size 4\)$'):
+        ours(tmp_path / 'w.pth', 'testing', 16, 'hf')
+    model = create_model('testing', num_classes=5, mlp_dim=48)  # the config's fix
+    load_pretrained(tmp_path / 'w.pth', init_params(model, 16))
+
+
+@needs_torch
 def test_checkpoint_source_names_the_layout_without_reading_tensors(tmp_path):
     """The numerics that 'auto' takes from a weights file, from its names: the same source
     as reading it whole, for every torch layout, both torch serialisations (the zip one is

@@ -119,17 +119,35 @@ def _fresh(leaf: Any) -> np.ndarray:
 
 
 def check_tree(got: dict[str, Any], want: dict[str, Any], what: str) -> None:
-    """Raises UserError naming the first key (sorted) that is missing, extra or misshapen."""
+    """Raises UserError naming the first key (sorted) that is missing, extra or misshapen,
+    and the shape of the model the weights hold (to set in the config)."""
     for k in sorted(set(got) | set(want)):
         if k not in got:
-            raise UserError(f'{what}: missing parameter {k} (expected shape '
-                            f'{tuple(want[k].shape)}); is it a checkpoint of another model?')
-        if k not in want:
-            raise UserError(f'{what}: unexpected parameter {k} (shape {tuple(got[k].shape)}) '
-                            'that the model does not have; is it a checkpoint of another model?')
-        if tuple(got[k].shape) != tuple(want[k].shape):
-            raise UserError(f'{what}: {k} has shape {tuple(got[k].shape)}, the model expects '
-                            f'{tuple(want[k].shape)}; is it a checkpoint of another variant?')
+            problem = (f'missing parameter {k} (expected shape {tuple(want[k].shape)}); is it '
+                       'a checkpoint of another model?')
+        elif k not in want:
+            problem = (f'unexpected parameter {k} (shape {tuple(got[k].shape)}) that the model '
+                       'does not have; is it a checkpoint of another model?')
+        elif tuple(got[k].shape) != tuple(want[k].shape):
+            problem = (f'{k} has shape {tuple(got[k].shape)}, the model expects '
+                       f'{tuple(want[k].shape)}; is it a checkpoint of another variant?')
+        else:
+            continue
+        raise UserError(f'{what}: {problem}{model_of(got)}')
+
+
+def model_of(flat: dict[str, Any]) -> str:
+    """' (the weights: <layers>, hidden size, MLP units, patch size)', or '' where the
+    blocks are not all there. Heads are read only from official-layout weights (torch
+    files are split into the config's head count)."""
+    widths = block_widths(flat)
+    embed = flat.get('embedding/kernel')
+    if widths is None or embed is None or len(embed.shape) != 4:
+        return ''
+    mlp = set(widths['mlp_dim'])
+    mlp_text = str(mlp.pop()) if len(mlp) == 1 else str(list(widths['mlp_dim']))
+    return (f' (the weights: {len(widths["mlp_dim"])} blocks, hidden size {embed.shape[3]}, '
+            f'MLP units {mlp_text}, patch size {embed.shape[0]})')
 
 
 def save_params(path: str | os.PathLike, params: Any) -> None:
