@@ -73,10 +73,43 @@ def prepare(config: Any) -> Any:
     validate(normalize(config))
     retain_for_config(config)  # before JAX starts its threads
     skip_tpu_without_chips()  # before JAX starts its backends
+    import_quietly('tensorflow')  # the input pipeline's
     from sparse_vit_jax.train.distributed import maybe_initialize
     logging.set_verbosity(logging.WARNING)  # keep TFDS/orbax chatter off the progress lines
     maybe_initialize()
     return config
+
+
+# What TensorFlow's C++ logging prints while it is imported, before absl's logging is set up
+# (so TF_CPP_MIN_LOG_LEVEL does not reach it): two info lines, each printed twice.
+IMPORT_NOISE = ('All log messages before absl::InitializeLog() is called',
+                'oneDNN custom operations are on')
+
+
+def import_quietly(module: str, noise: tuple[str, ...] = IMPORT_NOISE) -> None:
+    """Imports `module` with the lines of its import's output (file descriptor 2, where C++
+    libraries write) that contain a `noise` string left out, unless TF_CPP_MIN_LOG_LEVEL
+    asks for info lines (0); every other line is passed on to stderr, also when the import
+    fails."""
+    import importlib
+    if module in sys.modules or os.environ.get('TF_CPP_MIN_LOG_LEVEL', '0') == '0':
+        importlib.import_module(module)
+        return
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            importlib.import_module(module)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            lines = f.read().decode(errors='replace').splitlines(keepends=True)
+            sys.stderr.write(''.join(x for x in lines if not any(n in x for n in noise)))
+            sys.stderr.flush()
 
 
 def _no_tpu_chip() -> None:

@@ -1,4 +1,5 @@
-"""The two CPU speed fixes change speed only: same random bits, same results, memory kept."""
+"""Host settings: the two CPU speed fixes change speed only (same random bits, same results,
+memory kept), and the commands start without other libraries' noise."""
 
 import importlib.util
 import json
@@ -220,6 +221,44 @@ def test_export_and_convert_do_not_start_libtpu_either(tmp_path):
                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert r.returncode == 0 and r.stdout.startswith('wrote '), r.stderr[-2000:]
         assert 'TPU' not in r.stderr, r.stderr[-2000:]
+
+
+def test_import_noise_is_left_out_and_other_output_passed_on(tmp_path, monkeypatch, capfd):
+    """Lines with a noise string written to file descriptor 2 during an import are dropped,
+    the others kept, also when the import fails; TF_CPP_MIN_LOG_LEVEL=0 keeps them all."""
+    for name, tail in (('noisy_ok', ''), ('noisy_bad', 'raise ValueError("broken")\n')):
+        (tmp_path / f'{name}.py').write_text(
+            'import os\n'
+            f'os.write(2, b"I port.cc] NOISE one\\nreal warning from {name}\\nNOISE two\\n")\n'
+            + tail)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '2')
+    cli.import_quietly('noisy_ok', noise=('NOISE',))
+    with pytest.raises(ValueError, match='broken'):
+        cli.import_quietly('noisy_bad', noise=('NOISE',))
+    err = capfd.readouterr().err
+    assert err == 'real warning from noisy_ok\nreal warning from noisy_bad\n', err
+    monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '0')
+    sys.modules.pop('noisy_ok')
+    cli.import_quietly('noisy_ok', noise=('NOISE',))
+    assert capfd.readouterr().err.count('NOISE') == 2
+
+
+def test_tensorflow_imports_without_its_info_lines():
+    """TensorFlow prints info lines at import that TF_CPP_MIN_LOG_LEVEL does not reach (on
+    this x86-64 host: oneDNN's, each twice); the commands' import leaves them out."""
+    code = ('import os, sys; os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"\n'
+            'from sparse_vit_jax import cli\n'
+            'if sys.argv[1] == "quiet": cli.import_quietly("tensorflow")\n'
+            'else: import tensorflow')
+    err = {}
+    for mode in ('plain', 'quiet'):
+        r = subprocess.run([sys.executable, '-c', code, mode], capture_output=True, text=True,
+                           cwd=ROOT, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        err[mode] = r.stderr
+    assert any(n in err['plain'] for n in cli.IMPORT_NOISE), err['plain']  # what it is for
+    assert err['quiet'] == '', err['quiet']
 
 
 def test_auto_keeps_memory_for_vit_steps_not_for_the_digits_default():
