@@ -244,6 +244,7 @@ def test_import_noise_is_left_out_and_other_output_passed_on(tmp_path, monkeypat
     assert capfd.readouterr().err.count('NOISE') == 2
 
 
+@pytest.mark.slow  # two fresh TensorFlow imports: ~20 s
 def test_tensorflow_imports_without_its_info_lines():
     """TensorFlow prints info lines at import that TF_CPP_MIN_LOG_LEVEL does not reach (on
     this x86-64 host: oneDNN's, each twice); the commands' import leaves them out."""
