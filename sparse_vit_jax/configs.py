@@ -487,12 +487,14 @@ def validate(c: Any) -> None:
 
 
 def apply_smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
-    """A quick CPU run of any config: the tiny `testing` model, a few steps, no weights."""
+    """A quick CPU run of any config: the tiny `testing` model, a few steps, no pretrained
+    weights (so no zeros of theirs to keep)."""
     c = copy(c)
     c.model.name, c.model.image_size = 'testing', 32
     for k in ('hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'patch_size'):
         c.model[k] = 0
     c.pretrained, c.batch_size, c.eval_batch_size = '', 8, 16
+    c.sparsity.keep_zeros = c.sparsity.keep_zeros and bool(c.init_from)
     c.num_steps, c.schedule.warmup_steps = 6, 2
     c.checkpoint_every_steps, c.log_every_steps = 3, 2
     c.data.shuffle_buffer = min(c.data.shuffle_buffer, 256)

@@ -16,6 +16,7 @@ from helpers import (
     ROOT,
     SMOKE,
     FakeDevice,
+    config_file,
     main_here,
     needs_torch,
     params,
@@ -25,7 +26,7 @@ from helpers import (
     torch,
 )
 
-from sparse_vit_jax.configs import base_config, from_saved, validate
+from sparse_vit_jax.configs import apply_smoke, base_config, from_saved, validate
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.train.schedules import onecycle
 
@@ -272,6 +273,19 @@ def test_config_is_locked_and_typed():
     c.prune.include = (r'encoderblock_\d{1,2}/.*',)  # a comma inside a regex stays one regex
     validate(c)
     assert len(c.prune.include) == 1
+
+
+def test_smoke_turns_a_valid_config_into_a_valid_one():
+    """Smoke drops the pretrained weights, and with them the zeros a fine-tuning of a pruned
+    model keeps (unless the run starts from init_from, which smoke keeps)."""
+    c = config_file('digits')
+    c.pretrained, c.sparsity.keep_zeros = 'pruned/params.npz', True
+    validate(c)
+    smoke = apply_smoke(c)
+    validate(smoke)
+    assert (smoke.pretrained, smoke.sparsity.keep_zeros) == ('', False)
+    c.pretrained, c.init_from = '', 'pruned/params.npz'
+    assert apply_smoke(c).sparsity.keep_zeros
 
 
 @needs_torch
