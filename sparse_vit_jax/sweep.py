@@ -364,8 +364,11 @@ def run_sweep(c: Any, workdir: Any, command: str = '') -> list[dict[str, Any]]:
                         'sweep.variants=baseline,gradual (any of them) and leave it 0')
     plan = [(v, name, cell_config(c, v, c.seed + i, ratio)) for i in range(c.sweep.seeds)
             for v in c.sweep.variants for name, ratio in cells_of(c, v)]
-    for *_, cfg in plan:  # every cell's config, before any compute
-        validate(cfg)
+    for v, _, cfg in plan:  # every cell's config, before any compute
+        try:
+            validate(cfg)
+        except UserError as e:  # what the variant set, with the user's settings
+            raise UserError(f'sweep variant {v!r} (its settings with the config\'s): {e}') from None
     workdir = check_workdir(workdir)  # local or gs://
     cells, weights = [], {}
     from sparse_vit_jax.train import signals

@@ -172,6 +172,19 @@ def test_the_gradual_variant_trains_one_model_per_ratio_pruned_to_it(tmp_path, d
     assert not (tmp_path / 'other').exists()
 
 
+def test_a_variant_that_conflicts_with_the_config_is_named_before_any_cell(tmp_path):
+    """The gradual variant's pruning while training excludes keep_zeros: the refusal names the
+    variant (the user set no gradual target), and nothing is written."""
+    from sparse_vit_jax.errors import UserError
+    c = tiny_sweep_config(tmp_path)
+    c.pretrained, c.sparsity.keep_zeros = str(tmp_path / 'pruned.npz'), True
+    c.sweep.variants = ('baseline', 'gradual')
+    with pytest.raises(UserError, match=r"^sweep variant 'gradual' .*sparsity.keep_zeros and "
+                       r'sparsity.gradual.sparsity > 0 both set'):
+        run_sweep(c, tmp_path / 'run', 'test')
+    assert not (tmp_path / 'run').exists()
+
+
 def test_sweep_stops_between_cells_on_a_signal(tmp_path, monkeypatch):
     """A stop signal that arrived while a cell finished stops the sweep before the next."""
     from sparse_vit_jax.errors import Stopped
