@@ -275,11 +275,16 @@ class Experiment:
         model = build_model(c, source.num_classes, numerics, mesh, widths)
         abstract = jax.eval_shape(lambda: _init_params(model, c, jax.random.PRNGKey(0)))
         # Selection regexes that match nothing fail here, on shapes, before any compute.
-        select(abstract, _pool(c))
-        if c.sparsity.l1.weight > 0 and c.sparsity.l1.include:
-            select(abstract, list(c.sparsity.l1.include))
-        if c.sparsity.gradual.sparsity > 0 and c.sparsity.gradual.include:
-            select(abstract, list(c.sparsity.gradual.include))
+        used = {'prune.include': _pool(c),
+                'sparsity.l1.include': c.sparsity.l1.weight > 0 and c.sparsity.l1.include,
+                'sparsity.gradual.include': (c.sparsity.gradual.sparsity > 0
+                                             and c.sparsity.gradual.include)}
+        for key, patterns in used.items():
+            try:
+                if patterns:
+                    select(abstract, list(patterns))
+            except UserError as e:
+                raise UserError(f'config {key}: {e}') from None
         shardings = state_shardings(abstract, mesh, c.mesh.fsdp)
         return cls(c, epath.Path(workdir), mesh, model, numerics, source, abstract, shardings,
                    widths)

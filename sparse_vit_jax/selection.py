@@ -55,9 +55,9 @@ def select(params: Any, include: Patterns = PAPER_POOL, exclude: Patterns = None
 
     chosen = jax.tree_util.tree_map_with_path(pick, params)
     if not any(jax.tree.leaves(chosen)):
-        raise UserError(f'parameter selection {include!r} (exclude {exclude!r}) matches no '
-                        'parameter; paths look like Transformer/encoderblock_0/MlpBlock_0/'
-                        'Dense_0/kernel')
+        but = f' (exclude {exclude!r})' if exclude else ''
+        raise UserError(f'parameter selection {include!r}{but} matches no parameter; paths '
+                        'look like Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel')
     return chosen
 
 
