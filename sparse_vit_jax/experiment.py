@@ -26,7 +26,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from sparse_vit_jax.checkpoints import block_widths, load_pretrained, save_params
-from sparse_vit_jax.checkpoints.io import directory_message, npz_shapes
+from sparse_vit_jax.checkpoints.io import checkpoint_shapes, directory_message
 from sparse_vit_jax.configs import model_shape, training_differences, validate
 from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
 from sparse_vit_jax.errors import UserError
@@ -145,9 +145,9 @@ def start_widths(c: Any, workdir: Any) -> dict[str, tuple[int, ...]]:
     or a run fine-tuned from one) is built with its own widths; {} for the config's model.
 
     Read from the workdir's own checkpoints when training resumes, else from `init_from`'s
-    run, else from the `.npz` weights' array headers (torch files hold one width per model:
-    set it in the config). Widths that do not fit the config (other depth, head size) are
-    left to the weights' loading, which names the first misshapen parameter."""
+    run, else from the weights file's shapes, no tensor read (torch files hold one MLP width
+    for all blocks, and the config's heads). Widths that do not fit the config (other depth,
+    head size) are left to the weights' loading, which names the first misshapen parameter."""
     if 'train' in c.stages and _has_checkpoints(workdir):
         return _widths_of(_run_meta(workdir))
     start = (c.pretrained or c.init_from) if 'train' in c.stages else c.init_from
@@ -155,10 +155,9 @@ def start_widths(c: Any, workdir: Any) -> dict[str, tuple[int, ...]]:
         return {}
     if is_run_dir(start):
         return _widths_of(_run_meta(start))
-    if not str(start).lower().endswith('.npz'):
-        return {}
-    found = block_widths(everywhere(lambda: npz_shapes(start), lambda i: _not_read(i, start)))
     shape = model_shape(c)
+    found = block_widths(everywhere(lambda: checkpoint_shapes(start, shape['num_heads']),
+                                    lambda i: _not_read(i, start)))
     if (found is None or len(found['num_heads']) != shape['num_layers']
             or found['head_dim'] != head_width(c)):
         return {}

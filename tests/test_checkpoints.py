@@ -155,8 +155,9 @@ def test_safetensors(tmp_path):
 
 @needs_torch
 def test_a_torch_file_of_another_width_is_refused_with_its_shape(tmp_path):
-    """Torch files hold no config: weights with narrower MLPs than the model are refused on
-    the first misshapen parameter, with the shape the weights hold (to set in the config)."""
+    """Weights with narrower MLPs than the model they are loaded onto are refused on the first
+    misshapen parameter, with the shape the weights hold (the main command builds its model
+    at the file's widths: tests/test_train.py)."""
     cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                  intermediate_size=48, image_size=16, patch_size=4, num_labels=5)
     torch.save(transformers.ViTForImageClassification(cfg).state_dict(), tmp_path / 'w.pth')
@@ -166,6 +167,57 @@ def test_a_torch_file_of_another_width_is_refused_with_its_shape(tmp_path):
         ours(tmp_path / 'w.pth', 'testing', 16, 'hf')
     model = create_model('testing', num_classes=5, mlp_dim=48)  # the config's fix
     load_pretrained(tmp_path / 'w.pth', init_params(model, 16))
+
+
+@needs_torch
+def test_checkpoint_shapes_are_the_read_arrays_shapes_without_reading_them(tmp_path):
+    """The shapes that the main command builds its model from (per-block widths), without
+    reading a tensor: those of the arrays that reading the file whole gives, for every torch
+    layout, safetensors and our .npz, here with narrower MLPs than the variant's; a file
+    that cannot be read so (the legacy torch format, a damaged file) gives {}."""
+    from safetensors.torch import save_file
+
+    from sparse_vit_jax.checkpoints import block_widths
+    from sparse_vit_jax.checkpoints.io import checkpoint_shapes, read_checkpoint
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=48, image_size=16, patch_size=4, num_labels=5)
+    sd = transformers.ViTForImageClassification(cfg).state_dict()
+    files = {'hf.pth': sd, 'timm.pth': hf_to_timm(sd, 2),
+             'asyml.pth': {'state_dict': hf_to_asyml(sd, 2, 2)}}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+    save_file({k: t.contiguous() for k, t in sd.items()}, tmp_path / 'hf.safetensors')
+    flat, _ = read_checkpoint(tmp_path / 'hf.pth', 2)
+    save_npz(tmp_path / 'ours.npz', flat)
+    for name in (*files, 'hf.safetensors', 'ours.npz'):
+        want = {k: v.shape for k, v in read_checkpoint(tmp_path / name, 2)[0].items()}
+        got = checkpoint_shapes(tmp_path / name, 2)
+        assert got == want, name
+        assert block_widths(got) == {'num_heads': (2, 2), 'mlp_dim': (48, 48), 'head_dim': 16}
+    torch.save(sd, tmp_path / 'legacy.pth', _use_new_zipfile_serialization=False)
+    (tmp_path / 'cut.pth').write_bytes((tmp_path / 'hf.pth').read_bytes()[:1000])
+    assert checkpoint_shapes(tmp_path / 'legacy.pth', 2) == {}
+    assert checkpoint_shapes(tmp_path / 'cut.pth', 2) == {}
+
+
+@needs_torch
+def test_convert_keeps_the_narrower_widths_of_a_torch_file(tmp_path):
+    """A torch file with narrower MLPs than the named variant converts at its own widths, said
+    in the message, and our model at those widths gives PyTorch's logits."""
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=48, image_size=16, patch_size=4, num_labels=5,
+                                 layer_norm_eps=1e-12, hidden_act='gelu')
+    torch.manual_seed(0)
+    m = transformers.ViTForImageClassification(cfg).eval()
+    torch.save(m.state_dict(), tmp_path / 'w.pth')
+    said = convert.convert(str(tmp_path / 'w.pth'), str(tmp_path / 'w.npz'), 'testing')
+    assert 'heads per block [2, 2], MLP units per block [48, 48]' in said
+    model = create_model('testing', num_classes=5, mlp_dim=(48, 48), num_heads=(2, 2),
+                         head_dim=16, **NUMERICS['hf'])
+    params, _ = load_pretrained(tmp_path / 'w.npz', init_params(model, 16))
+    x = images(16)
+    np.testing.assert_allclose(model.apply({'params': params}, x), torch_logits(m, x),
+                               atol=1e-4)
 
 
 @needs_torch

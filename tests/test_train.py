@@ -164,6 +164,37 @@ def test_a_structured_export_is_evaluated_fine_tuned_and_resumed_at_its_own_widt
     assert results(tmp_path / 'from_run')['eval'] == results(ft)['eval']
 
 
+@pytest.mark.slow  # two runs of the main command
+@needs_torch
+def test_a_torch_file_with_narrower_mlps_is_evaluated_at_its_own_widths(tmp_path, data_dir):
+    """A HuggingFace file whose MLPs are narrower than the config's (an `export --format hf
+    --structured` model, say) is evaluated at its widths, without a config change: as the
+    reference, the same weights with the missing units as zeros in the config's widths."""
+    import transformers
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=48, image_size=32, patch_size=4, num_labels=10)
+    torch.manual_seed(0)
+    sd = transformers.ViTForImageClassification(cfg).state_dict()
+    torch.save(sd, tmp_path / 'narrow.pth')
+    padded = dict(sd)
+    for k, t in sd.items():  # 16 units of zeros: fc1 rows and biases, fc2 columns (only
+        if t.shape[0] == 48:  # the MLP has a dimension of 48)
+            padded[k] = torch.cat([t, torch.zeros((16, *t.shape[1:]))])
+        elif t.ndim == 2 and t.shape[1] == 48:
+            padded[k] = torch.cat([t, torch.zeros((t.shape[0], 16))], dim=1)
+    torch.save(padded, tmp_path / 'padded.pth')
+    for name in ('narrow', 'padded'):
+        out = main_here(tmp_path / name, *SMOKE, f'--config.init_from={tmp_path / name}.pth',
+                        '--config.stages=eval', '--config.model.numerics=auto',
+                        data_dir=data_dir).stdout
+        assert ('MLP units per block [48, 48]' in out) == (name == 'narrow'), out
+    narrow, padded = results(tmp_path / 'narrow'), results(tmp_path / 'padded')
+    assert narrow['widths'] == {'num_heads': [2, 2], 'mlp_dim': [48, 48]}
+    assert 'widths' not in padded
+    assert narrow['eval']['accuracy'] == padded['eval']['accuracy']
+    np.testing.assert_allclose(narrow['eval']['loss'], padded['eval']['loss'], rtol=1e-5)
+
+
 def test_gradual_pruning_while_training_leaves_its_sparsity_in_the_trained_weights(
         tmp_path, data_dir):
     """sparsity.gradual through the main command: the trained pool is at the final sparsity

@@ -194,31 +194,54 @@ def read_checkpoint(path: str | os.PathLike, num_heads: int) -> tuple[Flat, str]
     return layouts.to_official(sd, layout, num_heads), layout
 
 
-def checkpoint_source(path: str | os.PathLike) -> str:
-    """What `read_checkpoint(path, ...)` reports as the source, from the file's names alone:
-    a torch file is memory-mapped and a safetensors file's header read, so no tensor is
-    loaded (a ViT-B/16 file is 330 MB). A file that cannot be read that way is read whole,
-    for `read_checkpoint`'s errors."""
-    path = Path(path)
+def _torch_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """{torch name: shape} of a torch file (memory-mapped) or a safetensors file (its
+    header), no tensor read; None where the file cannot be read so (an old torch format, a
+    damaged file, no torch installed: reading it whole says why)."""
     suffix = path.suffix.lower()
-    if suffix == '.npz':
-        return 'jax'
     try:
         if suffix in TORCH_SUFFIXES:
             import torch
-            keys = _state_dict(torch.load(path, map_location='cpu', weights_only=True,
-                                          mmap=True))
-        elif suffix == '.safetensors':
+            sd = _state_dict(torch.load(path, map_location='cpu', weights_only=True, mmap=True))
+            return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        if suffix == '.safetensors':
             from safetensors import safe_open
             with safe_open(str(path), framework='numpy') as f:
-                keys = list(f.keys())
-        else:
-            keys = None
-    except Exception:  # noqa: BLE001 - an old torch format, a bad file: read_checkpoint says
-        keys = None
-    if not keys:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # noqa: BLE001 - torch and safetensors raise many types for bad files
+        return None
+    return None
+
+
+def checkpoint_source(path: str | os.PathLike) -> str:
+    """What `read_checkpoint(path, ...)` reports as the source, from the file's names alone
+    (`_torch_shapes`: a ViT-B/16 file is 330 MB). A file that cannot be read that way is read
+    whole, for `read_checkpoint`'s errors."""
+    path = Path(path)
+    if path.suffix.lower() == '.npz':
+        return 'jax'
+    shapes = _torch_shapes(path)
+    if not shapes:
         return read_checkpoint(path, 1)[1]
-    return layouts.detect(dict.fromkeys(keys))
+    return layouts.detect(shapes)
+
+
+def checkpoint_shapes(path: str | os.PathLike, num_heads: int) -> dict[str, tuple[int, ...]]:
+    """{official name: shape} of any weights file, no tensor read: what `read_checkpoint(path,
+    num_heads)` returns, shapes only. Torch layouts are renamed on zero-stride stand-ins (views
+    of one zero: no memory). A file that cannot be read so gives {}."""
+    path = Path(path)
+    if path.suffix.lower() == '.npz':
+        return npz_shapes(path)
+    shapes = _torch_shapes(path)
+    if not shapes:
+        return {}
+    stand_ins = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
+    try:
+        flat = layouts.to_official(stand_ins, layouts.detect(stand_ins), num_heads)
+    except (UserError, ValueError):  # not a ViT we know, or heads that do not divide
+        return {}
+    return {k: tuple(v.shape) for k, v in flat.items()}
 
 
 def _official_names(flat: Flat) -> Flat:
