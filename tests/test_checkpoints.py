@@ -221,6 +221,15 @@ def test_convert_keeps_the_narrower_widths_of_a_torch_file(tmp_path):
 
 
 @needs_torch
+def test_a_torch_file_that_does_not_split_into_the_variants_heads_is_refused(tmp_path, capsys):
+    torch.save(hf_model('testing', 16, eps=1e-12).state_dict(), tmp_path / 'w.pth')
+    err = run_convert(capsys, tmp_path / 'w.pth', tmp_path / 'o.npz', '--model', 'ViT-Ti_16')
+    assert err == ('error: hf checkpoint of hidden size 32 does not split into 3 attention heads '
+                   'of equal size; is it a checkpoint of another variant?')
+    assert not (tmp_path / 'o.npz').exists()
+
+
+@needs_torch
 def test_checkpoint_source_names_the_layout_without_reading_tensors(tmp_path):
     """The numerics that 'auto' takes from a weights file, from its names: the same source
     as reading it whole, for every torch layout, both torch serialisations (the zip one is

@@ -165,3 +165,8 @@ def to_official(sd: Flat, layout: str, num_heads: int) -> Flat:
     except KeyError as e:
         raise UserError(f'{layout} checkpoint is missing key {e.args[0]!r}; '
                         'is it a complete ViT state dict?') from None
+    except ValueError:  # a fused attention kernel that does not split into num_heads heads
+        width = next((v.shape[-1] for k, v in sd.items() if k.endswith('cls_token')), '?')
+        raise UserError(f'{layout} checkpoint of hidden size {width} does not split into '
+                        f'{num_heads} attention heads of equal size; is it a checkpoint of '
+                        'another variant?') from None
