@@ -3,15 +3,17 @@
     python -m sparse_vit_jax.convert SRC DST.npz --model ViT-B_16
 
 The class count, image size and representation size are read from the source;
-the result is checked key by key and shape by shape against the named variant,
-and written atomically. No fix-up (resize, head re-init) is applied here: that
-is `load_pretrained`'s job at fine-tuning time.
+the result is checked key by key and shape by shape against the named variant (at
+the weights' own heads and MLP units per block, where they differ), and written
+atomically to a new file (an existing one is never overwritten). No fix-up (resize,
+head re-init) is applied here: that is `load_pretrained`'s job at fine-tuning time.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from sparse_vit_jax.checkpoints import block_widths, check_tree, flatten, read_checkpoint
@@ -26,6 +28,8 @@ def convert(src: str, dst: str, model_name: str) -> str:
         raise UserError(f'unknown model {model_name!r}; choose one of {", ".join(VARIANTS)}')
     if not dst.endswith('.npz'):
         raise UserError(f'destination must end in .npz, got {dst}')
+    if os.path.lexists(dst):
+        raise UserError(f'{dst} already exists; choose a new name (nothing is overwritten)')
     v = VARIANTS[model_name]
     flat, source = read_checkpoint(src, v['num_heads'])
     pos = flat.get('Transformer/posembed_input/pos_embedding')

@@ -49,6 +49,8 @@ def read_source(src: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(flat params, the run's results.json or {}) from a run directory or an .npz."""
     p = Path(src)
     results: dict[str, Any] = {}
+    if not p.exists():
+        raise UserError(f'{src} not found: export takes a run directory or our .npz')
     if p.is_dir():
         if (p / 'results.json').is_file():
             try:

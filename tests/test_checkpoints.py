@@ -389,6 +389,11 @@ def test_bad_inputs_one_line_errors(tmp_path, capsys):
     assert not dst.exists()
     assert zipfile.is_zipfile(good)
 
+    dst.write_bytes(b'an earlier file')
+    err = run_convert(capsys, good, dst, '--model', 'testing')
+    assert err == f'error: {dst} already exists; choose a new name (nothing is overwritten)'
+    assert dst.read_bytes() == b'an earlier file'
+
 
 class _Evil:
     def __reduce__(self):

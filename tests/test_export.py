@@ -258,6 +258,8 @@ def test_bad_inputs_one_line_and_nothing_written(tmp_path, capsys):
             ([run, 'OUT', '--format', 'hf', '--prune', '1.5'], '--prune must be in [0, 1)'),
             ([run, str(tmp_path / 'no' / 'x'), '--format', 'npz'], 'parent directory'),
             ([str(tmp_path / 'nothing.npz'), 'OUT', '--format', 'npz'], 'not found'),
+            ([str(tmp_path / 'no_run'), 'OUT', '--format', 'npz'], 'no_run not found: export '
+                                                                    'takes a run directory'),
             ([str(tmp_path / 'torn'), 'OUT', '--format', 'npz'], 'is not valid JSON')):
         before = sorted(p.name for p in tmp_path.rglob('*'))
         args = [a.replace('OUT', str(tmp_path / 'out')) for a in args]
