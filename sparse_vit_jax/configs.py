@@ -367,6 +367,15 @@ def _block_indices(c: Any, key: str, depth: int) -> None:
                         f'(negative from the end; (-1,) = the last block), got {layers!r}')
 
 
+def _once_each(c: Any, key: str) -> None:
+    """Each value once: a repeat would be computed and reported twice."""
+    values = _get(c, key)
+    if twice := [v for i, v in enumerate(values) if v in values[:i]]:
+        raise UserError(f'config {key} holds {twice[0]!r} twice, got {values!r} (a tuple '
+                        'override given twice on one command line is concatenated); give each '
+                        'once')
+
+
 def model_shape(c: Any) -> dict[str, int]:
     """The model's (hidden_size, num_layers, num_heads, mlp_dim, patch_size) after overrides."""
     from sparse_vit_jax.models import VARIANTS
@@ -471,6 +480,7 @@ def validate(c: Any) -> None:
     if not c.prune.ratios or any(not 0.0 <= r < 1.0 for r in c.prune.ratios):
         raise UserError(f'config prune.ratios must be a non-empty tuple of numbers in [0, 1), '
                         f'e.g. "(0.1,0.5)"; got {c.prune.ratios!r}')
+    _once_each(c, 'prune.ratios')
     _regexes(c, 'prune.include')
     _regexes(c, 'sparsity.l1.include')
     _regexes(c, 'sparsity.gradual.include')
@@ -482,6 +492,7 @@ def validate(c: Any) -> None:
     if not c.sweep.variants or any(v not in SWEEP_VARIANTS for v in c.sweep.variants):
         raise UserError(f'config sweep.variants must be some of {", ".join(SWEEP_VARIANTS)}, '
                         f'got {c.sweep.variants!r}')
+    _once_each(c, 'sweep.variants')
     if 'train' not in c.stages and not c.init_from:
         raise UserError('config init_from must name a checkpoint when stages has no train')
 

@@ -257,6 +257,10 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.stages=eval'], 'init_from must name a checkpoint'),
     (['--config.stages=evaluate'], 'config stages must be some of'),
     (['--config.sweep.variants=baseline,magic'], 'sweep.variants must be some of'),
+    (['--config.sweep.variants=baseline,attention,baseline'],
+     "config sweep.variants holds 'baseline' twice"),
+    (['--config.prune.ratios=(0.0,0.5,0.0)'], 'config prune.ratios holds 0.0 twice, got (0.0, '
+     '0.5, 0.0) (a tuple override given twice on one command line is concatenated)'),
     (['--config.stages=eval', '--config.init_from={d}/nowhere.npz'], 'checkpoint not found'),
     (['--config.pretrained={d}/pickled.npz'], 'holds an array of Python objects'),
     (['--config.pretrained={d}/random.npz'], 'is not an .npz archive (no zip header'),
