@@ -16,7 +16,7 @@ import math
 import os
 import sys
 
-from sparse_vit_jax.checkpoints import block_widths, check_tree, flatten, read_checkpoint
+from sparse_vit_jax.checkpoints import check_tree, flatten, other_widths, read_checkpoint
 from sparse_vit_jax.checkpoints.io import save_npz
 from sparse_vit_jax.cli import skip_tpu_without_chips
 from sparse_vit_jax.errors import UserError, run_cli
@@ -38,29 +38,17 @@ def convert(src: str, dst: str, model_name: str) -> str:
     grid = math.isqrt(pos.shape[1] - 1)
     image_size = grid * v['patch_size']
     rep = flat['pre_logits/kernel'].shape[1] if 'pre_logits/kernel' in flat else None
-    widths, narrower = _widths(flat, v), ''
+    widths, narrower = other_widths(flat, v), ''  # a structurally pruned model's
     if widths:
         narrower = (f', heads per block {list(widths["num_heads"])}, MLP units per block '
                     f'{list(widths["mlp_dim"])}')
+        widths['head_dim'] = v['hidden_size'] // v['num_heads']
     model = create_model(model_name, num_classes=flat['head/kernel'].shape[-1],
                          image_size=image_size, representation_size=rep, **widths)
     check_tree(flat, flatten(abstract_params(model, image_size)), src)
     save_npz(dst, flat)
     return (f'wrote {dst}: {model_name}{narrower}, {len(flat)} arrays, image size {image_size}, '
             f'{flat["head/kernel"].shape[-1]} classes, source numerics {source!r}')
-
-
-def _widths(flat: dict, variant: dict) -> dict:
-    """Per-block heads and MLP units where the weights' differ from the variant's (a
-    structurally pruned model: `main` reads them back from the `.npz`); {} otherwise, or
-    where the depth or head size differ (then the shape check names what does not fit)."""
-    found = block_widths(flat)
-    head_dim = variant['hidden_size'] // variant['num_heads']
-    if (found is None or len(found['num_heads']) != variant['num_layers']
-            or found['head_dim'] != head_dim
-            or all(set(found[k]) == {variant[k]} for k in ('num_heads', 'mlp_dim'))):
-        return {}
-    return {'num_heads': found['num_heads'], 'mlp_dim': found['mlp_dim'], 'head_dim': head_dim}
 
 
 def main(argv: list[str] | None = None) -> None:

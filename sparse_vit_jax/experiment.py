@@ -25,7 +25,7 @@ import ml_collections as mlc
 from etils import epath
 from jax.sharding import Mesh
 
-from sparse_vit_jax.checkpoints import block_widths, load_pretrained, save_params
+from sparse_vit_jax.checkpoints import load_pretrained, other_widths, save_params
 from sparse_vit_jax.checkpoints.io import checkpoint_shapes, directory_message
 from sparse_vit_jax.configs import model_shape, training_differences, validate
 from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
@@ -156,16 +156,11 @@ def start_widths(c: Any, workdir: Any) -> dict[str, tuple[int, ...]]:
     if is_run_dir(start):
         return _widths_of(_run_meta(start))
     shape = model_shape(c)
-    found = block_widths(everywhere(lambda: checkpoint_shapes(start, shape['num_heads']),
-                                    lambda i: _not_read(i, start)))
-    if (found is None or len(found['num_heads']) != shape['num_layers']
-            or found['head_dim'] != head_width(c)):
-        return {}
-    widths = {k: found[k] for k in ('num_heads', 'mlp_dim')}
-    if all(set(widths[k]) == {shape[k]} for k in widths):
-        return {}
-    log(f'model widths from {start}: heads per block {list(widths["num_heads"])}, MLP units '
-        f'per block {list(widths["mlp_dim"])}')
+    widths = other_widths(everywhere(lambda: checkpoint_shapes(start, shape['num_heads']),
+                                     lambda i: _not_read(i, start)), shape)
+    if widths:
+        log(f'model widths from {start}: heads per block {list(widths["num_heads"])}, MLP '
+            f'units per block {list(widths["mlp_dim"])}')
     return widths
 
 

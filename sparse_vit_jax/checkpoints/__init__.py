@@ -75,6 +75,19 @@ def block_widths(shapes: dict[str, Any]) -> dict[str, Any] | None:
             'head_dim': query[0][2]}
 
 
+def other_widths(shapes: dict[str, Any], model: dict[str, int]) -> dict[str, Any]:
+    """{'num_heads', 'mlp_dim'}: per-block widths of weights (their shapes, `block_widths`)
+    that differ from `model`'s (num_layers, num_heads, hidden_size, mlp_dim: a structurally
+    pruned model); {} where they are the model's, or do not fit it (another depth or head
+    size: loading then names the first misshapen parameter)."""
+    found = block_widths(shapes)
+    if (found is None or len(found['num_heads']) != model['num_layers']
+            or found['head_dim'] != model['hidden_size'] // model['num_heads']):
+        return {}
+    widths = {k: found[k] for k in ('num_heads', 'mlp_dim')}
+    return {} if all(set(widths[k]) == {model[k]} for k in widths) else widths
+
+
 def load_pretrained(path: str | os.PathLike, target: Any, *,
                     reinit_head: bool = False) -> tuple[Any, str]:
     """Loads a checkpoint onto `target`'s structure; returns (params, source).
@@ -155,5 +168,5 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
     save_npz(path, {k: np.asarray(v) for k, v in flatten(params).items()})
 
 
-__all__ = ['load_pretrained', 'block_widths', 'read_checkpoint', 'resize_posemb', 'save_params',
-           'check_tree', 'check_values', 'flatten', 'unflatten']
+__all__ = ['load_pretrained', 'block_widths', 'other_widths', 'read_checkpoint', 'resize_posemb',
+           'save_params', 'check_tree', 'check_values', 'flatten', 'unflatten']
