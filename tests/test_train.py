@@ -116,6 +116,20 @@ def test_init_from_npz_and_odd_eval_batch(tmp_path, run8, data_dir):
     assert results(wd)['eval']['accuracy'] == results(run8)['eval']['accuracy']
 
 
+def test_a_run_of_another_model_is_refused_naming_the_first_difference(tmp_path, run8,
+                                                                       data_dir):
+    """init_from a run whose model is not the config's: one line that names the first
+    parameter whose shape differs, read from the checkpoint's metadata."""
+    r = main_here(tmp_path / 'other', *SMOKE, '--config.model.hidden_size=64',
+                  f'--config.init_from={run8}', '--config.stages=eval', data_dir=data_dir,
+                  check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        'holds a different model than the config asks for: Transformer/encoder_norm/bias has '
+        "shape (32,) there, shape (64,) in the config's model"), r.stderr[-2000:]
+    assert not (tmp_path / 'other' / 'results.json').exists()
+
+
 @pytest.mark.slow  # five runs of the main command
 def test_a_structured_export_is_evaluated_fine_tuned_and_resumed_at_its_own_widths(
         tmp_path, run8, data_dir):

@@ -532,6 +532,30 @@ def latest_meta(path: Any, log: Callable[[str], None] = _say) -> tuple[int, dict
     return _newest_usable(path, lambda step, d: (step, read_meta(d / str(step))), log)
 
 
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'a/b/c': shape} of a pytree's leaves."""
+    return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path):
+            tuple(v.shape) for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _first_difference(step_dir: Any, params: Any) -> str:
+    """': <path> has shape S there, T in the config's model' for the first parameter (sorted)
+    whose shape differs between a checkpoint's parameters (its metadata: no array is read)
+    and `params`; '' where the metadata does not read."""
+    try:
+        saved = ocp.PyTreeCheckpointHandler().metadata(absolute(step_dir / 'state'))
+        saved = _shapes(getattr(saved, 'tree', saved)['params'])
+    except Exception:  # noqa: BLE001 - orbax raises many kinds; the line stands without it
+        return ''
+    want = _shapes(params)
+    for k in sorted(saved.keys() | want.keys()):
+        if saved.get(k) != want.get(k):
+            there, here = (f'shape {x}' if x is not None else 'absent'
+                           for x in (saved.get(k), want.get(k)))
+            return f': {k} has {there} there, {here} in the config\'s model'
+    return ''
+
+
 def restore_params(path: Any, target: Any, log: Callable[[str], None] = _say) -> Any:
     """Only the parameters of a run's newest usable checkpoint, onto `target`'s shardings.
 
@@ -545,7 +569,7 @@ def restore_params(path: Any, target: Any, log: Callable[[str], None] = _say) ->
         meta = read_meta(d / str(step))
         if meta.get('params_layout', want) != want:
             raise UserError(f'checkpoint {d / str(step)} holds a different model than the '
-                            'config asks for')
+                            f'config asks for{_first_difference(d / str(step), target)}')
         state = read_together(d / str(step), 'state', ocp.PyTreeCheckpointHandler(),
                               ocp.args.PyTreeRestore(
                                   item=item, partial_restore=True,
