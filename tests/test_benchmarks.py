@@ -180,6 +180,7 @@ def test_gpu_check_times_the_others_when_one_step_fails():
 
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                     reason='libtpu is not installed (its wheels are for Linux x86-64 only)')
+@pytest.mark.slow  # compiles the whole train step with libtpu's compiler
 def test_the_train_step_compiles_for_a_tpu():
     """benchmarks/tpu_compile.py --tiny: the trainer's step with XLA's and with the Pallas
     attention, compiled by libtpu for 4 TPU v5e chips (Mosaic compiles the Pallas kernel); no

@@ -386,6 +386,7 @@ def test_pallas_attention_masks_padded_keys_against_numpy(tpu_interpreted):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow  # Pallas' TPU interpreter on the CPU
 def test_pallas_attention_equals_exact_alone_and_sharded_over_a_mesh(tpu_interpreted):
     """The model with attention_impl='pallas': fp32 logits and gradients within 1e-5 of the
     exact attention; over a mesh of 8 devices (the kernel per device, shard_map over the

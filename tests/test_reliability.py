@@ -117,6 +117,7 @@ def test_rerun_with_other_training_settings_is_refused_and_nothing_moved(tmp_pat
     assert r['train']['resumed_from'] == 8
 
 
+@pytest.mark.slow  # a training run
 def test_a_workdir_belongs_to_one_process(tmp_path, data_dir):
     wd = tmp_path / 'run'
     wd.mkdir()
@@ -175,6 +176,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, data_dir, reference):
     assert not (wd / 'params.npz').exists()
 
 
+@pytest.mark.slow  # a training run and three reads of damaged checkpoints
 def test_flipped_bytes_are_caught_and_init_from_falls_back(tmp_path, data_dir, reference):
     wd = tmp_path / 'flipped'
     main_here(wd, *RUN, data_dir=data_dir)
