@@ -32,7 +32,9 @@ Job = Callable[[Any, str, str], Any]
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().strip('"\'')
+    text = str(e).strip()
+    while len(text) > 1 and text[0] == text[-1] and text[0] in '"\'':  # a KeyError's repr
+        text = text[1:-1]
     return text.splitlines()[0] if text else type(e).__name__
 
 

@@ -234,7 +234,8 @@ def write_bad_files(d):
 
 CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.no_such_key=1'], 'unknown config key no_such_key'),
-    (['--config.batch_size=abc'], 'batch_size'),
+    (['--config.batch_size=abc'], "--config.batch_size=abc: invalid literal for int() with "
+     "base 10: 'abc'; see the keys"),
     (['--config.batch_size=0'], 'batch_size must be > 0'),
     (['--config.optimizer.lr=-1.0'], 'optimizer.lr must be > 0'),
     (['--config.optimizer.lr=nan'], 'optimizer.lr must be a finite number'),
