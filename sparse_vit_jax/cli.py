@@ -46,6 +46,7 @@ def parse(argv: list[str]) -> tuple[Any, str]:
     if not os.path.isfile(path):
         raise UserError(f'config file {path} not found; pass a configs/*.py path (relative to '
                         f'{os.getcwd()}) e.g. --config=configs/digits.py')
+    check_config_file(path)
     fv = flags.FlagValues()
     try:
         config = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
@@ -66,6 +67,31 @@ def parse(argv: list[str]) -> tuple[Any, str]:
     if not workdir.value:
         raise UserError('--workdir is required, e.g. --workdir=runs/digits')
     return config.value, workdir.value
+
+
+def check_config_file(path: str) -> None:
+    """One line for a config file that does not load or does not build our schema (absl's
+    would be a bare exception message, a traceback, or a wrong hint). Config files are
+    small and side-effect free, so running one twice costs nothing."""
+    import importlib.machinery
+    import importlib.util
+
+    from sparse_vit_jax.configs import check_schema
+    try:
+        loader = importlib.machinery.SourceFileLoader('sparse_vit_jax_config_check', path)
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name,
+                                                                                 loader))
+        loader.exec_module(module)
+        if not callable(getattr(module, 'get_config', None)):
+            raise UserError(f'config file {path} defines no get_config(); write one as '
+                            'configs/digits.py does')
+        made = module.get_config()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything a Python file can raise
+        raise UserError(f'config file {path} does not load ({type(e).__name__}: '
+                        f'{_first_line(e)})') from None
+    check_schema(made, f'config file {path}')
 
 
 def prepare(config: Any) -> Any:

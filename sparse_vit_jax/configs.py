@@ -173,6 +173,20 @@ def paper_recipe(c: mlc.ConfigDict, dataset: str) -> mlc.ConfigDict:
     return c
 
 
+def check_schema(c: Any, where: str) -> None:
+    """UserError unless `c` is a ConfigDict with exactly `base_config()`'s keys (what a config
+    file that builds its own dict gets wrong)."""
+    start = 'start from sparse_vit_jax.configs.base_config(), as configs/digits.py does'
+    if not isinstance(c, mlc.ConfigDict):
+        raise UserError(f'{where}: get_config() returned {type(c).__name__} {c!r:.40}, not '
+                        f'a ConfigDict; {start}')
+    want, got = set(_flat(base_config().to_dict())), set(_flat(c.to_dict()))
+    for keys, what in ((want - got, 'lacks the keys'), (got - want, 'has keys unknown here:')):
+        if keys:
+            more = ', ...' if len(keys) > 3 else ''
+            raise UserError(f'{where} {what} {", ".join(sorted(keys)[:3])}{more}; {start}')
+
+
 def copy(c: mlc.ConfigDict) -> mlc.ConfigDict:
     """An independent, still locked copy (types and the key set kept)."""
     out = mlc.ConfigDict(c.to_dict(), type_safe=True)

@@ -230,6 +230,12 @@ def write_bad_files(d):
         torch.save({'state_dict': {'blocks.0.x': torch.zeros(1)}}, d / 'unknown_layout.pth')
     (d / 'bad_classes.txt').write_text('n1234\n')
     (d / 'a_file').write_text('x')
+    for name, text in (('syntax', 'def get_config(:\n'), ('no_get', 'x = 1\n'),
+                       ('raises', 'def get_config():\n    raise ValueError("boom")\n'),
+                       ('number', 'def get_config():\n    return 3\n'),
+                       ('own', 'import ml_collections as m\ndef get_config():\n'
+                               '    return m.ConfigDict({"seed": 1})\n')):
+        (d / f'{name}.py').write_text(text)
 
 
 CATALOGUE = [  # (arguments, what the one line must say)
@@ -318,6 +324,12 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['positional'], 'unexpected arguments'),
     (['--workdir={d}/a_file'], 'is a file'),
     (['--config=configs/digits'], 'config file configs/digits not found'),
+    (['--config={d}/syntax.py'], 'syntax.py does not load (SyntaxError: '),
+    (['--config={d}/no_get.py'], 'no_get.py defines no get_config()'),
+    (['--config={d}/raises.py'], 'raises.py does not load (ValueError: boom)'),
+    (['--config={d}/number.py'], 'number.py: get_config() returned int 3, not a ConfigDict'),
+    (['--config={d}/own.py'], 'own.py lacks the keys batch_size, checkpoint_every_steps, '
+     'checkpoint_timeout_s, ...; start from sparse_vit_jax.configs.base_config()'),
 ]
 
 
