@@ -389,6 +389,12 @@ def test_bad_inputs_one_line_errors(tmp_path, capsys):
     assert not dst.exists()
     assert zipfile.is_zipfile(good)
 
+    run = tmp_path / 'run'
+    (run / 'checkpoints').mkdir(parents=True)
+    (run / 'params.npz').write_bytes(good.read_bytes())
+    err = run_convert(capsys, run, dst, '--model', 'testing')
+    assert err == f'error: {run} is a run directory; give a weights file (it holds params.npz)'
+
     dst.write_bytes(b'an earlier file')
     err = run_convert(capsys, good, dst, '--model', 'testing')
     assert err == f'error: {dst} already exists; choose a new name (nothing is overwritten)'

@@ -166,6 +166,8 @@ def directory_message(path: Any) -> str:
     inside = sorted(p.name for p in (path.iterdir() if path.is_dir() else ())
                     if p.suffix.lower() in ('.npz', '.safetensors', *TORCH_SUFFIXES))
     hint = f' (it holds {", ".join(inside[:3])})' if inside else ''
+    if (path / 'checkpoints').is_dir():  # where a run is not taken (convert)
+        return f'{path} is a run directory; give a weights file{hint}'
     return f'{path} is a directory, not a run with checkpoints; give the weights file itself{hint}'
 
 
