@@ -293,15 +293,17 @@ def markdown(rows: list[dict[str, Any]], weights: dict[str, list[dict[str, float
     for v in others:
         head += [v, 'diff'] if base else [v]
     lines = [f'Command: `{command}`', '',
-             'Top-1 test accuracy (%), mean +- std over seeds; diff = variant - baseline '
-             '(percentage points). Ratio 0 is the unpruned model.' + (
+             'Top-1 test accuracy (%), mean +- std over seeds' + (
+                 '; diff = variant - baseline (percentage points)' if base else '') +
+             '. Ratio 0 is the unpruned model.' + (
                  ' gradual: one model per ratio, pruned while training to that ratio (no '
                  'unpruned model).' if 'gradual' in s else ''), '',
              '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     fmt = lambda m: f'{100 * m[0]:.2f} +- {100 * m[1]:.2f}'  # noqa: E731
     diffs: dict[str, list[float]] = {v: [] for v in others}
     for ratio in ratios:
-        cells = [f'{ratio:.1f}'] + ([fmt(s[base][ratio])] if base else [])
+        cells = [f'{ratio:.1f}' if round(ratio, 1) == ratio else f'{ratio:g}']  # 0.25 stays
+        cells += [fmt(s[base][ratio])] if base else []
         for v in others:
             if ratio not in s[v]:
                 cells += ['', ''] if base else ['']

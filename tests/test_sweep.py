@@ -252,3 +252,16 @@ def test_a_damaged_cell_file_is_said_and_computed_again(tmp_path, monkeypatch):
     assert sweep._finished(path, tiny_sweep_config(tmp_path)) is None
     assert said == [f'{path} is damaged (Expecting value: line 1 column 26 (char 25)); '
                     'computing what it held again']
+
+
+def test_table_rows_keep_each_ratio_and_say_diff_only_beside_a_baseline():
+    """Ratios that one decimal would merge (0.25 and 0.3 both read '0.3') keep their digits;
+    without a baseline column the table promises no diff."""
+    from sparse_vit_jax.sweep import markdown
+    rows = [{'variant': v, 'seed': 0, 'ratio': q, 'accuracy': a}
+            for v, a in (('baseline', 0.5), ('attention', 0.75)) for q in (0.0, 0.25, 0.3)]
+    md = markdown(rows, {}, 'cmd').splitlines()
+    assert [x.split(' | ')[0] for x in md if x.startswith('| 0')] == ['| 0.0', '| 0.25', '| 0.3']
+    assert '| 0.25 | 50.00 +- 0.00 | 75.00 +- 0.00 | +25.00 |' in md
+    alone = markdown([r for r in rows if r['variant'] == 'attention'], {}, 'cmd')
+    assert 'diff' not in alone and 'mean +- std over seeds. Ratio 0 is' in alone
