@@ -154,6 +154,7 @@ def damage(step_dir):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
 
 
+@pytest.mark.slow  # a training run and reads of damaged checkpoints
 def test_damaged_latest_checkpoint_falls_back(tmp_path, data_dir, reference):
     wd = tmp_path / 'damaged'
     main_here(wd, *RUN, data_dir=data_dir)

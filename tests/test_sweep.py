@@ -39,6 +39,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # the sweep of 4 cells
 def test_table_averages_recomputed_from_csv(sweep_dir):
     rows = read_csv(sweep_dir / 'results.csv')
     assert len(rows) == 2 * 2 * 4  # variants x seeds x (unpruned + 3 ratios)
@@ -60,12 +61,14 @@ def test_table_averages_recomputed_from_csv(sweep_dir):
     assert all(x == pytest.approx(0.8, abs=1e-4) for x in sparsities)
 
 
+@pytest.mark.slow  # the sweep of 4 cells
 def test_plot_is_png_with_one_curve_per_variant(sweep_dir):
     img = Image.open(io.BytesIO((sweep_dir / 'accuracy_vs_sparsity.png').read_bytes()))
     assert img.format == 'PNG' and img.size[0] > 300
     assert img.info['Description'] == 'curves: baseline, l1_proximal'
 
 
+@pytest.mark.slow  # the sweep of 4 cells
 def test_resume_recomputes_nothing_finished(sweep_dir, tmp_path):
     import shutil
     work = tmp_path / 'copy'
@@ -108,6 +111,7 @@ def test_sweep_command_honours_smoke(tmp_path, data_dir):
                                                                  ('baseline', 0.5)]
 
 
+@pytest.mark.slow  # the sweep of 4 cells
 def test_changed_config_recomputes_what_changed(sweep_dir, tmp_path):
     """Other ratios: cells evaluated again, not retrained. Other training steps: new cells."""
     import shutil

@@ -209,6 +209,7 @@ def test_a_torch_file_with_narrower_mlps_is_evaluated_at_its_own_widths(tmp_path
     np.testing.assert_allclose(narrow['eval']['loss'], padded['eval']['loss'], rtol=1e-5)
 
 
+@pytest.mark.slow  # a training run with its mask updates
 def test_gradual_pruning_while_training_leaves_its_sparsity_in_the_trained_weights(
         tmp_path, data_dir):
     """sparsity.gradual through the main command: the trained pool is at the final sparsity
