@@ -247,7 +247,9 @@ def test_import_noise_is_left_out_and_other_output_passed_on(tmp_path, monkeypat
 @pytest.mark.slow  # two fresh TensorFlow imports: ~20 s
 def test_tensorflow_imports_without_its_info_lines():
     """TensorFlow prints info lines at import that TF_CPP_MIN_LOG_LEVEL does not reach (on
-    this x86-64 host: oneDNN's, each twice); the commands' import leaves them out."""
+    some x86-64 hosts: oneDNN's, each twice; on others none); the commands' import leaves
+    them out and passes every other line on (the filter itself, on a module that prints
+    them everywhere: test_import_noise_is_left_out_and_other_output_passed_on)."""
     code = ('import os, sys; os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"\n'
             'from sparse_vit_jax import cli\n'
             'if sys.argv[1] == "quiet": cli.import_quietly("tensorflow")\n'
@@ -258,8 +260,9 @@ def test_tensorflow_imports_without_its_info_lines():
                            cwd=ROOT, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         err[mode] = r.stderr
-    assert any(n in err['plain'] for n in cli.IMPORT_NOISE), err['plain']  # what it is for
-    assert err['quiet'] == '', err['quiet']
+    others = [x for x in err['plain'].splitlines() if not any(n in x for n in cli.IMPORT_NOISE)]
+    assert not any(n in err['quiet'] for n in cli.IMPORT_NOISE), err['quiet']
+    assert len(err['quiet'].splitlines()) == len(others), (err['quiet'], err['plain'])
 
 
 def test_auto_keeps_memory_for_vit_steps_not_for_the_digits_default():
