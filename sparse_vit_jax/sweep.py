@@ -168,7 +168,7 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     from sparse_vit_jax.data import TrainData
     from sparse_vit_jax.experiment import MEMORY_ADVICE, train_parts
     from sparse_vit_jax.optimizer import build_optimizer
-    from sparse_vit_jax.pruning import apply_masks, magnitude_masks, sparsity_report
+    from sparse_vit_jax.pruning import apply_masks, magnitude_masks, ratio_text, sparsity_report
     from sparse_vit_jax.train import results as results_io
     from sparse_vit_jax.train.checkpointing import Checkpointer
     from sparse_vit_jax.train.loop import LoopConfig, train_loop
@@ -209,8 +209,8 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
                 state = state.replace(opt_state=state.opt_state._replace(masks=jax.device_put(
                     masks, shardings.opt_state.masks, may_alias=False)))
             step0 = int(state.step)
-            log(f'fine-tuning the model pruned at {ratio:.2f} for {ft.num_steps} steps, masks '
-                f'kept' + (f' (from step {step0})' if step0 else ''))
+            log(f'fine-tuning the model pruned at {ratio_text(ratio)} for {ft.num_steps} steps, '
+                f'masks kept' + (f' (from step {step0})' if step0 else ''))
             batches = data.batches(ft.data, ft.model.image_size, c.seed + 1, step0, exp.mesh)
             try:
                 state, _ = train_loop(state, step, batches, loop, ckpt)
@@ -221,7 +221,7 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
         report = sparsity_report(to_host(state.params), include)
         ev = exp.evaluate(state.params)
         rows.append({'ratio': ratio, **ev, 'pool_sparsity': report['fraction']})
-        log(f'prune {ratio:.2f} + {ft.num_steps} fine-tuning steps | accuracy '
+        log(f'prune {ratio_text(ratio)} + {ft.num_steps} fine-tuning steps | accuracy '
             f'{ev["accuracy"]:.4f} | pool sparsity {report["fraction"]:.4f}')
         results_io.write_json(kept, {'cell_config': json.loads(c.to_json()), 'rows': rows})
         on_process0(where.rmtree)  # its row is kept: the state served only to resume it

@@ -12,6 +12,7 @@ from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import create_model, init_params
 from sparse_vit_jax.pruning import (
     apply_masks,
+    evaluate_at_ratios,
     gradual_pruning,
     keep_masks,
     magnitude_masks,
@@ -19,7 +20,9 @@ from sparse_vit_jax.pruning import (
     polynomial_sparsity,
     prune_structured,
     prune_zero_units,
+    ratio_text,
     sparsity_report,
+    unit_scores,
 )
 from sparse_vit_jax.selection import select
 
@@ -302,3 +305,47 @@ def test_errors():
     with pytest.raises(UserError, match='head/kernel has shape'):
         apply_masks(params, bad)
     assert select(params)
+
+
+def test_evaluate_at_ratios_counts_zeros_and_logs_every_digit_of_a_ratio():
+    _, params = random_vit('testing')
+    host = jax.tree.map(np.asarray, params)
+    lines = []
+    rows, report = evaluate_at_ratios(params, [0.125, 0.5],
+                                      lambda p: {'accuracy': 1.0, 'loss': 0.0}, log=lines.append)
+    sel = jax.tree.leaves(select(params))
+    pool = sum(x.size for x, s in zip(jax.tree.leaves(host), sel) if s)
+    total = sum(x.size for x in jax.tree.leaves(host))
+    for row, ratio in zip(rows, (0.125, 0.5)):
+        assert row['total_params'] == total
+        # pruned = floor/round of ratio * pool, whatever the rounding: within one weight
+        assert abs((total - row['nonzero_params']) - ratio * pool) <= 1
+        assert abs(row['pool_sparsity'] - ratio) <= 1 / pool
+    assert [line.split(' (')[0] for line in lines] == ['prune 0.125', 'prune 0.50']
+    assert '## ratio 0.125 (global)' in report
+    assert [ratio_text(r) for r in (0.1, 0.25, 0.125, 0.05, 0.999)] == [
+        '0.10', '0.25', '0.125', '0.05', '0.999']
+
+
+def test_global_structured_removes_the_asked_count_when_a_block_is_all_weak():
+    model, params = random_vit('ViT-Ti_16')  # 12 blocks x 3 heads, 768 MLP units
+    flat = {k: np.array(v) for k, v in flatten(params).items()}
+    for n in ('query', 'key', 'value', 'out'):  # block 5's heads far weaker than any other
+        flat[f'Transformer/encoderblock_5/MultiHeadDotProductAttention_0/{n}/kernel'] *= 1e-3
+    params = unflatten(flat)
+    heads, _ = unit_scores(params)
+    m2, p2 = prune_structured(model, params, head_ratio=0.25, scope='global')
+    assert sum(m2.num_heads) == 36 - 9 and m2.num_heads[5] == 1
+    # numpy reference: block 5 keeps its strongest head; the other 26 are the strongest
+    # of the remaining 33 heads across blocks
+    flat_scores = np.concatenate(heads)
+    keep = {5 * 3 + int(np.argmax(heads[5]))}
+    others = [i for i in np.argsort(-flat_scores) if i // 3 != 5]
+    keep |= {int(i) for i in others[:26]}
+    expect = [sum(1 for i in keep if i // 3 == b) for b in range(12)]
+    assert list(m2.num_heads) == expect
+    out = m2.apply({'params': p2}, jnp.zeros((1, 32, 32, 3)))
+    assert out.shape == (1, 10)
+    # too few units to remove the asked count: every block keeps its minimum
+    m3, _ = prune_structured(model, params, head_ratio=0.9, scope='global')
+    assert m3.num_heads == (1,) * 12

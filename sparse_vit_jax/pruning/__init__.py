@@ -1,6 +1,6 @@
 """Pruning: pure mask functions, mask-keeping optimizers, and structured removal."""
 
-from sparse_vit_jax.pruning.evaluate import evaluate_at_ratios, weight_stats
+from sparse_vit_jax.pruning.evaluate import evaluate_at_ratios, ratio_text, weight_stats
 from sparse_vit_jax.pruning.keep import (
                                          GradualPruningState,
                                          KeepMasksState,
@@ -32,4 +32,4 @@ __all__ = ['magnitude_masks', 'nm_masks', 'zero_masks', 'apply_masks', 'check_ma
            'sparsity_report', 'format_report', 'keep_masks', 'keep_zeros', 'gradual_pruning',
            'polynomial_sparsity', 'KeepMasksState', 'GradualPruningState', 'prune_structured',
            'prune_zero_units', 'strongest_units', 'remove_units', 'unit_scores',
-           'nonzero_units', 'matmul_flops', 'evaluate_at_ratios', 'weight_stats']
+           'nonzero_units', 'matmul_flops', 'evaluate_at_ratios', 'ratio_text', 'weight_stats']

@@ -22,6 +22,11 @@ from sparse_vit_jax.pruning.masks import (
 from sparse_vit_jax.selection import PAPER_POOL, select
 
 
+def ratio_text(ratio: float) -> str:
+    """A ratio for a log line: two decimals, or every digit it has (0.125 is not 0.12)."""
+    return f'{ratio:.2f}' if round(ratio, 2) == ratio else f'{ratio:g}'
+
+
 def evaluate_at_ratios(params: Any, ratios: Sequence[float],
                        evaluate: Callable[[Any], dict[str, Any]], *, scope: str = 'global',
                        include: Sequence[str] | None = None,
@@ -44,7 +49,7 @@ def evaluate_at_ratios(params: Any, ratios: Sequence[float],
                      'total_params': sum(int(x.size) for x in leaves)})
         reports.append(f'## ratio {ratio} ({scope})\n\n```\n{format_report(report)}\n```\n')
         if log is not None:
-            log(f'prune {ratio:.2f} ({scope}) | accuracy {ev["accuracy"]:.4f} | loss '
+            log(f'prune {ratio_text(ratio)} ({scope}) | accuracy {ev["accuracy"]:.4f} | loss '
                 f'{ev["loss"]:.4f} | pool sparsity {report["fraction"]:.4f}')
     return rows, '# Per-tensor sparsity after pruning\n\n' + '\n'.join(reports)
 

@@ -51,12 +51,18 @@ def _keep_top(scores: list[np.ndarray], ratio: float, scope: str, minimum: int
     if scope == 'layerwise':
         keep_n = [max(len(s) - round(ratio * len(s)), minimum) for s in scores]
     elif scope == 'global':
+        # Each block's `minimum` strongest units first, then the strongest of the rest across
+        # blocks up to the global count: a block that would lose all its units costs the
+        # others theirs, so round(ratio * n) are removed whenever the minimums allow it.
+        offsets = np.cumsum([0] + [len(s) for s in scores])
         flat = np.concatenate(scores)
-        order = np.argsort(-flat, kind='stable')  # ties keep the earlier unit
         kept = np.zeros(len(flat), bool)
-        kept[order[:len(flat) - round(ratio * len(flat))]] = True
-        splits = np.split(kept, np.cumsum([len(s) for s in scores])[:-1])
-        keep_n = [max(int(k.sum()), minimum) for k in splits]
+        for o, s in zip(offsets, scores):
+            kept[o + np.argsort(-s, kind='stable')[:minimum]] = True
+        order = np.argsort(-flat, kind='stable')  # ties keep the earlier unit
+        rest = order[~kept[order]][:max(len(flat) - round(ratio * len(flat)) - kept.sum(), 0)]
+        kept[rest] = True
+        return [np.flatnonzero(kept[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
     else:
         raise UserError(f"structured scope must be 'layerwise' or 'global', got {scope!r}")
     return [np.sort(np.argsort(-s, kind='stable')[:n]) for s, n in zip(scores, keep_n)]
@@ -97,8 +103,9 @@ def prune_structured(model: VisionTransformer, params: Any, *, head_ratio: float
     """Removes the lowest-norm fraction of heads and MLP units; returns (model, params).
 
     'layerwise' removes round(ratio * n) units from every block; 'global' ranks
-    all blocks' units together (per-block counts then differ). At least
-    `min_heads` / `min_mlp` units stay in every block.
+    all blocks' units together (per-block counts then differ) and removes
+    round(ratio * n) in all. At least `min_heads` / `min_mlp` units stay in every
+    block: fewer are removed only when the minimums leave no more to remove.
     """
     keep_h, keep_m = strongest_units(params, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
                                      scope=scope, min_heads=min_heads, min_mlp=min_mlp)
