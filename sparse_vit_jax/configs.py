@@ -422,6 +422,12 @@ def validate(c: Any) -> None:
     if not c.stages or any(s not in STAGES for s in c.stages):
         raise UserError(f'config stages must be some of {", ".join(STAGES)} (e.g. '
                         f'--config.stages=eval,prune), got {c.stages!r}')
+    _once_each(c, 'stages')
+    if (order := tuple(s for s in STAGES if s in c.stages)) != tuple(c.stages):
+        raise UserError(f'config stages run in the order {", ".join(STAGES)}; write '
+                        f'--config.stages={",".join(order)} (got {c.stages!r}). To prune and '
+                        'then fine-tune: export --prune R --format npz, then train from it with '
+                        'config.init_from and sparsity.keep_zeros=True')
     _one_of(c, 'model.name', tuple(VARIANTS))
     _one_of(c, 'model.numerics', ('auto', *NUMERICS))
     _one_of(c, 'model.dtype', ('auto', 'float32', 'bfloat16'))

@@ -266,6 +266,9 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.model.image_size=15'], 'not divisible by the patch size'),
     (['--config.stages=eval'], 'init_from must name a checkpoint'),
     (['--config.stages=evaluate'], 'config stages must be some of'),
+    (['--config.stages=prune,train'], 'config stages run in the order train, eval, prune; write '
+     '--config.stages=train,prune'),
+    (['--config.stages=train,train'], "config stages holds 'train' twice"),
     (['--config.sweep.variants=baseline,magic'], 'sweep.variants must be some of'),
     (['--config.sweep.variants=baseline,attention,baseline'],
      "config sweep.variants holds 'baseline' twice"),
