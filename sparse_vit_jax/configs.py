@@ -136,6 +136,11 @@ def base_config() -> mlc.ConfigDict:
     c.prune.ratios = (0.1, 0.2, 0.3, 0.4, 0.5)
     c.prune.scope = 'global'               # global | layerwise
     c.prune.include = ()                   # regexes over parameter paths; () = the paper's pool
+    c.prune.nm = ''                        # N:M patterns evaluated too, e.g. '2:4' or
+    #                                        '2:4,1:4' (n kept in every m consecutive inputs of
+    #                                        each kernel of the pool, its LayerNorm scales
+    #                                        aside; 2:4 is what NVIDIA's sparse tensor cores
+    #                                        run); '' = none
 
     c.sweep = mlc.ConfigDict()             # python -m sparse_vit_jax.sweep
     c.sweep.variants = PAPER_VARIANTS        # any of SWEEP_VARIANTS
@@ -381,6 +386,25 @@ def _block_indices(c: Any, key: str, depth: int) -> None:
                         f'(negative from the end; (-1,) = the last block), got {layers!r}')
 
 
+def nm_patterns(c: Any) -> list[str]:
+    """config prune.nm as its list of patterns ('2:4,1:4' -> ['2:4', '1:4'])."""
+    return [p.strip() for p in c.prune.nm.split(',') if p.strip()]
+
+
+def _nm_patterns(c: Any) -> None:
+    from sparse_vit_jax.pruning import parse_nm
+    seen: list[tuple[int, int]] = []
+    for pattern in nm_patterns(c):
+        try:
+            nm = parse_nm(pattern)
+        except UserError as e:
+            raise UserError(f'config prune.nm: {e}') from None
+        if nm in seen:
+            raise UserError(f'config prune.nm holds {nm[0]}:{nm[1]} twice, got '
+                            f'{c.prune.nm!r}; give each once')
+        seen.append(nm)
+
+
 def _once_each(c: Any, key: str) -> None:
     """Each value once: a repeat would be computed and reported twice."""
     values = _get(c, key)
@@ -501,6 +525,7 @@ def validate(c: Any) -> None:
         raise UserError(f'config prune.ratios must be a non-empty tuple of numbers in [0, 1), '
                         f'e.g. "(0.1,0.5)"; got {c.prune.ratios!r}')
     _once_each(c, 'prune.ratios')
+    _nm_patterns(c)
     _regexes(c, 'prune.include')
     _regexes(c, 'sparsity.l1.include')
     _regexes(c, 'sparsity.gradual.include')

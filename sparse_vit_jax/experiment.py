@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from sparse_vit_jax.checkpoints import load_pretrained, other_widths, save_params
 from sparse_vit_jax.checkpoints.io import checkpoint_shapes, directory_message
-from sparse_vit_jax.configs import model_shape, training_differences, validate
+from sparse_vit_jax.configs import model_shape, nm_patterns, training_differences, validate
 from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import (
@@ -43,7 +43,7 @@ from sparse_vit_jax.models import (
 from sparse_vit_jax.multihost import everywhere, from_process0, on_process0
 from sparse_vit_jax.objective import EvalMetrics, TrainMetrics, make_loss_fn
 from sparse_vit_jax.optimizer import build_optimizer, current_hparams, steps_for
-from sparse_vit_jax.pruning import evaluate_at_ratios, weight_stats
+from sparse_vit_jax.pruning import evaluate_at_ratios, evaluate_nm, nm_masks, parse_nm, weight_stats
 from sparse_vit_jax.selection import PAPER_POOL, select
 from sparse_vit_jax.train import results as results_io
 from sparse_vit_jax.train import signals
@@ -279,6 +279,13 @@ class Experiment:
                     select(abstract, list(patterns))
             except UserError as e:
                 raise UserError(f'config {key}: {e}') from None
+        for pattern in nm_patterns(c) if 'prune' in c.stages else ():  # fan-ins, on shapes
+            n, m = parse_nm(pattern)
+            try:
+                jax.eval_shape(lambda p, n=n, m=m: nm_masks(
+                    p, n, m, select=list(c.prune.include) or None), abstract)
+            except UserError as e:
+                raise UserError(f'config prune.nm {pattern}: {e}') from None
         shardings = state_shardings(abstract, mesh, c.mesh.fsdp)
         return cls(c, epath.Path(workdir), mesh, model, numerics, source, abstract, shardings,
                    widths)
@@ -385,14 +392,20 @@ class Experiment:
         return {'accuracy': float(m.accuracy.compute()), 'loss': float(m.loss.compute()),
                 'examples': int(m.accuracy.count)}
 
-    def prune(self, params: Any) -> list[dict[str, Any]]:
-        """Prunes the same (unpruned) params at every ratio and evaluates each."""
+    def prune(self, params: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Prunes the same (unpruned) params at every ratio, then at every N:M pattern, and
+        evaluates each; returns (the ratios' rows, the patterns' rows)."""
         c = self.config
+        include = list(c.prune.include) or None
         rows, report = evaluate_at_ratios(params, c.prune.ratios, self.evaluate,
-                                          scope=c.prune.scope, include=c.prune.include or None,
+                                          scope=c.prune.scope, include=include,
                                           to_host=to_host, log=log)
-        results_io.write_text(self.workdir / 'sparsity_report.md', report)
-        return rows
+        patterns = nm_patterns(c)
+        nm_rows, nm_report = evaluate_nm(params, patterns, self.evaluate, include=include,
+                                         to_host=to_host, log=log) if patterns else ([], '')
+        results_io.write_text(self.workdir / 'sparsity_report.md',
+                              report + (f'\n{nm_report}' if nm_rows else ''))
+        return rows, nm_rows
 
 
 def _init_params(model: VisionTransformer, c: Any, rng: jax.Array) -> Any:
@@ -432,13 +445,16 @@ def stages(exp: Experiment, c: Any, workdir: Any, write: bool = True) -> dict[st
         log(f'test accuracy {out["eval"]["accuracy"]:.4f} on {out["eval"]["examples"]} '
             f'examples (loss {out["eval"]["loss"]:.4f})')
     if 'prune' in c.stages:
-        out['prune'] = exp.prune(params)
+        out['prune'], nm_rows = exp.prune(params)
+        if nm_rows:
+            out['prune_nm'] = nm_rows
     out['seconds'] = time.time() - t0
     if not write:
         return out
     results_io.write_json(workdir / 'results.json', out)
     rows = ([{'stage': 'eval', 'ratio': 0.0, **out['eval']}] if 'eval' in out else []) + \
-        [{'stage': 'prune', **r} for r in out.get('prune', [])]
+        [{'stage': 'prune', **r} for r in out.get('prune', [])] + \
+        [{'stage': 'prune_nm', **r} for r in out.get('prune_nm', [])]
     results_io.write_csv(workdir / 'results.csv', rows)
     return out
 

@@ -1,12 +1,15 @@
 """Exports a run's (optionally pruned) weights as standard files other frameworks load.
 
-    python -m sparse_vit_jax.export RUN_OR_NPZ --format hf|timm|npz [--prune RATIO]
+    python -m sparse_vit_jax.export RUN_OR_NPZ --format hf|timm|npz [--prune RATIO | --nm N:M]
         [--structured] [--heads RATIO] [--mlp-units RATIO] [--unit-scope layerwise|global]
         [--numerics auto|jax|timm|hf|asyml] OUT
 
 RUN_OR_NPZ: a run directory (its params.npz and results.json) or our `.npz`.
 `--prune RATIO` prunes by global weight magnitude first, over the run's pruning
 pool (its config's prune.include and scope), as the run's prune stage evaluated.
+`--nm 2:4` prunes to N:M instead (n kept in every m consecutive inputs of each kernel
+of the pool, as the run's prune.nm evaluated): in hf and timm files that is along each
+Linear weight's in_features, the layout of torch's semi-structured (2:4) sparsity.
 `--structured` removes the heads and MLP units that pruning emptied where the
 format can hold the smaller widths (npz: per block; hf and timm: one MLP width for
 all blocks, and never heads, whose size is tied to width / heads there); the
@@ -83,6 +86,17 @@ def prune(flat: dict[str, np.ndarray], ratio: float, run_config: dict[str, Any]
     return flatten(jax.device_get(apply_masks(params, masks)))
 
 
+def prune_nm(flat: dict[str, np.ndarray], n: int, m: int, run_config: dict[str, Any]
+             ) -> dict[str, np.ndarray]:
+    """N:M pruning of the kernels of the run's pool."""
+    import jax
+
+    from sparse_vit_jax.pruning import apply_masks, nm_masks
+    include = list(run_config.get('prune', {}).get('include') or []) or None
+    params = unflatten(flat)
+    return flatten(jax.device_get(apply_masks(params, nm_masks(params, n, m, select=include))))
+
+
 def remove_empty_units(flat: dict[str, np.ndarray], fmt: str) -> tuple[dict[str, np.ndarray],
                                                                       list[str]]:
     """Drops emptied heads and MLP units as far as `fmt` can express; returns notes."""
@@ -139,7 +153,7 @@ def _natural(key: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', key)]
 
 
-def accuracy_lines(results: dict[str, Any], ratio: float | None) -> str:
+def accuracy_lines(results: dict[str, Any], ratio: float | None, nm: str = '') -> str:
     ev = results.get('eval')
     lines = []
     if ev and ev.get('accuracy') is not None:
@@ -151,6 +165,12 @@ def accuracy_lines(results: dict[str, Any], ratio: float | None) -> str:
                      'prune stage, same pool and scope)' if row and row.get('accuracy') is not None
                      else f'- pruned at {ratio}: not measured by the run (add {ratio} to its '
                      'prune.ratios and re-run its prune stage)')
+    if nm:
+        row = next((r for r in results.get('prune_nm', []) if r.get('pattern') == nm), None)
+        lines.append(f'- pruned to {nm}: test accuracy {row["accuracy"]:.4f} (the run\'s prune '
+                     'stage, same pool)' if row and row.get('accuracy') is not None
+                     else f'- pruned to {nm}: not measured by the run (set its prune.nm={nm} '
+                     'and re-run its prune stage)')
     return '\n'.join(lines) or '- not measured: the source has no results.json'
 
 
@@ -173,7 +193,7 @@ HOW_TO_LOAD = {
 
 def model_card(src: str, fmt: str, out: str, flat: dict[str, np.ndarray], results: dict,
                numerics: str, ratio: float | None, notes: list[str], command: str,
-               units_removed: bool = False) -> str:
+               units_removed: bool = False, nm: str = '') -> str:
     """The export's README.md; `units_removed`: the weakest units went, so the run's accuracy
     is not this model's."""
     s = shape_of(flat)
@@ -185,17 +205,19 @@ def model_card(src: str, fmt: str, out: str, flat: dict[str, np.ndarray], result
     data = config.get('data', {}).get('name', 'unknown')
     scope = config.get('prune', {}).get('scope', 'global')
     act, _, eps = ACTIVATIONS[numerics]
+    pruning = (f'{scope} magnitude at {ratio}' if ratio else f'N:M {nm} (along each kernel\'s '
+               'inputs)' if nm else 'none at export')
     return '\n'.join([
         f'# ViT exported by sparse_vit_jax ({fmt})', '',
         f'- source: `{src}` (dataset: {data})',
-        f'- pruning: {f"{scope} magnitude at {ratio}" if ratio else "none at export"}',
+        f'- pruning: {pruning}',
         f'- widths: hidden {s["hidden_size"]}, {s["num_layers"]} blocks, heads per block '
         f'{s["num_heads"]}, MLP units per block {s["mlp_dim"]}, patch {s["patch_size"]}, '
         f'image {s["image_size"]}, {s["num_classes"]} classes',
         f'- numerics: {numerics!r} (GELU {act}, LayerNorm epsilon {eps:g})',
         *[f'- {n}' for n in notes], '',
         '## Accuracy (from the run\'s results.json)', '', *caveat,
-        accuracy_lines(results, ratio), '',
+        accuracy_lines(results, ratio, nm), '',
         '## Sparsity', '', f'- kernels: {kernels:.4f} zero; all parameters: {every:.4f} zero',
         '', table, '', '## Load', '', '```python',
         HOW_TO_LOAD[fmt].format(out=out), '```', '', '## Command', '', '```',
@@ -209,7 +231,8 @@ def _safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 def export(src: str, fmt: str, out: str, *, structured: bool = False,
            ratio: float | None = None, numerics: str = 'auto', heads: float = 0.0,
-           mlp_units: float = 0.0, unit_scope: str = 'layerwise', command: str = '') -> str:
+           mlp_units: float = 0.0, unit_scope: str = 'layerwise', command: str = '',
+           nm: str | None = None) -> str:
     """Writes OUT (a new directory) and returns a one-line summary."""
     for name, r in (('--heads', heads), ('--mlp-units', mlp_units)):
         if not 0.0 <= r < 1.0:
@@ -223,6 +246,15 @@ def export(src: str, fmt: str, out: str, *, structured: bool = False,
                         f'{", ".join(ACTIVATIONS)}')
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise UserError(f'--prune must be in [0, 1), got {ratio}')
+    if nm is not None:
+        from sparse_vit_jax.pruning import parse_nm
+        if ratio:
+            raise UserError('--prune and --nm both prune (by magnitude, or N:M): choose one')
+        try:
+            n, m = parse_nm(nm)
+        except UserError as e:
+            raise UserError(f'--nm: {e}') from None
+        nm = f'{n}:{m}'
     dst = Path(out)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f'{out} already exists and is not an empty directory; choose a new one '
@@ -234,6 +266,8 @@ def export(src: str, fmt: str, out: str, *, structured: bool = False,
         numerics = results.get('numerics') or 'jax'
     if ratio:
         flat = prune(flat, ratio, results.get('config', {}))
+    if nm:
+        flat = prune_nm(flat, n, m, results.get('config', {}))
     notes: list[str] = []
     if heads or mlp_units:
         flat, note = remove_weakest_units(flat, heads, mlp_units, unit_scope)
@@ -253,7 +287,7 @@ def export(src: str, fmt: str, out: str, *, structured: bool = False,
             _safetensors(t / 'model.safetensors', tensors)
             (t / 'config.json').write_text(json.dumps(config, indent=1))
         card = model_card(src, fmt, out, flat, results, numerics, ratio, notes, command,
-                          units_removed=bool(heads or mlp_units))
+                          units_removed=bool(heads or mlp_units), nm=nm or '')
         (t / 'README.md').write_text(card)
         for f in t.iterdir():
             f.chmod(0o644)
@@ -283,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
                     help='layerwise (each block loses the same fraction) | global')
     ap.add_argument('--prune', type=float, default=None, metavar='RATIO',
                     help='prune by global magnitude first (the run\'s pool and scope)')
+    ap.add_argument('--nm', default=None, metavar='N:M',
+                    help='prune to N:M instead (e.g. 2:4), over the run\'s pool\'s kernels')
     ap.add_argument('--numerics', default='auto',
                     help='auto (the run\'s) | jax | timm | hf | asyml: GELU and LayerNorm eps')
     args = ap.parse_args(argv)
@@ -291,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     print(run_cli(lambda: export(args.src, args.format, args.out, structured=args.structured,
                                  ratio=args.prune, numerics=args.numerics, heads=args.heads,
                                  mlp_units=args.mlp_units, unit_scope=args.unit_scope,
-                                 command=command)))
+                                 command=command, nm=args.nm)))
 
 
 if __name__ == '__main__':

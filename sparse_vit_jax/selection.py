@@ -27,6 +27,9 @@ PAPER_POOL: tuple[str, ...] = (
     r'head/kernel',
 )
 
+# The pool's kernels: what N:M pruning groups (a LayerNorm scale has no input dimension).
+KERNEL_POOL: tuple[str, ...] = tuple(p for p in PAPER_POOL if 'scale' not in p)
+
 Patterns = str | Sequence[str] | None
 
 

@@ -62,6 +62,7 @@ def _gradual(c: Any) -> None:
     ratio, = c.prune.ratios
     c.sparsity.gradual.sparsity = ratio
     c.sweep.finetune_steps = 0  # its masks were kept while it trained
+    c.prune.nm = ''  # N:M from a model already pruned to its ratio compares with nothing
 
 
 VARIANTS: dict[str, Callable[[Any], None]] = {
@@ -263,6 +264,8 @@ def collect_rows(cells: list[tuple[str, int, dict[str, Any]]]) -> list[dict[str,
                      'total_params': total})
         for p in r.get('prune', []):
             rows.append({'variant': variant, 'seed': seed, **_cell(p)})
+        for p in r.get('prune_nm', []):
+            rows.append({'variant': variant, 'seed': seed, **_cell(p), 'pattern': p['pattern']})
         for p in r.get('prune_finetuned', []):
             rows.append({'variant': f'{variant}+ft', 'seed': seed, **_cell(p)})
     return rows
@@ -273,11 +276,13 @@ def _cell(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r[k] for k in keys if k in r}
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[float, tuple[float, float, int]]]:
-    """{variant: {ratio: (mean accuracy, std over seeds, seeds)}}."""
-    acc: dict[str, dict[float, list[float]]] = {}
+def summarize(rows: list[dict[str, Any]]
+              ) -> dict[str, dict[float | str, tuple[float, float, int]]]:
+    """{variant: {ratio, or N:M pattern: (mean accuracy, std over seeds, seeds)}}."""
+    acc: dict[str, dict[float | str, list[float]]] = {}
     for r in rows:
-        acc.setdefault(r['variant'], {}).setdefault(float(r['ratio']), []).append(r['accuracy'])
+        key = r.get('pattern') or float(r['ratio'])
+        acc.setdefault(r['variant'], {}).setdefault(key, []).append(r['accuracy'])
     return {v: {k: (float(np.mean(a)), float(np.std(a)), len(a)) for k, a in d.items()}
             for v, d in acc.items()}
 
@@ -288,21 +293,25 @@ def markdown(rows: list[dict[str, Any]], weights: dict[str, list[dict[str, float
     variants = list(s)
     base = 'baseline' if 'baseline' in s else None
     others = [v for v in variants if v != base]
-    ratios = sorted({float(r['ratio']) for r in rows})
+    ratios: list[float | str] = sorted({float(r['ratio']) for r in rows if not r.get('pattern')})
+    ratios += list(dict.fromkeys(r['pattern'] for r in rows if r.get('pattern')))
     head = ['ratio'] + ([f'{base} (prune only)'] if base else [])
     for v in others:
         head += [v, 'diff'] if base else [v]
     lines = [f'Command: `{command}`', '',
              'Top-1 test accuracy (%), mean +- std over seeds' + (
                  '; diff = variant - baseline (percentage points)' if base else '') +
-             '. Ratio 0 is the unpruned model.' + (
+             '. Ratio 0 is the unpruned model' + (
+                 '; n:m, N:M pruning of the same model (n kept in every m inputs)'
+                 if any(r.get('pattern') for r in rows) else '') + '.' + (
                  ' gradual: one model per ratio, pruned while training to that ratio (no '
                  'unpruned model).' if 'gradual' in s else ''), '',
              '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     fmt = lambda m: f'{100 * m[0]:.2f} +- {100 * m[1]:.2f}'  # noqa: E731
     diffs: dict[str, list[float]] = {v: [] for v in others}
     for ratio in ratios:
-        cells = [f'{ratio:.1f}' if round(ratio, 1) == ratio else f'{ratio:g}']  # 0.25 stays
+        cells = [ratio if isinstance(ratio, str) else  # an N:M pattern
+                 f'{ratio:.1f}' if round(ratio, 1) == ratio else f'{ratio:g}']  # 0.25 stays
         cells += [fmt(s[base][ratio])] if base else []
         for v in others:
             if ratio not in s[v]:
@@ -312,7 +321,7 @@ def markdown(rows: list[dict[str, Any]], weights: dict[str, list[dict[str, float
             if base:
                 d = 100 * (s[v][ratio][0] - s[base][ratio][0])
                 cells.append(f'{d:+.2f}')
-                if ratio > 0:
+                if not isinstance(ratio, str) and ratio > 0:
                     diffs[v].append(d)
         lines.append('| ' + ' | '.join(cells) + ' |')
     if base:
@@ -339,7 +348,7 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     curves = summarize(rows)
     for v, d in curves.items():
-        ratios = sorted(d)
+        ratios = sorted(r for r in d if not isinstance(r, str))  # N:M patterns: the table
         m = np.array([d[r][0] for r in ratios]) * 100
         sd = np.array([d[r][1] for r in ratios]) * 100
         line, = ax.plot(ratios, m, marker='o', ms=3, label=v,

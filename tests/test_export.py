@@ -240,6 +240,32 @@ def test_run_directory_prune_and_model_card(tmp_path, capsys):
         assert text in card, text
 
 
+@needs_torch
+def test_nm_export_is_n_of_m_along_every_torch_linear_input_and_names_its_accuracy(tmp_path,
+                                                                                   capsys):
+    params = random_params(our_model(), ratio=0.0)
+    fake_run(tmp_path / 'run', params)
+    results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    results['prune_nm'] = [{'pattern': '2:4', 'ratio': 0.5, 'accuracy': 0.9222}]
+    (tmp_path / 'run' / 'results.json').write_text(json.dumps(results))
+    out = tmp_path / 'out'
+    export_cli.main([str(tmp_path / 'run'), str(out), '--format', 'hf', '--nm', '2:4'])
+    assert capsys.readouterr().out.startswith(f'wrote {out} (hf)')
+    linear = {k: v for k, v in safetensors_of(out).items()
+              if k.endswith('.weight') and v.ndim == 2 and 'embeddings' not in k}
+    assert len(linear) == 2 * 6 + 1  # q, k, v, attention out, 2 MLP per block; classifier
+    for k, w in linear.items():  # torch's (out, in): groups of 4 consecutive in_features
+        groups = np.count_nonzero(w.reshape(w.shape[0], -1, 4), axis=2)
+        assert (groups == 2).all(), k  # random normals: no zero before
+    card = (out / 'README.md').read_text()
+    assert '- pruning: N:M 2:4' in card and 'pruned to 2:4: test accuracy 0.9222' in card
+    with pytest.raises(SystemExit):
+        export_cli.main([str(tmp_path / 'run'), str(tmp_path / 'o2'), '--format', 'hf',
+                         '--nm', '2:4', '--prune', '0.5'])
+    assert 'choose one' in capsys.readouterr().err
+    assert not (tmp_path / 'o2').exists()
+
+
 def test_bad_inputs_one_line_and_nothing_written(tmp_path, capsys):
     model = our_model()
     fake_run(tmp_path / 'run', random_params(model))

@@ -13,10 +13,12 @@ from sparse_vit_jax.models import create_model, init_params
 from sparse_vit_jax.pruning import (
     apply_masks,
     evaluate_at_ratios,
+    evaluate_nm,
     gradual_pruning,
     keep_masks,
     magnitude_masks,
     nm_masks,
+    parse_nm,
     polynomial_sparsity,
     prune_structured,
     prune_zero_units,
@@ -349,3 +351,25 @@ def test_global_structured_removes_the_asked_count_when_a_block_is_all_weak():
     # too few units to remove the asked count: every block keeps its minimum
     m3, _ = prune_structured(model, params, head_ratio=0.9, scope='global')
     assert m3.num_heads == (1,) * 12
+
+
+def test_evaluate_nm_prunes_half_of_the_kernels_and_parses_only_n_below_m():
+    _, params = random_vit('testing')
+    host = {k: np.asarray(v) for k, v in flatten(params).items()}
+    lines = []
+    rows, report = evaluate_nm(params, ['2:4'], lambda p: {'accuracy': 1.0, 'loss': 0.0},
+                               log=lines.append)
+    kernels = [k for k in pool_of(params, nm_masks(params, 2, 4))]
+    assert all(host[k].ndim >= 2 for k in kernels) and not any('scale' in k for k in kernels)
+    pool = sum(host[k].size for k in kernels)
+    total = sum(v.size for v in host.values())
+    assert rows[0]['pattern'] == '2:4' and rows[0]['ratio'] == 0.5
+    assert rows[0]['nonzero_params'] == total - pool // 2  # random normals: no zero before
+    assert rows[0]['pool_sparsity'] == 0.5
+    assert lines[0].startswith('prune 2:4 (N:M) | accuracy 1.0000') and '## N:M 2:4' in report
+    assert parse_nm(' 1:8') == (1, 8)
+    for bad in ('4:4', '0:4', '3:2', '2', '2:x', '-1:4', '2:4:8'):
+        with pytest.raises(UserError, match='is not "n:m"'):
+            parse_nm(bad)
+    with pytest.raises(UserError, match='LayerNorm_0/scale is 1-D'):
+        nm_masks(params, 2, 4, select=[r'.*encoderblock_0/LayerNorm_0/scale'])

@@ -269,6 +269,10 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.stages=prune,train'], 'config stages run in the order train, eval, prune; write '
      '--config.stages=train,prune'),
     (['--config.stages=train,train'], "config stages holds 'train' twice"),
+    (['--config.prune.nm=4:2'], 'config prune.nm: N:M pattern \'4:2\' is not "n:m"'),
+    (['--config.prune.nm=2:4,02:04'], "config prune.nm holds 2:4 twice, got '2:4,02:04'"),
+    (['--config.prune.nm=1:5'], 'config prune.nm 1:5: Transformer/encoderblock_0/MlpBlock_0/'
+     'Dense_0/kernel: input size 32 is not divisible by m=5'),
     (['--config.sweep.variants=baseline,magic'], 'sweep.variants must be some of'),
     (['--config.sweep.variants=baseline,attention,baseline'],
      "config sweep.variants holds 'baseline' twice"),

@@ -269,3 +269,21 @@ def test_table_rows_keep_each_ratio_and_say_diff_only_beside_a_baseline():
     assert '| 0.25 | 50.00 +- 0.00 | 75.00 +- 0.00 | +25.00 |' in md
     alone = markdown([r for r in rows if r['variant'] == 'attention'], {}, 'cmd')
     assert 'diff' not in alone and 'mean +- std over seeds. Ratio 0 is' in alone
+
+
+def test_nm_rows_are_table_rows_of_their_own_outside_the_average_and_the_plot():
+    from sparse_vit_jax.sweep import collect_rows, markdown, plot
+    cell = {'eval': {'accuracy': 0.9, 'loss': 0.1}, 'weights': {'zero': 0.0},
+            'prune': [{'ratio': 0.5, 'accuracy': 0.8, 'total_params': 10}],
+            'prune_nm': [{'pattern': '2:4', 'ratio': 0.5, 'accuracy': 0.6}]}
+    other = {**cell, 'prune': [{'ratio': 0.5, 'accuracy': 0.7, 'total_params': 10}],
+             'prune_nm': [{'pattern': '2:4', 'ratio': 0.5, 'accuracy': 0.9}]}
+    rows = collect_rows([('baseline', 0, cell), ('attention', 0, other)])
+    assert [(r['variant'], r['ratio'], r.get('pattern')) for r in rows] == [
+        ('baseline', 0.0, None), ('baseline', 0.5, None), ('baseline', 0.5, '2:4'),
+        ('attention', 0.0, None), ('attention', 0.5, None), ('attention', 0.5, '2:4')]
+    md = markdown(rows, {}, 'cmd').splitlines()
+    assert '| 0.5 | 80.00 +- 0.00 | 70.00 +- 0.00 | -10.00 |' in md
+    assert '| 2:4 | 60.00 +- 0.00 | 90.00 +- 0.00 | +30.00 |' in md
+    assert '| **average diff over pruned ratios** |  |  | **-10.000** |' in md  # not N:M's
+    assert b'curves: baseline, attention' in plot(rows)

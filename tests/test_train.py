@@ -116,6 +116,44 @@ def test_init_from_npz_and_odd_eval_batch(tmp_path, run8, data_dir):
     assert results(wd)['eval']['accuracy'] == results(run8)['eval']['accuracy']
 
 
+def numpy_nm(flat, n, m):
+    """N:M by hand: in each group of m consecutive inputs of each pool kernel, the n largest
+    |w| stay (inputs: a q/k/v kernel's first axis, every other kernel's leading axes)."""
+    out = dict(flat)
+    for k in pool_keys(flat):
+        w = flat[k]
+        if w.ndim < 2:  # LayerNorm scales: N:M prunes kernels only
+            continue
+        k_in = 1 if k.split('/')[-2] in ('query', 'key', 'value') else w.ndim - 1
+        g = w.reshape(-1, m, int(np.prod(w.shape[k_in:])))
+        rank = np.argsort(np.argsort(-np.abs(g), axis=1, kind='stable'), axis=1, kind='stable')
+        out[k] = np.where(rank < n, g, 0).reshape(w.shape)
+    return out
+
+
+def test_nm_patterns_are_evaluated_as_numpy_prunes_them(tmp_path, run8, data_dir):
+    wd = tmp_path / 'nm'
+    main_here(wd, *SMOKE, f'--config.init_from={run8}', '--config.stages=prune',
+              '--config.prune.nm=2:4,1:4', data_dir=data_dir)
+    r, dense = results(wd), params(run8)
+    assert r['prune'] == results(run8)['prune']  # the ratios' rows are as they were
+    assert [(x['pattern'], x['ratio']) for x in r['prune_nm']] == [('2:4', 0.5), ('1:4', 0.75)]
+    for row, (n, m) in zip(r['prune_nm'], ((2, 4), (1, 4))):
+        ref = numpy_nm(dense, n, m)
+        assert row['nonzero_params'] == sum(int(np.count_nonzero(v)) for v in ref.values())
+        assert row['pool_sparsity'] == pytest.approx(1 - n / m, abs=1e-9)
+    # the 2:4 row's accuracy is the evaluation of the weights numpy pruned
+    np.savez(tmp_path / 'nm24.npz', **numpy_nm(dense, 2, 4))
+    ev = tmp_path / 'nm24'
+    main_here(ev, *SMOKE, f'--config.init_from={tmp_path / "nm24.npz"}', '--config.stages=eval',
+              data_dir=data_dir)
+    assert results(ev)['eval']['accuracy'] == r['prune_nm'][0]['accuracy']
+    assert results(ev)['eval']['loss'] == pytest.approx(r['prune_nm'][0]['loss'], abs=1e-6)
+    csv = (wd / 'results.csv').read_text().splitlines()
+    assert csv[0].endswith(',pattern') and csv[-1].startswith('prune_nm,0.75,')
+    assert '## N:M 2:4' in (wd / 'sparsity_report.md').read_text()
+
+
 def test_a_run_of_another_model_is_refused_naming_the_first_difference(tmp_path, run8,
                                                                        data_dir):
     """init_from a run whose model is not the config's: one line that names the first

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_vit_jax.errors import UserError
-from sparse_vit_jax.selection import PAPER_POOL, Patterns, path_str
+from sparse_vit_jax.selection import KERNEL_POOL, PAPER_POOL, Patterns, path_str
 from sparse_vit_jax.selection import select as select_params
 
 _BINS = 1 << 16
@@ -181,6 +181,15 @@ def _input_dims(path: str, ndim: int) -> int:
     return 1 if path.rsplit('/', 2)[-2] in ('query', 'key', 'value') else ndim - 1
 
 
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4): n kept of every m, 0 < n < m (n = m would prune nothing)."""
+    n, sep, m = str(pattern).strip().partition(':')
+    if not (sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise UserError(f'N:M pattern {pattern!r} is not "n:m" with whole numbers 0 < n < m '
+                        '(e.g. "2:4": 2 kept in every 4 consecutive inputs)')
+    return int(n), int(m)
+
+
 def nm_masks(params: Any, n: int = 2, m: int = 4, *, select: Any = None) -> Any:
     """N:M keep-masks: in every group of m consecutive inputs of each output, keep the n largest.
 
@@ -190,15 +199,18 @@ def nm_masks(params: Any, n: int = 2, m: int = 4, *, select: Any = None) -> Any:
     """
     if not 0 < n <= m:
         raise UserError(f'N:M pruning needs 0 < n <= m, got {n}:{m}')
-    sel = _selection(params, select, default=[p for p in PAPER_POOL if 'scale' not in p])
+    sel = _selection(params, select, default=KERNEL_POOL)
 
     def one(path: tuple[Any, ...], w: jax.Array, chosen: bool) -> jax.Array | None:
         if not chosen:
             return None
         name = path_str(path)
+        if w.ndim < 2:
+            raise UserError(f'{name} is {w.ndim}-D: N:M pruning groups the inputs of kernels; '
+                            'leave it out of the selection')
         k = _input_dims(name, w.ndim)
         fan_in = int(np.prod(w.shape[:k]))
-        if w.ndim < 2 or fan_in % m:
+        if fan_in % m:
             raise UserError(f'{name}: input size {fan_in} is not divisible by m={m} '
                             'for N:M pruning')
         g = jnp.abs(w.reshape(fan_in // m, m, -1))
