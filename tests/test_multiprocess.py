@@ -15,7 +15,8 @@ from helpers import FAILING_WRITE, ROOT, SMOKE, params, results, run_main
 
 from sparse_vit_jax.train.workdir import WorkdirLock
 
-ARGS = [*SMOKE, '--config.model.dropout_rate=0.0', '--config.stages=train,eval']
+TRAIN = [*SMOKE, '--config.model.dropout_rate=0.0', '--config.stages=train']
+ARGS = [*TRAIN[:-1], '--config.stages=train,eval']
 
 
 def free_port():
@@ -86,7 +87,7 @@ def test_a_weights_file_that_one_host_lacks_stops_both_in_one_line(tmp_path):
     import shutil
     import time
     first = tmp_path / 'first'
-    run_main(first, *ARGS, '--config.stages=train', data_dir=tmp_path / 'tfds_first')
+    run_main(first, *TRAIN, data_dir=tmp_path / 'tfds_first')
     (tmp_path / 'host_0').mkdir()
     shutil.copy(first / 'params.npz', tmp_path / 'host_0' / 'weights.npz')
     port, t0 = free_port(), time.time()
@@ -111,9 +112,9 @@ def test_a_killed_process_ends_the_other_in_one_line_before_the_heartbeat_and_re
     exit 1, before JAX's coordination service would abort it with a C++ stack; the re-run
     resumes from the last checkpoint."""
     import time
-    args = [*ARGS, '--config.stages=train', '--config.num_steps=60',
+    args = [*TRAIN, '--config.num_steps=60',
             '--config.log_every_steps=1']
-    run_main(tmp_path / 'first', *ARGS, '--config.num_steps=1', '--config.stages=train',
+    run_main(tmp_path / 'first', *TRAIN, '--config.num_steps=1',
              data_dir=tmp_path / 'tfds')  # the data, prepared once
     port = free_port()
     procs = [start(cli(tmp_path / 'w', *args), pid, port, tmp_path / 'tfds', timeout_s=40)
@@ -168,7 +169,7 @@ def test_a_bug_on_one_process_stops_the_others_in_one_line_and_the_run_resumes(
     script = tmp_path / 'bug_on_one_process.py'
     script.write_text(BUG_ON_ONE_PROCESS)
     monkeypatch.setenv('SPARSE_VIT_TEST_BUG_ON', str(failing))
-    args = [*ARGS, '--config.num_steps=12', '--config.stages=train']
+    args = [*TRAIN, '--config.num_steps=12']
     port = free_port()
     procs = [start([str(script), *cli(tmp_path / 'w', *args)[2:]], pid, port, tmp_path / 'tfds',
                    timeout_s=100) for pid in range(2)]
@@ -222,8 +223,8 @@ def test_a_checkpoint_write_that_hangs_on_one_host_ends_both_in_one_line_and_res
     re-run resumes from the newest complete step."""
     script = tmp_path / 'hung_write.py'
     script.write_text(HUNG_WRITE)
-    args = [*ARGS, '--config.num_steps=8', '--config.checkpoint_every_steps=2',
-            '--config.stages=train', '--config.checkpoint_timeout_s=8']
+    args = [*TRAIN, '--config.num_steps=8', '--config.checkpoint_every_steps=2',
+            '--config.checkpoint_timeout_s=8']
     port = free_port()
     procs = [start([str(script), *cli(tmp_path / 'w', *args)[2:]], pid, port, tmp_path / 'tfds',
                    timeout_s=100) for pid in range(2)]
@@ -250,8 +251,7 @@ def test_a_signal_to_one_host_stops_both_at_the_same_step(tmp_path, sig):
     Ctrl-C (passed on to that notifier), and the other one stop at one step, save its
     checkpoint together, and the re-run resumes from it."""
     port = free_port()
-    args = [*ARGS, '--config.num_steps=400', '--config.log_every_steps=1',
-            '--config.stages=train']
+    args = [*TRAIN, '--config.num_steps=400', '--config.log_every_steps=1']
     procs = [start(cli(tmp_path / 'w', *args), pid, port, tmp_path / 'tfds', timeout_s=40)
              for pid in range(2)]
     for line in procs[0].stdout:
@@ -613,10 +613,10 @@ def test_a_lease_taken_over_mid_run_ends_every_process_in_one_line(tmp_path):
     the new owner's lock stays."""
     script = tmp_path / 'main_with_a_lease.py'
     script.write_text(MAIN_WITH_A_LEASE)
-    run_main(tmp_path / 'first', *ARGS, '--config.num_steps=1', '--config.stages=train',
+    run_main(tmp_path / 'first', *TRAIN, '--config.num_steps=1',
              data_dir=tmp_path / 'tfds')  # the data, prepared once
     workdir = tmp_path / 'w'
-    args = [*ARGS, '--config.stages=train', '--config.num_steps=2000',
+    args = [*TRAIN, '--config.num_steps=2000',
             '--config.log_every_steps=1', '--config.checkpoint_every_steps=1000']
     port = free_port()
     procs = [start([str(script), *cli(workdir, *args)[2:]], pid, port, tmp_path / 'tfds',
