@@ -267,7 +267,10 @@ def export(src: str, fmt: str, out: str, *, structured: bool = False,
     if ratio:
         flat = prune(flat, ratio, results.get('config', {}))
     if nm:
-        flat = prune_nm(flat, n, m, results.get('config', {}))
+        try:
+            flat = prune_nm(flat, n, m, results.get('config', {}))
+        except UserError as e:  # a kernel whose inputs m does not divide, a 1-D tensor
+            raise UserError(f'--nm {nm}: {e}') from None
     notes: list[str] = []
     if heads or mlp_units:
         flat, note = remove_weakest_units(flat, heads, mlp_units, unit_scope)

@@ -2,6 +2,7 @@
 construction; zeros stay zeros; structured removal; model card; bad inputs write nothing."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -264,6 +265,13 @@ def test_nm_export_is_n_of_m_along_every_torch_linear_input_and_names_its_accura
                          '--nm', '2:4', '--prune', '0.5'])
     assert 'choose one' in capsys.readouterr().err
     assert not (tmp_path / 'o2').exists()
+    with pytest.raises(SystemExit):  # a kernel whose input size 3 does not divide
+        export_cli.main([str(tmp_path / 'run'), str(tmp_path / 'o3'), '--format', 'hf',
+                         '--nm', '1:3'])
+    assert re.search(r'^error: --nm 1:3: \S+/kernel: input size \d+ is not divisible by m=3 '
+                     r"for N:M pruning; use an m that divides every kernel's inputs$",
+                     capsys.readouterr().err, re.M)
+    assert not (tmp_path / 'o3').exists()
 
 
 def test_bad_inputs_one_line_and_nothing_written(tmp_path, capsys):

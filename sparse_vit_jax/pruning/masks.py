@@ -212,7 +212,7 @@ def nm_masks(params: Any, n: int = 2, m: int = 4, *, select: Any = None) -> Any:
         fan_in = int(np.prod(w.shape[:k]))
         if fan_in % m:
             raise UserError(f'{name}: input size {fan_in} is not divisible by m={m} '
-                            'for N:M pruning')
+                            'for N:M pruning; use an m that divides every kernel\'s inputs')
         g = jnp.abs(w.reshape(fan_in // m, m, -1))
         order = jnp.argsort(-g, axis=1, stable=True)
         rank = jnp.argsort(order, axis=1, stable=True)
