@@ -255,6 +255,7 @@ def test_bad_names_and_sizes():
         create_model('ViT-B_16', num_classes=10, image_size=100)
 
 
+@pytest.mark.slow
 def test_cudnn_attention_branch_computes_the_same_attention(monkeypatch):
     """The fused-attention branch's layout and scale, run here through XLA's kernel."""
     model = create_model('testing', num_classes=5, dtype=jnp.bfloat16)
@@ -271,14 +272,15 @@ def test_cudnn_attention_branch_computes_the_same_attention(monkeypatch):
         return real(*args, implementation='xla', **kw)
 
     monkeypatch.setattr(jax.nn, 'dot_product_attention', via_xla)
-    want = model.apply({'params': params}, x)
-    got = fused.apply({'params': params}, x)
+    want = jax.jit(model.apply)({'params': params}, x)
+    got = jax.jit(fused.apply)({'params': params}, x)
     assert calls == ['cudnn', 'cudnn']  # both blocks took the fused branch
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=0.05, rtol=0.05)
     assert float(jnp.abs(want).max()) > 0.1
     # probabilities asked for: that block falls back to the explicit attention
     calls.clear()
-    fused.apply({'params': params}, x, capture_attention=(1,), mutable=['intermediates'])
+    jax.jit(lambda v: fused.apply(v, x, capture_attention=(1,), mutable=['intermediates']))(
+        {'params': params})
     assert calls == ['cudnn']
 
 
@@ -292,12 +294,12 @@ def test_padded_fused_attention_equals_unpadded(image_size):
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape),
                           params)
     x = jax.random.normal(jax.random.key(1), (3, image_size, image_size, 3))
-    want, got = (np.asarray(m.apply({'params': params}, x)) for m in (exact, padded))
+    want, got = (np.asarray(jax.jit(m.apply)({'params': params}, x)) for m in (exact, padded))
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert np.abs(want).max() > 0.1
     if image_size != 16:
         return
-    grads = [jax.grad(lambda p, m=m: jnp.sum(m.apply({'params': p}, x) ** 2))(params)
+    grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply({'params': p}, x) ** 2)))(params)
              for m in (exact, padded)]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
@@ -319,6 +321,7 @@ def test_fused_attention_masks_padded_keys_against_numpy():
     np.testing.assert_allclose(got[:, :17], want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fused_path_ignores_what_the_kernel_leaves_in_padded_rows(monkeypatch):
     """A kernel that leaves NaN in the padded rows of its output and of its gradients (cuDNN
     leaves them unspecified): the model's logits and every parameter gradient stay those of

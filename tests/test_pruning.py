@@ -272,6 +272,7 @@ def test_structured_equals_masked_dense():
                                model.apply({'params': dense}, x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_prune_structured_counts_and_scores():
     model, params = random_vit('ViT-Ti_16')
     m2, p2 = prune_structured(model, params, head_ratio=1 / 3, mlp_ratio=0.5)
