@@ -159,6 +159,9 @@ def base_config() -> mlc.ConfigDict:
     c.checkpoint_timeout_s = 1200  # with several hosts: how long one host's checkpoint write
     #                                may keep the others waiting before all stop with one line
     c.log_every_steps = 50
+    c.eval_every_steps = 0         # > 0: also evaluate on the test split every so many training
+    #                                steps (a log line; tensorboard eval/*); the eval stage
+    #                                evaluates the final weights
     c.lock()
     return c
 
@@ -262,6 +265,7 @@ def from_saved(saved: dict[str, Any]) -> mlc.ConfigDict:
 # training that produced them (how often to log and save, what to evaluate and prune after;
 # kernels and how dropout draws its masks, which may differ between the machines of a run).
 RERUN_FREE = ('stages', 'smoke', 'compile_cache', 'init_from', 'log_every_steps',
+              'eval_every_steps',
               'checkpoint_every_steps', 'keep_checkpoints', 'checkpoint_timeout_s',
               'eval_batch_size', 'data.data_dir', 'data.root', 'mesh.fsdp', 'model.attention_impl',
               'model.remat', 'model.dropout_impl', 'model.gelu_form', 'prune.', 'sweep.')
@@ -476,7 +480,7 @@ def validate(c: Any) -> None:
               'optimizer.accumulate', 'checkpoint_every_steps', 'keep_checkpoints',
               'checkpoint_timeout_s', 'log_every_steps', 'data.shuffle_buffer',
               'schedule.div_factor', 'schedule.final_div_factor', 'sweep.seeds', strict=True)
-    _at_least(c, 0, 'seed', 'num_epochs', 'num_steps', 'optimizer.weight_decay',
+    _at_least(c, 0, 'seed', 'num_epochs', 'num_steps', 'eval_every_steps', 'optimizer.weight_decay',
               'optimizer.grad_clip', 'sparsity.attention.weight', 'sparsity.l1.weight',
               'schedule.warmup_steps', 'sweep.l1_weight', 'sweep.l1_proximal_weight',
               'sweep.attention_weight', 'sweep.finetune_steps', 'model.hidden_size',

@@ -357,11 +357,16 @@ class Experiment:
         n, depth = jax.device_count(), self.model.num_layers
         log(f'training {total} steps ({data.steps_per_epoch} per epoch), batch {c.batch_size}, '
             f'{n} device{"s" * (n != 1)}, {depth} block{"s" * (depth != 1)}')
+        def during(s: TrainState) -> dict[str, float]:
+            ev = self._evaluate(s.params)
+            return {k: ev[k] for k in ('accuracy', 'top5_accuracy', 'loss')}
+
         try:
             state, scalars = train_loop(
                 state, step_fn, batches, LoopConfig(total, c.log_every_steps, c.batch_size,
-                                                    self.meta(), MEMORY_ADVICE),
-                ckpt, writer, extra)
+                                                    self.meta(), MEMORY_ADVICE,
+                                                    c.eval_every_steps),
+                ckpt, writer, extra, during)
         finally:
             batches.close()
             writer.close()
@@ -377,8 +382,12 @@ class Experiment:
                             '--workdir')
 
     def evaluate(self, params: Any) -> dict[str, float]:
-        """Accuracy and loss over every example of the eval split (padding not counted)."""
+        """Accuracy, top-5 accuracy and loss over every example of the eval split (padding
+        not counted)."""
         signals.check('before an evaluation (training is checkpointed; evaluations are redone)')
+        return self._evaluate(params)
+
+    def _evaluate(self, params: Any) -> dict[str, float]:
         c = self.config
         if not self._eval:
             n = self.mesh.size  # any eval batch works on any device count
@@ -389,7 +398,8 @@ class Experiment:
             c.data, c.model.image_size, self._eval['batch'], self.mesh, self.source,
             self._eval.get('count'))
         m = evaluate(self._eval['step'], params, batches, 'lower config.eval_batch_size')
-        return {'accuracy': float(m.accuracy.compute()), 'loss': float(m.loss.compute()),
+        return {'accuracy': float(m.accuracy.compute()),
+                'top5_accuracy': float(m.top5_accuracy.compute()), 'loss': float(m.loss.compute()),
                 'examples': int(m.accuracy.count)}
 
     def prune(self, params: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -442,8 +452,9 @@ def stages(exp: Experiment, c: Any, workdir: Any, write: bool = True) -> dict[st
     out['weights'] = weight_stats(host_params, c.prune.include or None)
     if 'eval' in c.stages:
         out['eval'] = exp.evaluate(params)
-        log(f'test accuracy {out["eval"]["accuracy"]:.4f} on {out["eval"]["examples"]} '
-            f'examples (loss {out["eval"]["loss"]:.4f})')
+        ev = out['eval']
+        log(f'test accuracy {ev["accuracy"]:.4f} (top-5 {ev["top5_accuracy"]:.4f}) on '
+            f'{ev["examples"]} examples (loss {ev["loss"]:.4f})')
     if 'prune' in c.stages:
         out['prune'], nm_rows = exp.prune(params)
         if nm_rows:

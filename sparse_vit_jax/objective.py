@@ -5,7 +5,8 @@ contract (`train.steps`). The penalty reads the attention probabilities sown by
 the same forward pass that produces the logits. With weight 0 nothing is sown
 or computed, so the compiled step is the same as a plain cross-entropy step.
 `outputs` are per-example `ce` and `correct` (so that evaluation can leave out
-padded examples) and the scalar `attention_penalty`.
+padded examples), in evaluation also `correct5` (the label among the 5 highest
+logits: top-5 accuracy, ImageNet's second figure), and the scalar `attention_penalty`.
 """
 
 from collections.abc import Callable, Sequence
@@ -55,9 +56,21 @@ def make_loss_fn(model: VisionTransformer, attention_weight: float = 0.0,
             mean_ce = jnp.mean(ce)
         loss = mean_ce + attention_weight * penalty if layers else mean_ce
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return loss, {'ce': ce, 'correct': correct, 'attention_penalty': penalty}
+        out = {'ce': ce, 'correct': correct, 'attention_penalty': penalty}
+        if not train:
+            out['correct5'] = top_k_correct(logits, labels, 5)
+        return loss, out
 
     return loss_fn
+
+
+def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label's logit is among the k highest (all of them with fewer classes).
+
+    Counted as fewer than k logits above the label's, so a tie at the k-th place counts.
+    """
+    own = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    return (jnp.sum(logits > own, axis=-1) < k).astype(jnp.float32)
 
 
 # (No `from __future__ import annotations` here: clu reads these annotations as classes.)
@@ -73,3 +86,4 @@ class TrainMetrics(metrics.Collection):
 class EvalMetrics(metrics.Collection):
     loss: metrics.Average.from_output('ce')          # padded examples (mask 0) not counted
     accuracy: metrics.Average.from_output('correct')
+    top5_accuracy: metrics.Average.from_output('correct5')

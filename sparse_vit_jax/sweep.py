@@ -272,7 +272,8 @@ def collect_rows(cells: list[tuple[str, int, dict[str, Any]]]) -> list[dict[str,
 
 
 def _cell(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ('ratio', 'accuracy', 'loss', 'pool_sparsity', 'nonzero_params', 'total_params')
+    keys = ('ratio', 'accuracy', 'top5_accuracy', 'loss', 'pool_sparsity', 'nonzero_params',
+            'total_params')
     return {k: r[k] for k in keys if k in r}
 
 

@@ -249,6 +249,7 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.num_epochs=inf'], 'num_epochs must be a finite number'),
     (['--config.num_epochs=nan'], 'num_epochs must be a finite number'),
     (['--config.seed=-1'], 'seed must be >= 0'),
+    (['--config.eval_every_steps=-4'], 'eval_every_steps must be >= 0'),
     (['--config.model.num_heads=3', '--config.model.hidden_size=32'],
      'num_heads 3 does not divide model.hidden_size 32'),
     (['--config.model.hidden_size=-8'], 'model.hidden_size must be >= 0'),

@@ -73,6 +73,28 @@ def test_loss_penalty_matches_manual_last_block():
     np.testing.assert_allclose(loss, ce + 0.5 * np.mean(np.log1p(a ** 2)), rtol=1e-5)
 
 
+def test_top_k_correct_against_numpy_and_only_in_evaluation():
+    from sparse_vit_jax.objective import top_k_correct
+    logits = np.asarray(jax.random.normal(jax.random.key(3), (64, 20)))
+    labels = np.asarray(jax.random.randint(jax.random.key(4), (64,), 0, 20))
+    for k in (1, 5):
+        top = np.argsort(-logits, axis=1)[:, :k]
+        want = [float(y in row) for y, row in zip(labels, top)]
+        np.testing.assert_array_equal(top_k_correct(logits, labels, k), want)
+        assert 0 < np.mean(want) < 1
+    # fewer classes than k: always a hit; a tie at the k-th place counts as one
+    assert top_k_correct(jnp.array([[3., 1., 2.]]), jnp.array([1]), 5).tolist() == [1.0]
+    tie = jnp.array([[4., 3., 2., 2., 1.]])
+    assert top_k_correct(tie, jnp.array([3]), 3).tolist() == [1.0]
+    assert top_k_correct(tie, jnp.array([4]), 3).tolist() == [0.0]
+    model = create_model('testing', num_classes=3)
+    params = init_params(model, 16)
+    b = {'image': jnp.zeros((2, 16, 16, 3)), 'label': jnp.zeros(2, jnp.int32)}
+    loss_fn = make_loss_fn(model)
+    assert 'correct5' in loss_fn(params, b, None, False)[1]
+    assert 'correct5' not in loss_fn(params, b, jax.random.key(0), True)[1]
+
+
 @pytest.mark.parametrize('remat', ['none', 'full'])
 def test_penalty_sown_reduced_has_the_gradients_of_the_penalty_of_the_sown_probs(remat):
     """The loss sows the penalty itself (`reduce_attention`, whose backward pass recomputes

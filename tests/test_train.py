@@ -109,11 +109,35 @@ def test_eval_and_prune_in_another_process_without_the_training_split(tmp_path, 
     assert r.returncode == 2 and 'error: ' in r.stderr  # training does need it
 
 
+def numpy_top_k(workdir, data_dir, k):
+    """Top-k accuracy of a run's params.npz by hand: the model's logits for the whole test
+    split in one batch, then the label among the k largest of each row (numpy's sort)."""
+    from sparse_vit_jax.checkpoints import unflatten
+    from sparse_vit_jax.data import eval_batches
+    from sparse_vit_jax.experiment import build_model
+    from sparse_vit_jax.train.sharding import make_mesh
+    c = from_saved(results(workdir)['config'])
+    c.data.data_dir = str(data_dir)
+    (batch,), n = eval_batches(c.data, c.model.image_size, 10 ** 6, make_mesh())
+    assert n == 360 and np.asarray(batch['mask']).all()
+    model = build_model(c, 10, 'jax')
+    logits = np.asarray(model.apply({'params': unflatten(params(workdir))}, batch['image']))
+    top = np.argsort(-logits, axis=1, kind='stable')[:, :k]
+    return float(np.mean([y in row for y, row in zip(np.asarray(batch['label']), top)]))
+
+
 def test_init_from_npz_and_odd_eval_batch(tmp_path, run8, data_dir):
+    """Eval batches of 16 on 8 devices: 8 padded examples, counted in neither accuracy."""
     wd = tmp_path / 'eval_npz'
     main_here(wd, *SMOKE, f'--config.init_from={run8 / "params.npz"}', '--config.stages=eval',
               '--config.eval_batch_size=13', data_dir=data_dir)
-    assert results(wd)['eval']['accuracy'] == results(run8)['eval']['accuracy']
+    ev, ref = results(wd)['eval'], results(run8)['eval']
+    assert ev['accuracy'] == ref['accuracy'] and ev['examples'] == 360
+    top5 = numpy_top_k(run8, data_dir, 5)
+    assert ev['top5_accuracy'] == pytest.approx(top5, abs=1e-6)
+    assert ref['top5_accuracy'] == pytest.approx(top5, abs=1e-6)
+    assert numpy_top_k(run8, data_dir, 1) == pytest.approx(ref['accuracy'], abs=1e-6)
+    assert ev['accuracy'] < top5 < 1  # a smoke model: neither bound reached
 
 
 def numpy_nm(flat, n, m):
@@ -264,6 +288,7 @@ def test_gradual_pruning_while_training_leaves_its_sparsity_in_the_trained_weigh
     assert r['train']['pool_sparsity'] == pytest.approx((w == 0).mean(), abs=1e-6)
 
 
+@pytest.mark.slow  # the masks through optimizer steps: test_pruning.py
 def test_a_pruned_model_is_fine_tuned_with_its_zeros_kept(tmp_path, run8, data_dir):
     """sparsity.keep_zeros through the main command: run8's weights pruned at 60% of the pool
     in numpy (init_from), trained on: every pruned weight is still exactly zero in the written
@@ -596,6 +621,44 @@ def test_eval_batch_and_device_count_independent_of_the_training_batch(tmp_path,
     main_here(wd, *SMOKE, f'--config.init_from={run8}', '--config.stages=eval',
               '--config.batch_size=12', '--config.eval_batch_size=10', data_dir=data_dir)
     assert results(wd)['eval']['accuracy'] == results(run8)['eval']['accuracy']
+
+
+def test_evaluation_during_training_reports_the_checkpoint_and_leaves_training_alone(
+        tmp_path, run8, data_dir):
+    """eval_every_steps=4 of 8: one evaluation, at step 4, logged and written to tensorboard;
+    it equals a later evaluation of the step-4 checkpoint, and the trained weights are run8's
+    bit for bit (evaluating draws no randomness and changes no state)."""
+    import tensorflow as tf
+    wd = tmp_path / 'during'
+    out = main_here(wd, *SMOKE, '--config.eval_every_steps=4', '--config.stages=train,eval',
+                    data_dir=data_dir).stdout
+    lines = [x for x in out.splitlines() if x.startswith('eval at step')]
+    assert len(lines) == 1 and lines[0].startswith('eval at step 4/8 | accuracy '), out
+    logged = dict(kv.rsplit(' ', 1) for kv in lines[0].split(' | ')[1:])
+    assert set(logged) == {'accuracy', 'top5_accuracy', 'loss'}
+    ref, got = params(run8), params(wd)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    assert results(wd)['eval'] == results(run8)['eval']
+
+    ck4 = tmp_path / 'ck4'
+    shutil.copytree(run8 / 'checkpoints', ck4 / 'checkpoints')
+    shutil.rmtree(ck4 / 'checkpoints' / '8')
+    main_here(tmp_path / 'at4', *SMOKE, f'--config.init_from={ck4}', '--config.stages=eval',
+              data_dir=data_dir)
+    at4 = results(tmp_path / 'at4')['eval']
+    for k, v in logged.items():
+        assert float(v) == pytest.approx(at4[k], abs=6e-5), k  # printed to 4 decimals
+
+    written = {}
+    for f in (wd / 'tensorboard').rglob('events.out.tfevents.*'):
+        for e in tf.compat.v1.train.summary_iterator(str(f)):
+            for v in e.summary.value:
+                if v.tag.startswith('eval/'):
+                    written[(e.step, v.tag)] = float(tf.make_ndarray(v.tensor))
+    assert written.keys() == {(4, f'eval/{k}') for k in logged}
+    for k in logged:
+        assert written[(4, f'eval/{k}')] == pytest.approx(at4[k], rel=1e-6), k
 
 
 def test_eta_counts_days():

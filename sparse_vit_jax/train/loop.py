@@ -5,7 +5,10 @@ batches, merges the step's `clu.metrics.Collection` on the device, and at each l
 boundary brings the metrics to the host once (the only host synchronisation), checks
 them, prints a progress line and writes them through a clu `MetricWriter` (any object
 with `write_scalars(step, dict)`). Checkpoints follow the `Checkpointer`'s cadence and
-the last step. A stop signal (`train.signals`) stops at the next step with a checkpoint; on
+the last step. With `cfg.eval_every`, an `evaluate(state)` given by the caller runs at
+every such step before the last (whose evaluation is the caller's), after that step's
+checkpoint; its scalars are logged and written under 'eval/', and its time is left out of
+images/s and the ETA. A stop signal (`train.signals`) stops at the next step with a checkpoint; on
 several hosts orbax's preemption sync point makes every host stop at the same step (a loop
 without a checkpointer: at the next log step). Before the first step the loop compiles the
 step for the first batch and checks that what it allocates fits the devices
@@ -50,12 +53,14 @@ class LoopConfig:
     meta: dict[str, Any] = field(default_factory=dict)   # stored with every checkpoint
     memory_advice: str = ('lower the batch size (accumulating gradients over several steps '
                           'keeps the effective batch), rematerialise, or shard the state')
+    eval_every: int = 0                   # steps between evaluations (0: none in the loop)
 
 
 def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[TrainState, Any]],
                batches: Iterator[Any], cfg: LoopConfig, checkpointer: Checkpointer | None = None,
                writer: Any = None,
                extra_scalars: Callable[[TrainState], dict[str, float]] | None = None,
+               evaluate: Callable[[TrainState], dict[str, float]] | None = None,
                ) -> tuple[TrainState, dict[str, float]]:
     """Steps `state` to `cfg.total_steps`; returns it and the last logged scalars.
 
@@ -97,6 +102,10 @@ def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[Tra
                 'not checkpointed: a re-run redoes these steps'
             raise Stopped(f'stopped by {by} at step {step}; {saved}, re-run the same command '
                           'to resume')
+        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and not final:
+            t_eval = time.monotonic()
+            _report_eval(step, evaluate(state), cfg, writer)
+            t_last += time.monotonic() - t_eval
     if writer is not None:
         writer.flush()
     return state, last
@@ -148,3 +157,10 @@ def _report(step: int, state: TrainState, acc: Any, steps: int, t0: float, cfg: 
     if writer is not None:
         writer.write_scalars(step, scalars)
     return scalars
+
+
+def _report_eval(step: int, scalars: dict[str, float], cfg: LoopConfig, writer: Any) -> None:
+    log(' | '.join([f'eval at step {step}/{cfg.total_steps}',
+                    *(f'{k} {v:.4f}' for k, v in scalars.items())]))
+    if writer is not None:
+        writer.write_scalars(step, {f'eval/{k}': v for k, v in scalars.items()})
