@@ -357,16 +357,12 @@ class Experiment:
         n, depth = jax.device_count(), self.model.num_layers
         log(f'training {total} steps ({data.steps_per_epoch} per epoch), batch {c.batch_size}, '
             f'{n} device{"s" * (n != 1)}, {depth} block{"s" * (depth != 1)}')
-        def during(s: TrainState) -> dict[str, float]:
-            ev = self._evaluate(s.params)
-            return {k: ev[k] for k in ('accuracy', 'top5_accuracy', 'loss')}
-
         try:
             state, scalars = train_loop(
                 state, step_fn, batches, LoopConfig(total, c.log_every_steps, c.batch_size,
                                                     self.meta(), MEMORY_ADVICE,
                                                     c.eval_every_steps),
-                ckpt, writer, extra, during)
+                ckpt, writer, extra, self.evaluate_during)
         finally:
             batches.close()
             writer.close()
@@ -380,6 +376,11 @@ class Experiment:
             raise UserError(f'{self.workdir} holds a run with other training settings: '
                             f'{", ".join(diffs)}; re-run with its values, or use a new '
                             '--workdir')
+
+    def evaluate_during(self, state: TrainState) -> dict[str, float]:
+        """The scalars of an evaluation between training steps (`train_loop`'s `evaluate`)."""
+        ev = self._evaluate(state.params)
+        return {k: ev[k] for k in ('accuracy', 'top5_accuracy', 'loss')}
 
     def evaluate(self, params: Any) -> dict[str, float]:
         """Accuracy, top-5 accuracy and loss over every example of the eval split (padding

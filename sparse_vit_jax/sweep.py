@@ -164,7 +164,8 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     weights stay exactly zero (keep_masks in the optimizer state). A ratio's fine-tuning is
     checkpointed at the run's cadence in finetune/<ratio>_<fingerprint>/ (a stopped cell
     resumes it at its last checkpoint); when it is done, its row goes into the cell's
-    finetuned.json and those checkpoints are removed.
+    finetuned.json and those checkpoints are removed. config.eval_every_steps evaluates
+    during fine-tuning too (log lines).
     """
     from sparse_vit_jax.data import TrainData
     from sparse_vit_jax.experiment import MEMORY_ADVICE, train_parts
@@ -190,7 +191,7 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     shardings, step = parts.shardings, parts.step
     data = TrainData.create(ft.data, ft.batch_size, exp.mesh, source=exp.source)
     loop = LoopConfig(ft.num_steps, ft.log_every_steps, ft.batch_size,
-                      memory_advice=MEMORY_ADVICE)
+                      memory_advice=MEMORY_ADVICE, eval_every=ft.eval_every_steps)
     kept = workdir / 'finetuned.json'
     rows = _finetuned(kept, c)
     target = with_shardings(parts.abstract, shardings)
@@ -214,7 +215,8 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
                 f'masks kept' + (f' (from step {step0})' if step0 else ''))
             batches = data.batches(ft.data, ft.model.image_size, c.seed + 1, step0, exp.mesh)
             try:
-                state, _ = train_loop(state, step, batches, loop, ckpt)
+                state, _ = train_loop(state, step, batches, loop, ckpt,
+                                      evaluate=exp.evaluate_during)
             finally:
                 batches.close()
         finally:

@@ -199,6 +199,33 @@ def test_sweep_stops_between_cells_on_a_signal(tmp_path, monkeypatch):
     assert not (tmp_path / 'run' / 'cells').exists()
 
 
+@pytest.mark.slow  # two sweeps: ~45 s
+def test_evaluations_during_masked_finetuning_match_a_shorter_finetuning(tmp_path, capsys):
+    """eval_every_steps=2 with 4 fine-tuning steps logs one evaluation, at step 2, equal to the
+    row of the same cell fine-tuned for 2 steps (a constant learning rate, the same batches and
+    dropout keys: the same weights). That evaluations leave training alone is tested on the
+    same loop in test_train.py."""
+    c = tiny_sweep_config(tmp_path)
+    c.sweep.variants, c.sweep.seeds, c.prune.ratios = ('baseline',), 1, (0.5,)
+    c.num_steps, c.sweep.finetune_steps = 8, 2
+
+    def ft_row(c):
+        rows = run_sweep(c, tmp_path / 'run', 'test')  # trains once, then re-runs fine-tuning
+        row, = [r for r in rows if r['variant'] == 'baseline+ft']
+        return row
+
+    two = ft_row(c)
+    capsys.readouterr()
+    c.sweep.finetune_steps, c.eval_every_steps = 4, 2
+    ft_row(c)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith('eval at step')]
+    assert len(lines) == 1 and lines[0].startswith('eval at step 2/4 | '), lines
+    logged = dict(kv.rsplit(' ', 1) for kv in lines[0].split(' | ')[1:])
+    assert set(logged) == {'accuracy', 'top5_accuracy', 'loss'}
+    for k, v in logged.items():
+        assert float(v) == pytest.approx(float(two[k]), abs=6e-5), k  # printed to 4 decimals
+
+
 @pytest.mark.slow  # three sweeps (stopped, resumed, whole): ~26 s
 def test_a_signal_during_masked_finetuning_stops_at_the_next_step_and_resumes(tmp_path,
                                                                             monkeypatch):
