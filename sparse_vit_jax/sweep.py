@@ -164,9 +164,12 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     weights stay exactly zero (keep_masks in the optimizer state). A ratio's fine-tuning is
     checkpointed at the run's cadence in finetune/<ratio>_<fingerprint>/ (a stopped cell
     resumes it at its last checkpoint); when it is done, its row goes into the cell's
-    finetuned.json and those checkpoints are removed. config.eval_every_steps evaluates
-    during fine-tuning too (log lines).
+    finetuned.json and those checkpoints are removed. Its metrics go to the cell's
+    tensorboard/finetune_<ratio>_<fingerprint>/; config.eval_every_steps evaluates during
+    fine-tuning too.
     """
+    from clu import metric_writers  # imports TensorFlow, which the data needs anyway
+
     from sparse_vit_jax.data import TrainData
     from sparse_vit_jax.experiment import MEMORY_ADVICE, train_parts
     from sparse_vit_jax.optimizer import build_optimizer
@@ -214,11 +217,15 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
             log(f'fine-tuning the model pruned at {ratio_text(ratio)} for {ft.num_steps} steps, '
                 f'masks kept' + (f' (from step {step0})' if step0 else ''))
             batches = data.batches(ft.data, ft.model.image_size, c.seed + 1, step0, exp.mesh)
+            writer = metric_writers.create_default_writer(
+                str(workdir / 'tensorboard' / f'finetune_{where.name}'),
+                just_logging=jax.process_index() > 0)
             try:
-                state, _ = train_loop(state, step, batches, loop, ckpt,
+                state, _ = train_loop(state, step, batches, loop, ckpt, writer,
                                       evaluate=exp.evaluate_during)
             finally:
                 batches.close()
+                writer.close()
         finally:
             ckpt.close()
         report = sparsity_report(to_host(state.params), include)
