@@ -111,6 +111,17 @@ def params(workdir: Path) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
+def tensorboard_scalars(root: Path) -> dict[tuple[int, str], float]:
+    """{(step, tag): value} of every event file under `root`, read with TensorFlow's reader."""
+    import tensorflow as tf
+    out = {}
+    for f in root.rglob('events.out.tfevents.*'):
+        for e in tf.compat.v1.train.summary_iterator(str(f)):
+            for v in e.summary.value:
+                out[(e.step, v.tag)] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
 def pool_keys(flat: dict[str, np.ndarray]) -> list[str]:
     """The names of a flat parameter dict that the paper's pruning pool selects."""
     from sparse_vit_jax.selection import PAPER_POOL, select

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import config_file, pool_keys
+from helpers import config_file, pool_keys, tensorboard_scalars
 from PIL import Image
 
 from sparse_vit_jax.configs import apply_smoke
@@ -204,8 +204,7 @@ def test_evaluations_during_masked_finetuning_match_a_shorter_finetuning(tmp_pat
     """eval_every_steps=2 with 4 fine-tuning steps logs one evaluation, at step 2, equal to the
     row of the same cell fine-tuned for 2 steps (a constant learning rate, the same batches and
     dropout keys: the same weights), in the log and in the fine-tuning's tensorboard events.
-    That evaluations leave training alone is tested on the
-    same loop in test_train.py."""
+    That evaluations leave training alone is tested on the same loop in test_train.py."""
     c = tiny_sweep_config(tmp_path)
     c.sweep.variants, c.sweep.seeds, c.prune.ratios = ('baseline',), 1, (0.5,)
     c.num_steps, c.sweep.finetune_steps = 8, 2
@@ -225,15 +224,10 @@ def test_evaluations_during_masked_finetuning_match_a_shorter_finetuning(tmp_pat
     assert set(logged) == {'accuracy', 'top5_accuracy', 'loss'}
     for k, v in logged.items():
         assert float(v) == pytest.approx(float(two[k]), abs=6e-5), k  # printed to 4 decimals
-    import tensorflow as tf
-    boards = {}  # each fine-tuning (2 steps, 4 steps) in its own directory
-    for board in (tmp_path / 'run' / 'cells').glob('*/tensorboard/finetune_0.5_*'):
-        written = boards.setdefault(board.name, {})
-        for f in board.rglob('events.out.tfevents.*'):
-            for e in tf.compat.v1.train.summary_iterator(str(f)):
-                for v in e.summary.value:
-                    written[(e.step, v.tag)] = float(tf.make_ndarray(v.tensor))
-    short, long = sorted(boards.values(), key=len)
+    # each fine-tuning (2 steps, 4 steps) in its own directory
+    short, long = sorted((tensorboard_scalars(board) for board in
+                          (tmp_path / 'run' / 'cells').glob('*/tensorboard/finetune_0.5_*')),
+                         key=len)
     assert (2, 'loss') in short and not any(t.startswith('eval/') for _, t in short)
     assert (4, 'loss') in long and max(s for s, _ in long) == 4
     for k in logged:

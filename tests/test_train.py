@@ -23,6 +23,7 @@ from helpers import (
     pool_keys,
     results,
     run_main,
+    tensorboard_scalars,
     torch,
 )
 
@@ -628,7 +629,6 @@ def test_evaluation_during_training_reports_the_checkpoint_and_leaves_training_a
     """eval_every_steps=4 of 8: one evaluation, at step 4, logged and written to tensorboard;
     it equals a later evaluation of the step-4 checkpoint, and the trained weights are run8's
     bit for bit (evaluating draws no randomness and changes no state)."""
-    import tensorflow as tf
     wd = tmp_path / 'during'
     out = main_here(wd, *SMOKE, '--config.eval_every_steps=4', '--config.stages=train,eval',
                     data_dir=data_dir).stdout
@@ -650,12 +650,8 @@ def test_evaluation_during_training_reports_the_checkpoint_and_leaves_training_a
     for k, v in logged.items():
         assert float(v) == pytest.approx(at4[k], abs=6e-5), k  # printed to 4 decimals
 
-    written = {}
-    for f in (wd / 'tensorboard').rglob('events.out.tfevents.*'):
-        for e in tf.compat.v1.train.summary_iterator(str(f)):
-            for v in e.summary.value:
-                if v.tag.startswith('eval/'):
-                    written[(e.step, v.tag)] = float(tf.make_ndarray(v.tensor))
+    written = {k: v for k, v in tensorboard_scalars(wd / 'tensorboard').items()
+               if k[1].startswith('eval/')}
     assert written.keys() == {(4, f'eval/{k}') for k in logged}
     for k in logged:
         assert written[(4, f'eval/{k}')] == pytest.approx(at4[k], rel=1e-6), k
