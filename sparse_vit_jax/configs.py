@@ -80,6 +80,12 @@ def base_config() -> mlc.ConfigDict:
     c.data.source = 'folder'       # imagenet100: folder | imagenet2012
     c.data.root = ''               # imagenet100 folder tree root/{train,val}/<wnid>/
     c.data.class_list = ''         # imagenet100: one WordNet ID per line
+    c.data.val_fraction = 0.0      # > 0: the last such share of the training split (TFDS
+    #                                slicing, the same examples every run) is held out as a
+    #                                validation split: training never sees it, evaluations
+    #                                during training (eval_every_steps) read it instead of the
+    #                                test split, and the eval stage reports it beside the test
+    #                                split; 0 = none
 
     c.batch_size = 16              # global training batch (all devices, all hosts)
     c.eval_batch_size = 64         # rounded up to a multiple of the device count
@@ -283,14 +289,15 @@ def _flat(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def training_keys(c: Any) -> dict[str, Any]:
     """The config's keys that shape training and its checkpoints, flattened. The settings of
-    gradual pruning and keep_zeros count only when on, so runs saved before they existed keep
-    their fingerprint (a sweep's cells are found again)."""
+    gradual pruning, keep_zeros and the validation split count only when on, so runs saved
+    before they existed keep their fingerprint (a sweep's cells are found again)."""
     keys = {k: v for k, v in _flat(json.loads(c.to_json())).items()
             if not k.startswith(RERUN_FREE)}
     if not keys.get('sparsity.gradual.sparsity'):
         keys = {k: v for k, v in keys.items() if not k.startswith('sparsity.gradual.')}
-    if not keys.get('sparsity.keep_zeros'):
-        keys.pop('sparsity.keep_zeros', None)
+    for key in ('sparsity.keep_zeros', 'data.val_fraction'):
+        if not keys.get(key):
+            keys.pop(key, None)
     return keys
 
 
@@ -488,6 +495,9 @@ def validate(c: Any) -> None:
     _fraction(c, 'model.dropout_rate', 'model.attention_dropout_rate', 'optimizer.momentum',
               'optimizer.b1', 'optimizer.b2', 'schedule.base_momentum', 'schedule.max_momentum')
     _fraction(c, 'sparsity.gradual.sparsity')
+    if not 0 <= c.data.val_fraction <= 0.5:
+        raise UserError(f'config data.val_fraction (the share of the training split held out '
+                        f'for validation) must be in [0, 0.5], got {c.data.val_fraction}')
     g = c.sparsity.gradual
     if not 0 <= g.start <= g.end <= 1:
         raise UserError(f'config sparsity.gradual.start and .end must satisfy 0 <= start <= end '

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from sparse_vit_jax.checkpoints import load_pretrained, other_widths, save_params
 from sparse_vit_jax.checkpoints.io import checkpoint_shapes, directory_message
 from sparse_vit_jax.configs import model_shape, nm_patterns, training_differences, validate
-from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source
+from sparse_vit_jax.data import Source, TrainData, eval_batches, get_source, split_size
 from sparse_vit_jax.errors import UserError
 from sparse_vit_jax.models import (
     NUMERICS,
@@ -248,6 +248,7 @@ class Experiment:
     abstract_params: Any
     param_shardings: Any
     widths: dict[str, tuple[int, ...]]
+    _counts: dict[str, int] = field(default_factory=dict)  # examples per split read so far
     _eval: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -287,8 +288,11 @@ class Experiment:
             except UserError as e:
                 raise UserError(f'config prune.nm {pattern}: {e}') from None
         shardings = state_shardings(abstract, mesh, c.mesh.fsdp)
+        # An empty validation split fails here, not at the first evaluation hours later.
+        counts = {source.val_split: split_size(source, source.val_split)} \
+            if source.val_split else {}
         return cls(c, epath.Path(workdir), mesh, model, numerics, source, abstract, shardings,
-                   widths)
+                   widths, counts)
 
     def meta(self) -> dict[str, Any]:
         widths = {'widths': {k: list(v) for k, v in self.widths.items()}} if self.widths else {}
@@ -361,7 +365,7 @@ class Experiment:
             state, scalars = train_loop(
                 state, step_fn, batches, LoopConfig(total, c.log_every_steps, c.batch_size,
                                                     self.meta(), MEMORY_ADVICE,
-                                                    c.eval_every_steps),
+                                                    c.eval_every_steps, self.during_name),
                 ckpt, writer, extra, self.evaluate_during)
         finally:
             batches.close()
@@ -377,27 +381,35 @@ class Experiment:
                             f'{", ".join(diffs)}; re-run with its values, or use a new '
                             '--workdir')
 
+    @property
+    def during_name(self) -> str:
+        """What evaluations during training read: 'val' (the held-out split) or 'eval' (the
+        test split), the name of their log lines and tensorboard scalars."""
+        return 'val' if self.source.val_split else 'eval'
+
     def evaluate_during(self, state: TrainState) -> dict[str, float]:
-        """The scalars of an evaluation between training steps (`train_loop`'s `evaluate`)."""
-        ev = self._evaluate(state.params)
+        """The scalars of an evaluation between training steps (`train_loop`'s `evaluate`):
+        on the validation split if the config holds one out, else on the test split."""
+        ev = self._evaluate(state.params, self.source.val_split)
         return {k: ev[k] for k in ('accuracy', 'top5_accuracy', 'loss')}
 
-    def evaluate(self, params: Any) -> dict[str, float]:
-        """Accuracy, top-5 accuracy and loss over every example of the eval split (padding
-        not counted)."""
+    def evaluate(self, params: Any, validation: bool = False) -> dict[str, float]:
+        """Accuracy, top-5 accuracy and loss over every example of the test split (or of the
+        validation split; padding not counted)."""
         signals.check('before an evaluation (training is checkpointed; evaluations are redone)')
-        return self._evaluate(params)
+        return self._evaluate(params, self.source.val_split if validation else '')
 
-    def _evaluate(self, params: Any) -> dict[str, float]:
+    def _evaluate(self, params: Any, split: str = '') -> dict[str, float]:
         c = self.config
         if not self._eval:
             n = self.mesh.size  # any eval batch works on any device count
             self._eval['batch'] = math.ceil(c.eval_batch_size / n) * n
             self._eval['step'] = make_eval_step(make_loss_fn(self.model), EvalMetrics,
                                                 self.mesh)
-        batches, self._eval['count'] = eval_batches(
+        split = split or self.source.eval_split
+        batches, self._counts[split] = eval_batches(
             c.data, c.model.image_size, self._eval['batch'], self.mesh, self.source,
-            self._eval.get('count'))
+            self._counts.get(split), split)
         m = evaluate(self._eval['step'], params, batches, 'lower config.eval_batch_size')
         return {'accuracy': float(m.accuracy.compute()),
                 'top5_accuracy': float(m.top5_accuracy.compute()), 'loss': float(m.loss.compute()),
@@ -453,9 +465,12 @@ def stages(exp: Experiment, c: Any, workdir: Any, write: bool = True) -> dict[st
     out['weights'] = weight_stats(host_params, c.prune.include or None)
     if 'eval' in c.stages:
         out['eval'] = exp.evaluate(params)
-        ev = out['eval']
-        log(f'test accuracy {ev["accuracy"]:.4f} (top-5 {ev["top5_accuracy"]:.4f}) on '
-            f'{ev["examples"]} examples (loss {ev["loss"]:.4f})')
+        if exp.source.val_split:
+            out['validation'] = exp.evaluate(params, validation=True)
+        for key, name in (('eval', 'test'), ('validation', 'validation')):
+            if ev := out.get(key):
+                log(f'{name} accuracy {ev["accuracy"]:.4f} (top-5 {ev["top5_accuracy"]:.4f}) on '
+                    f'{ev["examples"]} examples (loss {ev["loss"]:.4f})')
     if 'prune' in c.stages:
         out['prune'], nm_rows = exp.prune(params)
         if nm_rows:
@@ -464,7 +479,7 @@ def stages(exp: Experiment, c: Any, workdir: Any, write: bool = True) -> dict[st
     if not write:
         return out
     results_io.write_json(workdir / 'results.json', out)
-    rows = ([{'stage': 'eval', 'ratio': 0.0, **out['eval']}] if 'eval' in out else []) + \
+    rows = [{'stage': k, 'ratio': 0.0, **out[k]} for k in ('eval', 'validation') if k in out] + \
         [{'stage': 'prune', **r} for r in out.get('prune', [])] + \
         [{'stage': 'prune_nm', **r} for r in out.get('prune_nm', [])]
     results_io.write_csv(workdir / 'results.csv', rows)

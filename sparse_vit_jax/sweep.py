@@ -194,7 +194,8 @@ def finetune_pruned(c: Any, workdir: epath.Path, exp: Any) -> list[dict[str, Any
     shardings, step = parts.shardings, parts.step
     data = TrainData.create(ft.data, ft.batch_size, exp.mesh, source=exp.source)
     loop = LoopConfig(ft.num_steps, ft.log_every_steps, ft.batch_size,
-                      memory_advice=MEMORY_ADVICE, eval_every=ft.eval_every_steps)
+                      memory_advice=MEMORY_ADVICE, eval_every=ft.eval_every_steps,
+                      eval_name=exp.during_name)
     kept = workdir / 'finetuned.json'
     rows = _finetuned(kept, c)
     target = with_shardings(parts.abstract, shardings)

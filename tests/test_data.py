@@ -110,6 +110,47 @@ def test_eval_counts_every_example_once(digits_dir):
         [np.asarray(b['image']) for b in batches])[:360])
 
 
+def test_validation_split_is_held_out_of_the_training_split(digits_dir):
+    """val_fraction=0.1: the end of the training split (144 of 1,437 at TFDS's rounding) is the
+    validation split: the two partition the split as TFDS reads it whole, and the training
+    batches of an epoch are drawn from the rest only."""
+    from collections import Counter
+    mesh = make_mesh()
+    cfg = data_cfg(digits_dir, val_fraction=0.1)
+    source = get_source(cfg)
+
+    def raw(split):
+        return Counter((ex['image'].tobytes(), int(ex['label']))
+                       for ex in tfds.as_numpy(source.builder.as_dataset(split=split)))
+
+    whole, kept, held = raw('train'), raw(source.train_split), raw(source.val_split)
+    assert kept.total() == 1293 and held.total() == 144 == round(0.1 * 1437)
+    assert kept + held == whole
+
+    def images(split):  # every example once, preprocessed at the images' own 8x8 size
+        batches, n = eval_batches(cfg, 8, 48, mesh, source, split=split)
+        seen = Counter()
+        for b in batches:
+            for x, y, m in zip(*(np.asarray(b[k]) for k in ('image', 'label', 'mask'))):
+                seen[(x.tobytes(), int(y))] += int(m)
+        return n, +seen
+
+    n_val, _ = images(source.val_split)
+    assert n_val == 144
+    data = TrainData.create(cfg, 64, mesh, source)
+    assert (data.num_examples, data.steps_per_epoch) == (1293, 1293 // 64)
+    _, train_part = images(source.train_split)
+    epoch = Counter()
+    for b in itertools.islice(data.batches(cfg, 8, seed=3, start_step=0, mesh=mesh),
+                              data.steps_per_epoch):
+        epoch.update((x.tobytes(), int(y)) for x, y in zip(np.asarray(b['image']),
+                                                            np.asarray(b['label'])))
+    assert epoch.total() == 20 * 64 and epoch <= train_part
+    tiny = get_source(data_cfg(digits_dir, val_fraction=1e-4))  # 0.14 examples: none
+    with pytest.raises(UserError, match='holds no examples; raise config.data.val_fraction'):
+        eval_batches(cfg, 8, 48, mesh, tiny, split=tiny.val_split)
+
+
 def test_batch_not_divisible_by_devices(digits_dir):
     with pytest.raises(UserError, match='not divisible by the 8 devices'):
         TrainData.create(data_cfg(digits_dir), 12, make_mesh())

@@ -250,6 +250,8 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.num_epochs=nan'], 'num_epochs must be a finite number'),
     (['--config.seed=-1'], 'seed must be >= 0'),
     (['--config.eval_every_steps=-4'], 'eval_every_steps must be >= 0'),
+    (['--config.data.val_fraction=0.7'], 'data.val_fraction (the share of the training split '
+     'held out for validation) must be in [0, 0.5], got 0.7'),
     (['--config.model.num_heads=3', '--config.model.hidden_size=32'],
      'num_heads 3 does not divide model.hidden_size 32'),
     (['--config.model.hidden_size=-8'], 'model.hidden_size must be >= 0'),

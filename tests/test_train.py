@@ -657,6 +657,46 @@ def test_evaluation_during_training_reports_the_checkpoint_and_leaves_training_a
         assert written[(4, f'eval/{k}')] == pytest.approx(at4[k], rel=1e-6), k
 
 
+def test_a_validation_split_takes_the_evaluations_during_training(tmp_path, run8, data_dir):
+    """data.val_fraction=0.1: training reads the other 90% of the training split (other
+    weights than run8's); the evaluation during training reads the 144 held-out examples
+    ('val at step', tensorboard val/*) and equals the eval stage's validation row for the
+    step-4 checkpoint; the eval stage reports both splits. The fraction enters the run's
+    training keys only when set, and its workdir refuses another."""
+    from sparse_vit_jax.configs import training_keys
+    wd, val = tmp_path / 'val', '--config.data.val_fraction=0.1'
+    out = main_here(wd, *SMOKE, val, '--config.eval_every_steps=4', '--config.stages=train,eval',
+                    data_dir=data_dir).stdout
+    lines = [x for x in out.splitlines() if ' at step ' in x]
+    assert len(lines) == 1 and lines[0].startswith('val at step 4/8 | accuracy '), out
+    logged = {k: float(v) for k, v in (kv.rsplit(' ', 1) for kv in lines[0].split(' | ')[1:])}
+    res = results(wd)
+    assert (res['eval']['examples'], res['validation']['examples']) == (360, 144)
+    assert f'validation accuracy {res["validation"]["accuracy"]:.4f} (top-5 ' in out
+    csv = (wd / 'results.csv').read_text().splitlines()
+    assert [row.split(',')[0] for row in csv[1:3]] == ['eval', 'validation'], csv
+    written = {k: v for k, v in tensorboard_scalars(wd / 'tensorboard').items() if '/' in k[1]}
+    assert written.keys() == {(4, f'val/{k}') for k in logged}, written.keys()
+    ours, ref = params(wd), params(run8)
+    assert any(not np.array_equal(ours[k], ref[k]) for k in ours)
+
+    ck4 = tmp_path / 'ck4'
+    shutil.copytree(wd / 'checkpoints', ck4 / 'checkpoints')
+    shutil.rmtree(ck4 / 'checkpoints' / '8')
+    main_here(tmp_path / 'at4', *SMOKE, val, f'--config.init_from={ck4}', '--config.stages=eval',
+              data_dir=data_dir)
+    at4 = results(tmp_path / 'at4')['validation']
+    for k, v in logged.items():
+        assert v == pytest.approx(at4[k], abs=6e-5), k  # printed to 4 decimals
+
+    r = main_here(wd, *SMOKE, '--config.data.val_fraction=0.2', data_dir=data_dir, check=False)
+    assert r.returncode == 2 and 'data.val_fraction (0.1 -> 0.2)' in r.stderr, r.stderr
+    c = base_config()
+    assert 'data.val_fraction' not in training_keys(c)
+    c.data.val_fraction = 0.1
+    assert training_keys(c)['data.val_fraction'] == 0.1
+
+
 def test_eta_counts_days():
     from sparse_vit_jax.train.loop import format_eta
     assert format_eta(59) == '00:00:59'

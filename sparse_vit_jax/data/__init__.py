@@ -7,6 +7,8 @@ from sparse_vit_jax.data.pipeline import (
                                           eval_batches,
                                           get_source,
                                           local_batch_size,
+                                          split_size,
 )
 
-__all__ = ['DATASETS', 'Source', 'TrainData', 'eval_batches', 'get_source', 'local_batch_size']
+__all__ = ['DATASETS', 'Source', 'TrainData', 'eval_batches', 'get_source', 'local_batch_size',
+           'split_size']

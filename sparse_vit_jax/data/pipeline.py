@@ -14,6 +14,10 @@
   and sees exactly the batches an uninterrupted run would have seen.
 * Evaluation visits every example exactly once: the last batch is padded and a
   `mask` marks real examples.
+* `val_fraction` holds out the end of the training split as a validation split by
+  TFDS slicing (`train[:90%]` / `train[90%:]`, one boundary, so the two are disjoint
+  and cover the split; TFDS writes a split's examples in an order shuffled at
+  preparation, so its end is a random sample, the same one every run).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -48,6 +52,16 @@ class Source:
     eval_split: str
     num_classes: int
     keep_labels: np.ndarray | None = None  # imagenet2012 label -> new label, or -1
+    val_split: str = ''                    # held out of the training split; '' = none
+
+
+def hold_out(source: Source, fraction: float) -> Source:
+    """`source` with the last `fraction` of its training split as its validation split."""
+    if not fraction:
+        return source
+    cut = f'{100 * (1 - fraction):.6g}%'  # TFDS rounds both slices at the same boundary
+    return replace(source, train_split=f'{source.train_split}[:{cut}]',
+                   val_split=f'{source.train_split}[{cut}:]')
 
 
 def data_dir_of(cfg: Any) -> str:
@@ -86,7 +100,11 @@ def hide_accelerators_from_tensorflow() -> None:
 
 
 def get_source(cfg: Any) -> Source:
-    """Resolves config.data into a TFDS builder. Nothing is downloaded."""
+    """Resolves config.data into a TFDS builder and its splits. Nothing is downloaded."""
+    return hold_out(_builder_source(cfg), cfg.get('val_fraction', 0.0))
+
+
+def _builder_source(cfg: Any) -> Source:
     import tensorflow_datasets as tfds
 
     hide_accelerators_from_tensorflow()
@@ -148,6 +166,10 @@ def _open(source: Source, split: str, *, shuffle_seed: int | None = None) -> Any
             f"tfds.builder('{b.name}', data_dir='DIR').download_and_prepare()\" and copy "
             f'DIR/{b.name} into {b.data_dir_root} (or set config.data.data_dir / '
             '$TFDS_DATA_DIR)') from None
+    except ValueError as e:  # a slice that rounds to no example
+        if 'corresponds to no data' not in str(e):
+            raise
+        raise _empty(source, split) from None
     ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
     if source.keep_labels is not None:
         table = tf.constant(source.keep_labels)
@@ -306,11 +328,27 @@ class TrainData:
             epoch, skip = epoch + 1, 0
 
 
+def _empty(source: Source, split: str) -> UserError:
+    return UserError(f'the {"validation " * (split == source.val_split)}split {split} of '
+                     f'{source.builder.name} holds no examples' +
+                     ('; raise config.data.val_fraction' if split == source.val_split else ''))
+
+
+def split_size(source: Source, split: str, ds: Any = None) -> int:
+    """The number of examples of `split` (`ds`, if opened already); the held-out validation
+    split must have some."""
+    n = _count(_open(source, split) if ds is None else ds, _where(source, split))
+    if n == 0 and split == source.val_split:
+        raise _empty(source, split)
+    return n
+
+
 def eval_batches(cfg: Any, image_size: int, global_batch: int, mesh: Mesh,
-                 source: Source | None = None, count: int | None = None
-                 ) -> tuple[Iterator[Batch], int]:
+                 source: Source | None = None, count: int | None = None,
+                 split: str = '') -> tuple[Iterator[Batch], int]:
     """(global batches with a 0/1 'mask', number of real examples in the split).
 
+    `split`: the split read ('' = the test split; `source.val_split` for validation).
     `count`: the split's size if known (counting a filtered split reads it whole). A batch
     larger than the split is cut to the split's size, rounded up to a multiple of the devices
     and processes (the rest would be padding, allocated all the same).
@@ -320,10 +358,11 @@ def eval_batches(cfg: Any, image_size: int, global_batch: int, mesh: Mesh,
     from sparse_vit_jax.data.preprocess import eval_image
 
     source = source or get_source(cfg)
+    split = split or source.eval_split
     local_batch_size(global_batch, mesh)  # a batch the devices do not divide: one line
-    ds = _open(source, source.eval_split)
-    where = _where(source, source.eval_split)
-    n = _count(ds, where) if count is None else count
+    ds = _open(source, split)
+    where = _where(source, split)
+    n = split_size(source, split, ds) if count is None else count
     unit = math.lcm(mesh.shape['data'], jax.process_count())
     global_batch = min(global_batch, max(1, math.ceil(n / unit)) * unit)
     local = local_batch_size(global_batch, mesh)

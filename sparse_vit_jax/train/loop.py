@@ -7,12 +7,12 @@ them, prints a progress line and writes them through a clu `MetricWriter` (any o
 with `write_scalars(step, dict)`). Checkpoints follow the `Checkpointer`'s cadence and
 the last step. With `cfg.eval_every`, an `evaluate(state)` given by the caller runs at
 every such step before the last (whose evaluation is the caller's), after that step's
-checkpoint; its scalars are logged and written under 'eval/', and its time is left out of
-images/s and the ETA. A stop signal (`train.signals`) stops at the next step with a checkpoint; on
-several hosts orbax's preemption sync point makes every host stop at the same step (a loop
-without a checkpointer: at the next log step). Before the first step the loop compiles the
-step for the first batch and checks that what it allocates fits the devices
-(`train.memory`): one line with `cfg.memory_advice` if not.
+checkpoint; its scalars are logged and written under `cfg.eval_name` ('eval/'), and its
+time is left out of images/s and the ETA. A stop signal (`train.signals`) stops at the next
+step with a checkpoint; on several hosts orbax's preemption sync point makes every host stop
+at the same step (a loop without a checkpointer: at the next log step). Before the first
+step the loop compiles the step for the first batch and checks that what it allocates fits
+the devices (`train.memory`): one line with `cfg.memory_advice` if not.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class LoopConfig:
     memory_advice: str = ('lower the batch size (accumulating gradients over several steps '
                           'keeps the effective batch), rematerialise, or shard the state')
     eval_every: int = 0                   # steps between evaluations (0: none in the loop)
+    eval_name: str = 'eval'               # their log lines' and tensorboard scalars' name
 
 
 def train_loop(state: TrainState, step_fn: Callable[[TrainState, Any], tuple[TrainState, Any]],
@@ -160,7 +161,7 @@ def _report(step: int, state: TrainState, acc: Any, steps: int, t0: float, cfg: 
 
 
 def _report_eval(step: int, scalars: dict[str, float], cfg: LoopConfig, writer: Any) -> None:
-    log(' | '.join([f'eval at step {step}/{cfg.total_steps}',
+    log(' | '.join([f'{cfg.eval_name} at step {step}/{cfg.total_steps}',
                     *(f'{k} {v:.4f}' for k, v in scalars.items())]))
     if writer is not None:
-        writer.write_scalars(step, {f'eval/{k}': v for k, v in scalars.items()})
+        writer.write_scalars(step, {f'{cfg.eval_name}/{k}': v for k, v in scalars.items()})
