@@ -9,7 +9,14 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# XLA's CPU code generation at LLVM's -O0: the tests' small programs compile several times
+# faster, which matters more than how fast they run. It changes no HLO pass (what the tests of
+# compiled programs read); the commands the tests start get the same flag (helpers.xla_flags),
+# so their results can be compared bit for bit with this process's.
+if 'XLA_FLAGS' not in os.environ:
+    os.environ.setdefault('SPARSE_VIT_TEST_XLA_FLAGS', '--xla_backend_optimization_level=0')
+    os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 '
+                               + os.environ['SPARSE_VIT_TEST_XLA_FLAGS'])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'SPARSE_VIT_TEST_TMPDIR' not in os.environ:  # pytest's own tmp_path stays where it was

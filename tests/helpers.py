@@ -42,10 +42,17 @@ class Result:
     stderr: str
 
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a command the tests start: `devices` CPU devices and the flags this
+    process compiles with (conftest.py)."""
+    return ' '.join([f'--xla_force_host_platform_device_count={devices}',
+                     os.environ.get('SPARSE_VIT_TEST_XLA_FLAGS', '')]).strip()
+
+
 def run_main(workdir: Path | None, *args: str, devices: int = 1, data_dir: Path | None = None,
              check: bool = True, timeout: int = 600, module: str = 'main') -> Result:
     """`python -m sparse_vit_jax.<module>` in a fresh process with `devices` CPU devices."""
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
                TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
     if data_dir is not None:
         env['TFDS_DATA_DIR'] = str(data_dir)

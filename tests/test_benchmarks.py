@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs a script (argv[1:]) with some installed packages hidden, as if they were not there:
@@ -47,7 +48,7 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 ])
 def test_benchmark_tiny(script, expect):
     script, *extra = script.split()
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1),
                TF_CPP_MIN_LOG_LEVEL='3')
     env.pop('JAX_PLATFORMS')  # JAX's own choice, as by hand: the CPU, libtpu left unstarted
     hide = []

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import FAILING_WRITE, ROOT, SMOKE, params, results, run_main
+from helpers import FAILING_WRITE, ROOT, SMOKE, params, results, run_main, xla_flags
 
 from sparse_vit_jax.train.workdir import WorkdirLock
 
@@ -27,7 +27,7 @@ def free_port():
 
 def start(argv, pid, port, data_dir=None, timeout_s=None):
     """Process `pid` of 2 (2 CPU devices each) running `python argv...`."""
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2),
                JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
                SPARSE_VIT_COORDINATOR=f'127.0.0.1:{port}', SPARSE_VIT_NUM_PROCESSES='2',
                SPARSE_VIT_PROCESS_ID=str(pid), PYTHONFAULTHANDLER='1')

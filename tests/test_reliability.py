@@ -10,7 +10,17 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import FAILING_WRITE, ROOT, SMOKE, main_here, needs_torch, params, run_main, torch
+from helpers import (
+    FAILING_WRITE,
+    ROOT,
+    SMOKE,
+    main_here,
+    needs_torch,
+    params,
+    run_main,
+    torch,
+    xla_flags,
+)
 
 RUN = [*SMOKE, '--config.num_steps=24', '--config.checkpoint_every_steps=4',
        '--config.log_every_steps=1', '--config.keep_checkpoints=2', '--config.stages=train']
@@ -24,7 +34,7 @@ def reference(tmp_path_factory, data_dir):
 
 
 def start(workdir, data_dir, args=RUN):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
                TFDS_DATA_DIR=str(data_dir))
     return subprocess.Popen([sys.executable, '-m', 'sparse_vit_jax.main', f'--workdir={workdir}',
