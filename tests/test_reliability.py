@@ -204,6 +204,7 @@ def test_flipped_bytes_are_caught_and_init_from_falls_back(tmp_path, data_dir, r
     assert_same(params(wd), reference)
 
 
+@pytest.mark.slow  # the engine's own test of a NaN state is in test_train.py
 def test_nan_loss_stops_with_one_line_and_keeps_good_checkpoint(tmp_path, data_dir):
     wd = tmp_path / 'nan'
     r = main_here(wd, *RUN, '--config.optimizer.lr=1e12', '--config.schedule.name=warmup_cosine',
@@ -341,7 +342,8 @@ CATALOGUE = [  # (arguments, what the one line must say)
     (['--config.model.mlp_dim=100000000'], 'the train state (parameters and optimizer state) '
      'needs 96.'),
     # 2 heads x 65,537^2 attention probabilities per image, 2 images: over 64 GiB per device
-    (['--config.model.image_size=1024'], 'the train step needs'),
+    pytest.param(['--config.model.image_size=1024'], 'the train step needs',  # compiles it
+                 marks=pytest.mark.slow),
     (['positional'], 'unexpected arguments'),
     (['--workdir={d}/a_file'], 'is a file'),
     (['--config=configs/digits'], 'config file configs/digits not found'),
@@ -451,6 +453,7 @@ def test_full_disk_is_one_line_and_leaves_old_file(tmp_path, monkeypatch, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ['results.json']
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason='mounting a small tmpfs needs root')
 def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial_step(tmp_path,
                                                                              data_dir):

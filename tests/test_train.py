@@ -49,6 +49,7 @@ def test_outputs_written(run8):
     assert r['train']['steps'] == 8 and np.isfinite(r['train']['loss'])
 
 
+@pytest.mark.slow
 def test_training_lowers_loss(tmp_path, data_dir):
     out = main_here(tmp_path, *SMOKE, '--config.num_steps=120', '--config.log_every_steps=30',
                     '--config.checkpoint_every_steps=60', '--config.schedule.warmup_steps=5',
