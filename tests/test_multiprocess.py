@@ -15,6 +15,15 @@ from helpers import FAILING_WRITE, ROOT, SMOKE, params, results, run_main, xla_f
 
 from sparse_vit_jax.train.workdir import WorkdirLock
 
+
+@pytest.fixture(autouse=True)
+def default_codegen(monkeypatch):
+    """The processes here keep XLA's default CPU code generation, not the tests' -O0
+    (conftest.py): at -O0 two processes whose lease was taken over mid-run did not stop
+    within 60 s (test_a_lease_taken_over_mid_run_ends_every_process_in_one_line), which is
+    not understood yet."""
+    monkeypatch.setenv('SPARSE_VIT_TEST_XLA_FLAGS', '')
+
 TRAIN = [*SMOKE, '--config.model.dropout_rate=0.0', '--config.stages=train']
 ARGS = [*TRAIN[:-1], '--config.stages=train,eval']
 
