@@ -12,8 +12,7 @@ import tempfile
 # XLA's CPU code generation at LLVM's -O0: the tests' small programs compile several times
 # faster, which matters more than how fast they run. It changes no HLO pass (what the tests of
 # compiled programs read); the commands the tests start get the same flag (helpers.xla_flags),
-# so their results can be compared bit for bit with this process's. The two-process tests
-# keep XLA's default (test_multiprocess.py says why).
+# so their results can be compared bit for bit with this process's.
 if 'XLA_FLAGS' not in os.environ:
     os.environ.setdefault('SPARSE_VIT_TEST_XLA_FLAGS', '--xla_backend_optimization_level=0')
     os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 '

@@ -112,8 +112,11 @@ class FailureWatch:
     ticking a counter that its thread posts every `poll_s`; after `silent_s` without a tick
     process 0 posts its failure for it (exit code 1), before JAX's coordination service
     declares it dead (half to all of its heartbeat timeout after the death).
-    Process 0 hosts the service, so it leaves last: after every other process has failed or
-    left, or after `poll_s + grace_s + 5` seconds.
+    Process 0 hosts the service, so it leaves last: after every other process has failed,
+    left, or gone silent for `silent_s` (a watch keeps ticking while it waits out its grace).
+    A process that found the service gone would end in JAX's abort instead of its line, so
+    process 0 waits for a slow one (a loaded host) as long as it ticks, up to the heartbeat
+    timeout.
     """
 
     _ROOT = 'sparse_vit_jax/run/'
@@ -162,54 +165,59 @@ class FailureWatch:
         return _by_process(self._client, f'{self._ROOT}{kind}/')
 
     def _leave_last(self) -> None:
-        """On process 0: returns once every other process has failed or left (or is late).
-        A process still running when the service goes away is aborted by JAX instead."""
+        """On process 0: returns once every other process has failed, left or gone silent
+        (or after the heartbeat timeout, by which JAX has declared a silent one dead)."""
         if self._me != 0:
             return
-        deadline = time.monotonic() + self.poll_s + self.grace_s + 5
-        others = set(range(1, jax.process_count()))
+        deadline = time.monotonic() + heartbeat_timeout_s()
+        others, ticks = set(range(1, jax.process_count())), {}
         while time.monotonic() < deadline:
-            if others <= set(self._posted('failed')) | set(self._posted('left')):
+            done = set(self._posted('failed')) | set(self._posted('left'))
+            if others <= done | self._silent(ticks):
                 return
             time.sleep(0.05)
 
-    def _silent(self, ticks: dict[int, tuple[str, float]]) -> int | None:
-        """On process 0: a process whose tick has not moved for `silent_s` (and that has not
-        left), after noting each process's latest tick in `ticks` {process: (tick, since)}."""
+    def _silent(self, ticks: dict[int, tuple[str, float]]) -> set[int]:
+        """On process 0: the processes whose tick has not moved for `silent_s` (and that have
+        not left), after noting each one's latest tick in `ticks` {process: (tick, since)}."""
         now, left = time.monotonic(), set(self._posted('left'))
         for p, tick in self._posted('alive').items():
             if ticks.get(p, ('', 0.0))[0] != tick:
                 ticks[p] = (tick, now)
-        for p in range(1, jax.process_count()):
-            if p not in left and now - ticks.setdefault(p, ('', now))[1] > self.silent_s:
-                return p
-        return None
+        return {p for p in range(1, jax.process_count())
+                if p not in left and now - ticks.setdefault(p, ('', now))[1] > self.silent_s}
 
     def _watch(self) -> None:
         ticks: dict[int, tuple[str, float]] = {}
+        failed: dict[int, str] = {}
+        grace_ends = 0.0
         for tick in itertools.count():
-            if self._stop.wait(self.poll_s):
-                return
-            try:
+            wait = self.poll_s if not failed else min(self.poll_s, grace_ends - time.monotonic())
+            if self._stop.wait(max(wait, 0.0)):
+                return  # this process ends, or fails too and says so itself
+            if failed and time.monotonic() >= grace_ends:
+                break
+            try:  # the tick goes on during the grace: process 0 waits for this one's word
                 self._client.key_value_set(f'{self._ROOT}alive/{self._me}', str(tick),
                                            allow_overwrite=True)
-                if self._me == 0 and (silent := self._silent(ticks)) is not None:
-                    self._post_failure(silent, 1, f'it stopped answering for '
+                if self._me == 0 and (silent := self._silent(ticks)):
+                    self._post_failure(min(silent), 1, f'it stopped answering for '
                                        f'{self.silent_s:.0f} s: killed, out of memory or its '
                                        'host lost? see its log')
-                failed = {p: v for p, v in self._posted('failed').items() if p != self._me}
+                if not failed:
+                    failed = {p: v for p, v in self._posted('failed').items() if p != self._me}
+                    grace_ends = time.monotonic() + self.grace_s
             except Exception:  # noqa: BLE001 - the service is gone; JAX ends this process
                 return
-            if failed:
-                break
-        if self._failing.wait(self.grace_s) or self._stop.is_set():
-            return  # this process fails too, or ends, and says so itself
         process, value = min(failed.items())
         code, line = value.split(' ', 1)
         print(f'error: process {process} failed ({line}); this process stops with it: fix '
               'that and re-run the same command to resume', file=sys.stderr, flush=True)
         sys.stdout.flush()
-        self._client.key_value_set(f'{self._ROOT}left/{self._me}', '', allow_overwrite=True)
+        try:
+            self._client.key_value_set(f'{self._ROOT}left/{self._me}', '', allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the service is gone: its line is said; exit anyway
+            pass
         self._leave_last()
         os._exit(int(code))
 
