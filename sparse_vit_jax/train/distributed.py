@@ -200,7 +200,7 @@ class FailureWatch:
             try:  # the tick goes on during the grace: process 0 waits for this one's word
                 self._client.key_value_set(f'{self._ROOT}alive/{self._me}', str(tick),
                                            allow_overwrite=True)
-                if self._me == 0 and (silent := self._silent(ticks)):
+                if self._me == 0 and not failed and (silent := self._silent(ticks)):
                     self._post_failure(min(silent), 1, f'it stopped answering for '
                                        f'{self.silent_s:.0f} s: killed, out of memory or its '
                                        'host lost? see its log')
