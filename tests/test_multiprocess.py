@@ -60,8 +60,8 @@ def said(out):
 
 
 def ended(procs, timeout):
-    """The processes' (stdout, stderr) once all have ended within `timeout` s in all. A hang
-    ends in SIGABRT, so that the failure shows every thread's Python stack
+    """The processes' (stdout, stderr) once each has ended, waiting up to `timeout` s for
+    each. A hang ends in SIGABRT, so that the failure shows every thread's Python stack
     (PYTHONFAULTHANDLER)."""
     try:
         return [p.communicate(timeout=timeout) for p in procs]
@@ -623,8 +623,7 @@ def test_a_lease_taken_over_mid_run_ends_every_process_in_one_line(tmp_path):
     ends with one line naming it, instead of JAX's abort when process 0 leaves; exit 2 both;
     the new owner's lock stays. The other process is slow to decide (15 s, as on a loaded
     host): process 0, which hosts the coordination service, waits for its word while it ticks
-    (had it left first, JAX would
-    abort the other with a C++ stack)."""
+    (had it left first, JAX would abort the other with a C++ stack)."""
     script = tmp_path / 'main_with_a_lease.py'
     script.write_text(MAIN_WITH_A_LEASE)
     run_main(tmp_path / 'first', *TRAIN, '--config.num_steps=1',
